@@ -1,0 +1,312 @@
+"""The layer protocol, `Sequential`, and the composed hand-written gradient.
+
+Every layer is a frozen dataclass of static hyperparameters (never arrays) with
+pure, jit-safe methods::
+
+    init(key, x)                          -> params      # nested dict; {} when none
+    init_state(x)                         -> state       # running statistics; {} when none
+    apply(params, x, *, key, state, train) -> y
+    forward(params, x, *, key, state, train) -> (y, res) # res: what backward reads
+    backward(params, res, dy)             -> (dparams, dx)
+    next_state(state, res)                -> state       # new running statistics
+
+Invariants, checked for every layer by the parity suite:
+
+* ``forward(params, x)[0] == apply(params, x)``.
+* ``backward`` is the vector-Jacobian product of ``forward``, written by hand:
+  ``dparams`` has exactly the tree structure of ``params`` (zeros, never None) and
+  ``dx`` the shape of ``x``.
+* ``key`` (a PRNG key or None), ``state`` (a pytree or None) and ``train`` (a Python
+  bool) are keyword-only and the same for every layer; a layer that needs none of
+  them ignores them. ``train`` is static: it selects code, it is never traced.
+* Shapes and hyperparameters are checked in Python, at trace time; nothing
+  branches on array values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = Any  # nested dict of arrays
+State = Any  # nested dict of arrays (running statistics), {} when none
+Residuals = Any  # a pytree per layer, usually a NamedTuple
+
+
+class ShapeError(ValueError):
+    """A layer got an input whose shape or dtype does not fit its parameters."""
+
+
+def layer_name(layer: Any) -> str:
+    """Short name of a layer for messages, e.g. ``Dense(10)``."""
+    fields = dataclasses.fields(layer) if dataclasses.is_dataclass(layer) else ()
+    if fields and not isinstance(layer, Sequential):
+        return f"{type(layer).__name__}({getattr(layer, fields[0].name)!r})"
+    return f"{type(layer).__name__}()"
+
+
+def check_ndim(layer: Any, method: str, name: str, x: Any, ndims: Sequence[int], what: str):
+    """Raise ShapeError unless ``x.ndim`` is one of ``ndims``."""
+    if x.ndim not in ndims:
+        raise ShapeError(
+            f"{layer_name(layer)}.{method}: {name} has shape {tuple(x.shape)} but expected "
+            f"{what} ({' or '.join(str(n) for n in ndims)} dims)."
+        )
+
+
+def check_last_dim(layer: Any, method: str, name: str, x: Any, size: int, what: str):
+    """Raise ShapeError unless the last axis of ``x`` has ``size`` entries."""
+    if x.ndim < 1 or x.shape[-1] != size:
+        raise ShapeError(
+            f"{layer_name(layer)}.{method}: {name} has shape {tuple(x.shape)} but {what} "
+            f"expects (..., {size})."
+        )
+
+
+class Layer:
+    """Base class: defaults for layers without parameters, state or randomness.
+
+    Subclasses are frozen dataclasses and implement at least ``forward`` and
+    ``backward``.
+    """
+
+    def init(self, key: Array, x: Any) -> Params:
+        """Parameters for inputs shaped like ``x`` (an array or ShapeDtypeStruct)."""
+        del key, x
+        return {}
+
+    def init_state(self, x: Any) -> State:
+        """Initial running state for inputs shaped like ``x``; ``{}`` for most layers."""
+        del x
+        return {}
+
+    def apply(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: Array | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> Array:
+        """Pure forward pass: ``forward(...)[0]``, without keeping residuals."""
+        return self.forward(params, x, key=key, state=state, train=train)[0]
+
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: Array | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
+        raise NotImplementedError
+
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
+        raise NotImplementedError
+
+    def next_state(self, state: State | None, res: Residuals) -> State | None:
+        """Running state after a forward pass with residuals ``res``; unchanged by default."""
+        del res
+        return state
+
+    def output_shape(self, params: Params, x: Any) -> jax.ShapeDtypeStruct:
+        """Shape and dtype of ``apply(params, x)`` without computing it."""
+        return jax.eval_shape(lambda p, v: self.apply(p, v), params, _as_struct(x))
+
+
+def _as_struct(x: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+
+
+def param_dtype(x: Any):
+    """Parameters follow a floating input's dtype; float32 otherwise (e.g. token ids)."""
+    return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+
+
+def split_key(key: Array | None, n: int) -> list[Array | None]:
+    """``n`` independent keys from ``key``, or ``n`` Nones when there is no key."""
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequential(Layer):
+    """Layers applied in order; backward runs their backward rules in reverse.
+
+    Params, state and residuals are keyed by position: ``params['0']`` belongs to
+    ``layers[0]`` (``{}`` for a layer without parameters).
+
+    Args:
+      layers: the layers, first applied first.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn
+      >>> model = nn.Sequential([nn.Dense(3), nn.Tanh(), nn.Dense(1)])
+      >>> params = model.init(jax.random.key(0), jnp.ones((5, 2)))
+      >>> sorted(params), params['0']['w'].shape
+      (['0', '1', '2'], (2, 3))
+      >>> y, res = model.forward(params, jnp.ones((5, 2)))
+      >>> dparams, dx = model.backward(params, res, jnp.ones_like(y))
+      >>> dx.shape
+      (5, 2)
+    """
+
+    layers: tuple[Layer, ...]
+
+    def __init__(self, layers: Sequence[Layer]):
+        layers = tuple(layers)
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential: layers[{i}] is {layer!r}, not an fbp layer.")
+        object.__setattr__(self, "layers", layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def _each(self, params, x, key, state, method):
+        """Run ``method`` of each layer in turn, naming the failing layer."""
+        keys = split_key(key, len(self.layers))
+        outs = []
+        for i, layer in enumerate(self.layers):
+            k = str(i)
+            try:
+                x, out = method(layer, _get(params, k), x, keys[i], _get(state, k))
+            except ShapeError as e:
+                raise ShapeError(f"Sequential layer {i}: {e}") from None
+            outs.append(out)
+        return x, outs
+
+    def init(self, key: Array, x: Any) -> Params:
+        def step(layer, _, v, k, __):
+            p = layer.init(k, v)
+            return layer.output_shape(p, v), p
+
+        _, ps = self._each(None, _as_struct(x), key, None, step)
+        return {str(i): p for i, p in enumerate(ps)}
+
+    def init_state(self, x: Any) -> State:
+        def step(layer, p, v, _, __):
+            return layer.output_shape(p, v), layer.init_state(v)
+
+        params = jax.eval_shape(self.init, jax.random.key(0), _as_struct(x))
+        _, ss = self._each(params, _as_struct(x), None, None, step)
+        return {str(i): s for i, s in enumerate(ss)}
+
+    def apply(self, params, x, *, key=None, state=None, train=False):
+        def step(layer, p, v, k, s):
+            return layer.apply(p, v, key=k, state=s, train=train), None
+
+        return self._each(params, x, key, state, step)[0]
+
+    def forward(self, params, x, *, key=None, state=None, train=False):
+        def step(layer, p, v, k, s):
+            return layer.forward(p, v, key=k, state=s, train=train)
+
+        y, res = self._each(params, x, key, state, step)
+        return y, tuple(res)
+
+    def backward(self, params, res, dy):
+        """Chain rule: ``dx_i = backward_i(dy_i)``, ``dy_{i-1} = dx_i``, last layer first."""
+        dparams = {}
+        for i in reversed(range(len(self.layers))):
+            dparams[str(i)], dy = self.layers[i].backward(params[str(i)], res[i], dy)
+        return {str(i): dparams[str(i)] for i in range(len(self.layers))}, dy
+
+    def next_state(self, state, res):
+        if state is None:
+            return None
+        return {
+            str(i): layer.next_state(state[str(i)], res[i]) for i, layer in enumerate(self.layers)
+        }
+
+
+def _get(tree: Any, k: str) -> Any:
+    return None if tree is None else tree[k]
+
+
+class Aux(NamedTuple):
+    """Extra outputs of ``value_and_grad(..., has_aux=True)``."""
+
+    pred: Array  # model output, shape of the loss's ``pred``
+    state: State | None  # running state after this step (None when none was given)
+
+
+def value_and_grad(
+    model: Layer,
+    loss: Callable,
+    *,
+    penalty: Callable | None = None,
+    has_aux: bool = False,
+) -> Callable:
+    """The loss and its gradient with respect to the parameters, by hand-written backprop.
+
+    Runs ``model.forward``, the loss and ``loss.backward``, then ``model.backward``;
+    no JAX autodiff is involved. The result is pure and jit-safe.
+
+    Args:
+      model: any fbp layer (usually a ``Sequential``).
+      loss: an fbp loss: ``loss(pred, target) -> scalar`` with ``loss.backward``.
+      penalty: optional weight penalty (``fbp.losses.l2(...)``) added to the loss.
+      has_aux: also return ``Aux(pred, state)`` (the prediction and the new running state).
+
+    Returns:
+      ``f(params, x, target, *, key=None, state=None, train=True)`` returning
+      ``(loss, grads)``, or ``((loss, aux), grads)`` with ``has_aux``; ``grads`` has the
+      tree structure of ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fbp
+      >>> from fbp import nn, losses
+      >>> model = nn.Sequential([nn.Dense(4), nn.Tanh(), nn.Dense(3)])
+      >>> x, labels = jnp.ones((8, 2)), jnp.arange(8) % 3
+      >>> params = model.init(jax.random.key(0), x)
+      >>> value, grads = fbp.value_and_grad(model, losses.softmax_cross_entropy)(params, x, labels)
+      >>> grads['0']['w'].shape
+      (2, 4)
+    """
+
+    def f(params, x, target, *, key=None, state=None, train=True):
+        pred, res = model.forward(params, x, key=key, state=state, train=train)
+        value = loss(pred, target)
+        grads, _ = model.backward(params, res, loss.backward(pred, target))
+        if penalty is not None:
+            value = value + penalty(params)
+            grads = jax.tree.map(jnp.add, grads, penalty.backward(params))
+        if has_aux:
+            return (value, Aux(pred, model.next_state(state, res))), grads
+        return value, grads
+
+    return f
+
+
+def loss_fn(model: Layer, loss: Callable, *, penalty: Callable | None = None) -> Callable:
+    """The plain loss ``f(params, x, target, *, key=None, state=None, train=True) -> scalar``.
+
+    This is what ``jax.grad`` differentiates in the parity suite: the same forward,
+    with no hand-written backward in it.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fbp
+      >>> from fbp import nn, losses
+      >>> model = nn.Sequential([nn.Dense(1)])
+      >>> params = model.init(jax.random.key(0), jnp.ones((4, 3)))
+      >>> float(fbp.loss_fn(model, losses.mse)(params, jnp.zeros((4, 3)), jnp.zeros((4, 1))))
+      0.0
+    """
+
+    def f(params, x, target, *, key=None, state=None, train=True):
+        value = loss(model.apply(params, x, key=key, state=state, train=train), target)
+        if penalty is not None:
+            value = value + penalty(params)
+        return value
+
+    return f
