@@ -70,6 +70,7 @@ class RunResult:
     history: list[dict[str, float]]
     test: dict[str, float]
     train_seconds: float
+    out: Path | None = None  # the run's output directory, when it has one (plots go there)
 
 
 # ----------------------------------------------------------------------------- discovery
