@@ -1,0 +1,133 @@
+"""Shared timing helpers for the benchmark scripts in this folder.
+
+Kept small and stable: other benchmark scripts import it. Method: warm up (compile),
+then time many repeats, each ending in ``block_until_ready``; report medians. To
+compare variants, run them in interleaved rounds (A B C A B C ...) in one process so
+that drift on a shared machine hits all of them alike.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from benchmarks import common
+  >>> t = common.interleaved({"add": lambda: jnp.ones(4) + 1}, rounds=3, warmup=1)
+  >>> sorted(t), len(t["add"])
+  (['add'], 3)
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+TUNABLES = (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
+)
+
+
+def block(x: Any) -> Any:
+    """Wait for every array in ``x`` (a pytree; non-JAX leaves pass through)."""
+    return jax.block_until_ready(x)
+
+
+def time_once(fn: Callable[[], Any]) -> float:
+    """Seconds for one call of ``fn()``, waiting for its result."""
+    t0 = time.perf_counter()
+    block(fn())
+    return time.perf_counter() - t0
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]], *, rounds: int = 30, warmup: int = 3
+) -> dict[str, list[float]]:
+    """Times of each zero-argument callable, run in interleaved rounds.
+
+    Args:
+      fns: name -> callable doing the work once (its result is waited for).
+      rounds: timed calls of each callable.
+      warmup: untimed calls of each callable first (compilation, caches).
+
+    Returns:
+      name -> list of ``rounds`` times in seconds.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            block(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_once(fn))
+    return times
+
+
+def median(ts: Sequence[float]) -> float:
+    return statistics.median(ts)
+
+
+def spread(ts: Sequence[float]) -> str:
+    """Interquartile range relative to the median, e.g. ``'±4%'``."""
+    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    return f"±{50 * (q[2] - q[0]) / q[1]:.0f}%"
+
+
+def matmul_rate(
+    shapes: Sequence[tuple[int, int, int]],
+    *,
+    dtype: Any = jnp.float32,
+    rounds: int = 30,
+    warmup: int = 3,
+) -> tuple[float, float]:
+    """This machine's rate for a set of plain 2-D matmuls, all in one jitted call.
+
+    Args:
+      shapes: (m, k, n) for each product ``(m, k) @ (k, n)``.
+      dtype: element type.
+
+    Returns:
+      (median seconds per call, GFLOP/s), counting 2·m·k·n FLOPs per product.
+    """
+    key = jax.random.key(0)
+    pairs = []
+    for m, k, n in shapes:
+        key, ka, kb = jax.random.split(key, 3)
+        pairs.append((jax.random.normal(ka, (m, k), dtype), jax.random.normal(kb, (k, n), dtype)))
+    f = jax.jit(lambda ps: [jnp.dot(a, b) for a, b in ps])
+    t = median(interleaved({"mm": lambda: f(pairs)}, rounds=rounds, warmup=warmup)["mm"])
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    return t, flops / t / 1e9
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages, as ``uptime`` shows them."""
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def machine() -> str:
+    """One line naming the machine, the software and the allocator setting."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    tun = "glibc tunables ON" if os.environ.get("GLIBC_TUNABLES") else "glibc tunables off"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
+        f"{tun}, load {load()}"
+    )
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
