@@ -102,7 +102,7 @@ def step_fn(
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, keep)
         metrics = {
             "loss": value,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "skipped": (~ok).astype(jnp.int32),
         }
         return new, metrics
