@@ -1,0 +1,400 @@
+"""Recurrent layers with hand-written backprop through time: SimpleRNN, LSTM, GRU.
+
+Sequences are batch-major: x has shape (batch, time, in) and a layer returns every
+hidden state, shape (batch, time, hidden). Parameters follow PyTorch's formulation
+(gate orders i, f, g, o and r, z, n), so weights convert by a transpose.
+
+Forward: the input projection ``x w_ih`` of all steps is one 2-D matmul, then a
+``lax.scan`` over time runs the cell and keeps per-step residuals. Backward (BPTT):
+a reverse ``lax.scan`` carries the gradient of the state back through the steps and
+stacks the gradient of the cell's pre-activations ``dz_t``; the weight gradients
+``dw_ih = Σ_t x_tᵀ dz_t``, ``dw_hh = Σ_t h_{t-1}ᵀ dz_t`` and ``dx = dz w_ihᵀ`` are
+then single 2-D matmuls over all steps.
+
+Keywords every recurrent layer takes besides the core ones:
+
+* ``state``: the initial carry, ``{'h': (batch, hidden)}`` (LSTM: and ``'c'``);
+  ``None`` or ``{}`` means zeros. No gradient flows into it (it is the edge of a
+  truncation window). ``next_state(state, res)`` returns the final carry, so a long
+  sequence can be processed window by window. With ``stateful=True``,
+  ``init_state`` returns zeros and the training loop carries the state from batch
+  to batch; by default ``init_state`` returns ``{}`` and every batch starts at zero.
+* ``lengths``: int array, shape (batch,): steps ``t >= lengths[b]`` are padding.
+  Padded steps leave the state unchanged, output zeros and get no gradient (their
+  ``dx`` is zero). The final carry is the state after the last valid step.
+
+``truncate=k`` gives truncated BPTT: the state flows through every step, the
+gradient stops at the edges of windows of k steps (t = k, 2k, ...), exactly as
+``jax.grad`` of the same scan with ``stop_gradient`` on the carry there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fbp.core import Array, Layer, ShapeError, check_last_dim, check_ndim, layer_name, param_dtype
+from fbp.nn.sequence import check_lengths, time_mask
+
+_UNROLL = 2
+
+
+class RecurrentRes(NamedTuple):
+    x: Array  # (time, batch, in): the input, time-major, for dw_ih = Σ x_tᵀ dz_t
+    steps: Any  # the cell's per-step residuals, each (time, batch, ...)
+    carry: dict  # final carry {'h': (batch, H)[, 'c': (batch, H)]}, for next_state
+    mask: Array | None  # (time, batch, 1) bool, True on valid steps; None without lengths
+
+
+class RNNStep(NamedTuple):
+    h_prev: Array  # (time, batch, H): the state each step started from
+    h: Array  # (time, batch, H): tanh output, for tanh' = 1 - h²
+
+
+class LSTMStep(NamedTuple):
+    h_prev: Array  # (time, batch, H)
+    a: Array  # (time, batch, 4H): tanh(s·z), all four gates in one row
+    c_prev: Array  # (time, batch, H): the cell state each step started from
+    tc: Array  # (time, batch, H): tanh(c_t)
+
+
+class GRUStep(NamedTuple):
+    h_prev: Array  # (time, batch, H)
+    r: Array  # (time, batch, H): reset gate
+    z: Array  # (time, batch, H): update gate
+    n: Array  # (time, batch, H): candidate state
+    ghn: Array  # (time, batch, H): h w_hn + b_hn, the term r multiplies
+
+
+def _orthogonal_blocks(key: Array, hidden: int, blocks: int, dtype) -> Array:
+    """(H, blocks·H): one orthogonal (H, H) matrix per gate."""
+    init = jax.nn.initializers.orthogonal()
+    keys = jax.random.split(key, blocks)
+    return jnp.concatenate([init(k, (hidden, hidden), dtype) for k in keys], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recurrent(Layer):
+    """Shared scan driver; a cell supplies ``_cell``, ``_cell_backward`` and its biases."""
+
+    hidden: int
+    truncate: int | None = None
+    stateful: bool = False
+
+    gates: ClassVar[int] = 1
+    carry_names: ClassVar[tuple[str, ...]] = ("h",)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if not isinstance(self.hidden, int) or isinstance(self.hidden, bool) or self.hidden <= 0:
+            raise ValueError(f"{name}: hidden must be a positive int, got {self.hidden!r}.")
+        k = self.truncate
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k <= 0):
+            raise ValueError(f"{name}: truncate must be None or a positive int, got {k!r}.")
+
+    # ------------------------------------------------------------------ params and state
+    def init(self, key, x):
+        """x: example input, shape (batch, time, in). w_ih Glorot, w_hh orthogonal per gate."""
+        if len(x.shape) != 3:
+            raise ShapeError(
+                f"{layer_name(self)}.init: x has shape {tuple(x.shape)} but expected "
+                "(batch, time, in) (3 dims)."
+            )
+        dtype, (k_ih, k_hh) = param_dtype(x), jax.random.split(key)
+        width = self.gates * self.hidden
+        params = {
+            "w_ih": jax.nn.initializers.glorot_uniform()(k_ih, (x.shape[-1], width), dtype),
+            "w_hh": _orthogonal_blocks(k_hh, self.hidden, self.gates, dtype),
+        }
+        params.update(self._init_biases(dtype))
+        return params
+
+    def _init_biases(self, dtype) -> dict:
+        return {"b": jnp.zeros((self.gates * self.hidden,), dtype)}
+
+    def init_state(self, x):
+        """Zeros {'h': (batch, H), ...} when ``stateful``; ``{}`` (stateless) otherwise."""
+        if not self.stateful:
+            return {}
+        dtype = param_dtype(x)
+        return {k: jnp.zeros((x.shape[0], self.hidden), dtype) for k in self.carry_names}
+
+    def next_state(self, state, res):
+        """The final carry of the forward pass when a state was given; ``state`` otherwise."""
+        return dict(res.carry) if state else state
+
+    def _carry0(self, state, x: Array, method: str) -> dict:
+        shape = (x.shape[0], self.hidden)
+        if not state:
+            return {k: jnp.zeros(shape, x.dtype) for k in self.carry_names}
+        if set(state) != set(self.carry_names):
+            raise ShapeError(
+                f"{layer_name(self)}.{method}: state has keys {sorted(state)} but expected "
+                f"{sorted(self.carry_names)}."
+            )
+        for k in self.carry_names:
+            if tuple(state[k].shape) != shape:
+                raise ShapeError(
+                    f"{layer_name(self)}.{method}: state['{k}'] has shape "
+                    f"{tuple(state[k].shape)} but expected (batch, hidden) = {shape}; "
+                    "a stateful layer needs the same batch size in every call."
+                )
+        return {k: state[k].astype(x.dtype) for k in self.carry_names}
+
+    # ------------------------------------------------------------------ forward
+    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+        """x: (batch, time, in) -> every hidden state, (batch, time, hidden)."""
+        return self.forward(params, x, key=key, state=state, train=train, lengths=lengths)[0]
+
+    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+        """x: (batch, time, in) -> y: (batch, time, hidden); lengths: (batch,) or None."""
+        check_ndim(self, "forward", "x", x, (3,), "(batch, time, in)")
+        check_last_dim(self, "forward", "x", x, params["w_ih"].shape[0], "params['w_ih']")
+        batch, time = x.shape[0], x.shape[1]
+        carry0 = self._carry0(state, x, "forward")
+        mask = None
+        if lengths is not None:
+            check_lengths(self, "forward", lengths, batch)
+            mask = time_mask(lengths, time)
+        x_tm = jnp.swapaxes(x, 0, 1)
+        xp = (x_tm.reshape(time * batch, -1) @ params["w_ih"]).reshape(time, batch, -1)
+        xp = self._input_bias(params, xp)
+        p = self._step_params(params)
+
+        def step(carry, xs):
+            xp_t, m_t, k_t = xs
+            if k_t is not None:  # a no-op forward; makes jax.grad of apply truncate too
+                carry = {k: jnp.where(k_t > 0, v, lax.stop_gradient(v)) for k, v in carry.items()}
+            new, r = self._cell(p, carry, xp_t)
+            y = new["h"]
+            if m_t is not None:
+                new = {k: jnp.where(m_t, new[k], carry[k]) for k in carry}
+                y = jnp.where(m_t, y, 0)
+            return new, (y, r)
+
+        xs = (xp, mask, self._keep(time, x.dtype))
+        carry, (ys, steps) = lax.scan(step, carry0, xs, unroll=_UNROLL)
+        return jnp.swapaxes(ys, 0, 1), RecurrentRes(x_tm, steps, carry, mask)
+
+    def _input_bias(self, params, xp):
+        return xp
+
+    # ------------------------------------------------------------------ backward
+    def _keep(self, time: int, dtype) -> Array | None:
+        """(time,) 0/1: 0 where the carry gradient stops (t = 0, k, 2k, ...)."""
+        if self.truncate is None:
+            return None
+        return jnp.asarray((np.arange(time) % self.truncate != 0).astype(np.float64), dtype)
+
+    def backward(self, params, res, dy):
+        """BPTT: reverse scan of the cell's rule, then dw = Σ_t inputᵀ dz_t, dx = dz w_ihᵀ.
+
+        Per step: dh_t = dy_t + dh carried from step t+1 (zero across a truncation edge);
+        padded steps pass the carried gradient through unchanged and get none.
+        """
+        dy_tm = jnp.swapaxes(dy, 0, 1)
+        time, batch = dy_tm.shape[0], dy_tm.shape[1]
+        p = self._step_params(params)
+        zeros = jnp.zeros((batch, self.hidden), dy.dtype)
+
+        def bstep(dcarry, xs):
+            r, dy_t, k_t, m_t = xs
+            if m_t is None:
+                dprev, out = self._cell_backward(p, r, {**dcarry, "h": dcarry["h"] + dy_t})
+            else:
+                inner = {k: jnp.where(m_t, v, 0) for k, v in dcarry.items()}
+                inner["h"] = inner["h"] + jnp.where(m_t, dy_t, 0)
+                dprev, out = self._cell_backward(p, r, inner)
+                dprev = {k: v + jnp.where(m_t, 0, dcarry[k]) for k, v in dprev.items()}
+            if k_t is not None:
+                dprev = {k: v * k_t for k, v in dprev.items()}
+            return dprev, out
+
+        dcarry0 = {k: zeros for k in self.carry_names}
+        xs = (res.steps, dy_tm, self._keep(time, dy.dtype), res.mask)
+        _, out = lax.scan(bstep, dcarry0, xs, reverse=True, unroll=_UNROLL)
+        dgx, dgh = out if isinstance(out, tuple) else (out, out)
+        return self._weight_grads(params, res, dgx, dgh)
+
+    def _weight_grads(self, params, res, dgx, dgh):
+        """dw_ih = xᵀ dgx, dw_hh = h_prevᵀ dgh, dx = dgx w_ihᵀ over all (time·batch) rows."""
+        time, batch = dgx.shape[0], dgx.shape[1]
+        dgx2 = dgx.reshape(time * batch, -1)
+        dgh2 = dgh.reshape(time * batch, -1)
+        x2 = res.x.reshape(time * batch, -1)
+        h2 = res.steps.h_prev.reshape(time * batch, -1)
+        dparams = {"w_ih": x2.T @ dgx2, "w_hh": h2.T @ dgh2}
+        dparams.update(self._bias_grads(dgx2, dgh2))
+        dx = (dgx2 @ params["w_ih"].T).reshape(time, batch, -1)
+        return {k: dparams[k] for k in params}, jnp.swapaxes(dx, 0, 1)
+
+    def _bias_grads(self, dgx2, dgh2) -> dict:
+        return {"b": jnp.sum(dgh2, axis=0)}
+
+    def _step_params(self, params):
+        return params
+
+    def _cell(self, p, carry: dict, xp_t: Array) -> tuple[dict, Any]:
+        raise NotImplementedError
+
+    def _cell_backward(self, p, r, dcarry: dict) -> tuple[dict, Any]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SimpleRNN(_Recurrent):
+    """Elman RNN: h_t = tanh(x_t w_ih + h_{t-1} w_hh + b) (``torch.nn.RNN``, tanh).
+
+    Args:
+      hidden: size of the hidden state H (> 0).
+      truncate: None for full BPTT, or k > 0: the gradient stops every k steps.
+      stateful: ``init_state`` returns zeros, so training carries the state across batches.
+
+    Params:
+      ``w_ih`` (in, H), ``w_hh`` (H, H), ``b`` (H,) (PyTorch's b_ih + b_hh).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> layer = SimpleRNN(4)
+      >>> x = jnp.ones((2, 5, 3))
+      >>> params = layer.init(jax.random.key(0), x)
+      >>> y, res = layer.forward(params, x)
+      >>> y.shape, layer.backward(params, res, jnp.ones_like(y))[1].shape
+      ((2, 5, 4), (2, 5, 3))
+    """
+
+    def _cell(self, p, carry, xp_t):
+        h_prev = carry["h"]
+        h = jnp.tanh(xp_t + h_prev @ p["w_hh"] + p["b"])
+        return {"h": h}, RNNStep(h_prev, h)
+
+    def _cell_backward(self, p, r, dcarry):
+        """dz = dh (1 - h²);  dh_prev = dz w_hhᵀ."""
+        dz = dcarry["h"] * (1 - r.h * r.h)
+        return {"h": dz @ p["w_hh"].T}, dz
+
+
+@dataclasses.dataclass(frozen=True)
+class LSTM(_Recurrent):
+    """LSTM (``torch.nn.LSTM``): gates i, f, g, o of z = x_t w_ih + h_{t-1} w_hh + b;
+
+    i, f, o = σ(z_i, z_f, z_o), g = tanh(z_g); c_t = f c_{t-1} + i g; h_t = o tanh(c_t).
+    All four gates come from one tanh over the 4H row: σ(z) = ½ tanh(z/2) + ½.
+
+    Args:
+      hidden: size of the hidden and cell state H (> 0).
+      truncate: None for full BPTT, or k > 0: the gradient stops every k steps.
+      stateful: ``init_state`` returns zeros {'h', 'c'}, carried across batches.
+      forget_bias: initial value of the forget gate's bias (1.0 helps long memories).
+
+    Params:
+      ``w_ih`` (in, 4H), ``w_hh`` (H, 4H), ``b`` (4H,) (PyTorch's b_ih + b_hh).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> layer = LSTM(4)
+      >>> params = layer.init(jax.random.key(0), jnp.ones((2, 5, 3)))
+      >>> params['w_hh'].shape, layer.apply(params, jnp.ones((2, 5, 3))).shape
+      ((4, 16), (2, 5, 4))
+    """
+
+    forget_bias: float = 1.0
+
+    gates: ClassVar[int] = 4
+    carry_names: ClassVar[tuple[str, ...]] = ("h", "c")
+
+    def _init_biases(self, dtype):
+        h = self.hidden
+        return {"b": jnp.zeros((4 * h,), dtype).at[h : 2 * h].set(self.forget_bias)}
+
+    def _step_params(self, params):
+        """Adds s, (4H,): ½ on the sigmoid gates, 1 on g; gate = s tanh(s z) + 1 - s."""
+        h, dtype = self.hidden, params["w_hh"].dtype
+        s = jnp.concatenate([jnp.full((2 * h,), 0.5, dtype), jnp.ones((h,), dtype),
+                             jnp.full((h,), 0.5, dtype)])
+        return {**params, "s": s}
+
+    def _cell(self, p, carry, xp_t):
+        h_prev, c_prev = carry["h"], carry["c"]
+        s = p["s"]
+        a = jnp.tanh((xp_t + h_prev @ p["w_hh"] + p["b"]) * s)
+        gate = a * s + (1 - s)
+        i, f, g, o = jnp.split(gate, 4, axis=-1)
+        c = f * c_prev + i * g
+        tc = jnp.tanh(c)
+        return {"h": o * tc, "c": c}, LSTMStep(h_prev, a, c_prev, tc)
+
+    def _cell_backward(self, p, r, dcarry):
+        """dc = dc' + dh o (1-tanh²c); d(i,f,g,o) = (dc g, dc c_prev, dc i, dh tanh c);
+
+        dz = d(gates) s² (1 - a²);  dh_prev = dz w_hhᵀ;  dc_prev = dc f.
+        """
+        s = p["s"]
+        i, f, g, o = jnp.split(r.a * s + (1 - s), 4, axis=-1)
+        dh = dcarry["h"]
+        dc = dcarry["c"] + dh * o * (1 - r.tc * r.tc)
+        dgate = jnp.concatenate([dc * g, dc * r.c_prev, dc * i, dh * r.tc], axis=-1)
+        dz = dgate * (s * s) * (1 - r.a * r.a)
+        return {"h": dz @ p["w_hh"].T, "c": dc * f}, dz
+
+
+@dataclasses.dataclass(frozen=True)
+class GRU(_Recurrent):
+    """GRU (``torch.nn.GRU``): gates r, z, n;
+
+    r, z = σ(x w_ir + b_ir + h w_hr + b_hr, same for z);
+    n = tanh(x w_in + b_in + r (h w_hn + b_hn));  h_t = (1 - z) n + z h_{t-1}.
+
+    Args:
+      hidden: size of the hidden state H (> 0).
+      truncate: None for full BPTT, or k > 0: the gradient stops every k steps.
+      stateful: ``init_state`` returns zeros, carried across batches.
+
+    Params:
+      ``w_ih`` (in, 3H), ``w_hh`` (H, 3H), ``b_ih`` (3H,), ``b_hh`` (3H,).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> layer = GRU(4)
+      >>> params = layer.init(jax.random.key(0), jnp.ones((2, 5, 3)))
+      >>> sorted(params), layer.apply(params, jnp.ones((2, 5, 3))).shape
+      (['b_hh', 'b_ih', 'w_hh', 'w_ih'], (2, 5, 4))
+    """
+
+    gates: ClassVar[int] = 3
+
+    def _init_biases(self, dtype):
+        return {"b_ih": jnp.zeros((3 * self.hidden,), dtype),
+                "b_hh": jnp.zeros((3 * self.hidden,), dtype)}
+
+    def _input_bias(self, params, xp):
+        return xp + params["b_ih"]
+
+    def _cell(self, p, carry, xp_t):
+        h_prev, hid = carry["h"], self.hidden
+        gh = h_prev @ p["w_hh"] + p["b_hh"]
+        r, z = jnp.split(jax.nn.sigmoid(xp_t[:, : 2 * hid] + gh[:, : 2 * hid]), 2, axis=-1)
+        ghn = gh[:, 2 * hid :]
+        n = jnp.tanh(xp_t[:, 2 * hid :] + r * ghn)
+        return {"h": n + z * (h_prev - n)}, GRUStep(h_prev, r, z, n, ghn)
+
+    def _cell_backward(self, p, r, dcarry):
+        """dn̂ = dh (1-z)(1-n²); dr̂ = dn̂ ghn r(1-r); dẑ = dh (h_prev-n) z(1-z);
+
+        dgx = (dr̂, dẑ, dn̂), dgh = (dr̂, dẑ, dn̂ r);  dh_prev = dh z + dgh w_hhᵀ.
+        """
+        dh = dcarry["h"]
+        dan = dh * (1 - r.z) * (1 - r.n * r.n)
+        dar = dan * r.ghn * r.r * (1 - r.r)
+        daz = dh * (r.h_prev - r.n) * r.z * (1 - r.z)
+        dgh = jnp.concatenate([dar, daz, dan * r.r], axis=-1)
+        dgx = jnp.concatenate([dar, daz, dan], axis=-1)
+        return {"h": dh * r.z + dgh @ p["w_hh"].T}, (dgx, dgh)
+
+    def _bias_grads(self, dgx2, dgh2):
+        return {"b_ih": jnp.sum(dgx2, axis=0), "b_hh": jnp.sum(dgh2, axis=0)}
