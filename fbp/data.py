@@ -1,6 +1,9 @@
 """Real data sets and splits: scikit-learn's bundled data, stratified splits, standardisation.
 
-Everything here runs on the host in NumPy, before anything is compiled.
+Everything here runs on the host in NumPy, before anything is compiled. Bad data
+(NaN/Inf, wrong feature count, X/y length mismatch, labels outside [0, classes),
+non-numeric or object arrays, empty splits) raises ``DataError`` with a one-line
+message naming the first bad row and column.
 
 Examples:
   >>> from fbp import data
@@ -28,6 +31,12 @@ class Dataset(NamedTuple):
     test: Split
     classes: int | None  # number of classes; None for regression
     name: str
+    x_mean: np.ndarray | None = None  # (features...) train mean used to standardise; None if raw
+    x_std: np.ndarray | None = None  # (features...) train std (1 where constant); None if raw
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message names the first bad row and column."""
 
 
 def _sklearn_loader(name: str) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
@@ -84,15 +93,20 @@ def split(
     return Split(x_train, y_train), Split(x_val, y_val), Split(x_test, y_test)
 
 
+def standardize_stats(train: Split) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature (mean, std) of ``train.x``, float32; std is 1 where a feature is constant."""
+    mean = train.x.mean(axis=0)
+    std = train.x.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
 def standardize(train: Split, *others: Split) -> tuple[Split, ...]:
     """Zero mean, unit variance per feature, fitted on ``train`` only.
 
     Features constant on train (std 0) are centred and left unscaled.
     """
-    axes = 0
-    mean = train.x.mean(axis=axes)
-    std = train.x.std(axis=axes)
-    std = np.where(std > 0, std, 1.0)
+    mean, std = standardize_stats(train)
     return tuple(Split(((s.x - mean) / std).astype(np.float32), s.y) for s in (train, *others))
 
 
@@ -117,7 +131,9 @@ def load(
       for regression.
     """
     if name not in SKLEARN_SETS:
-        raise ValueError(f"data.load: unknown data set {name!r}; expected one of {sorted(SKLEARN_SETS)}.")
+        raise ValueError(
+            f"data.load: unknown data set {name!r}; expected one of {sorted(SKLEARN_SETS)}."
+        )
     x, y = SKLEARN_SETS[name]()
     x = np.asarray(x, np.float32)
     regression = name in REGRESSION
@@ -126,7 +142,239 @@ def load(
         x, y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
         stratify=not regression,
     )
-    if standardize_x:
-        tr, va, te = standardize(tr, va, te)
     classes = None if regression else int(y.max()) + 1
-    return Dataset(tr, va, te, classes, name)
+    return _finish(tr, va, te, classes, name, standardize_x)
+
+
+def _finish(tr: Split, va: Split, te: Split, classes, name: str, standardize_x: bool) -> Dataset:
+    mean = std = None
+    if standardize_x:
+        mean, std = standardize_stats(tr)
+        tr, va, te = standardize(tr, va, te)
+    return Dataset(tr, va, te, classes, name, mean, std)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _first_bad(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _where(idx: tuple[int, ...]) -> str:
+    cols = ", ".join(str(i) for i in idx[1:])
+    return f"row {idx[0]}" + (f", column {cols}" if cols else "")
+
+
+def _check_array(a: object, what: str) -> np.ndarray:
+    if isinstance(a, np.ndarray) and a.dtype == object:
+        raise DataError(f"{what} is an object array; only numeric arrays are accepted.")
+    try:
+        arr = np.asarray(a)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{what} is not a numeric array ({e}).") from None
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{what} has dtype {arr.dtype}; expected a numeric (int or float) array.")
+    if arr.ndim == 0:
+        raise DataError(f"{what} is a scalar; expected an array with a leading example axis.")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        idx = _first_bad(~np.isfinite(arr))
+        raise DataError(f"{what} has {arr[idx]} (not finite) at {_where(idx)}.")
+    return arr
+
+
+def validate_arrays(
+    x: object,
+    y: object,
+    *,
+    name: str = "data",
+    features: int | None = None,
+    classes: int | None = None,
+    allow_empty: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check one (x, y) pair on the host; return them as NumPy arrays.
+
+    Args:
+      x: features, shape (n, features...); y: targets, shape (n,) or (n, targets).
+      name: how messages name the pair (``"train"``, ``"my.csv"``).
+      features: required size of x's last axis, if known.
+      classes: labels must be integers in [0, classes) (classification); None: any reals.
+      allow_empty: accept n == 0 (e.g. an absent validation split).
+
+    Raises:
+      DataError: non-numeric/object arrays, NaN/Inf (first bad row and column), x/y
+        length mismatch, wrong feature count, labels outside [0, classes), empty data.
+    """
+    x = _check_array(x, f"{name}: x")
+    y = _check_array(y, f"{name}: y")
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{name}: x has {x.shape[0]} rows but y has {y.shape[0]}; they must match.")
+    if x.shape[0] == 0 and not allow_empty:
+        raise DataError(f"{name}: no examples (x has shape {x.shape}).")
+    if features is not None and (x.ndim < 2 or x.shape[-1] != features):
+        raise DataError(
+            f"{name}: x has shape {x.shape} but the model expects {features} features per row."
+        )
+    if classes is not None and y.size:
+        bad = (y < 0) | (y >= classes) | (y != np.round(y))
+        if np.any(bad):
+            idx = _first_bad(bad)
+            raise DataError(
+                f"{name}: label {y[idx]} at {_where(idx)} is outside [0, {classes}) "
+                "(labels must be integers 0..classes-1)."
+            )
+    return x, y
+
+
+def validate_dataset(ds: Dataset, *, features: int | None = None) -> Dataset:
+    """``validate_arrays`` on every split of ``ds`` (train and test must be non-empty)."""
+    for split_name in ("train", "val", "test"):
+        s = getattr(ds, split_name)
+        validate_arrays(
+            s.x, s.y, name=f"{ds.name} {split_name}", features=features, classes=ds.classes,
+            allow_empty=split_name == "val",
+        )
+    return ds
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _parse_cell(text: str, path: str, row: int, col: int) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise DataError(
+            f"{path}: row {row}, column {col}: {text.strip()!r} is not a number."
+        ) from None
+
+
+def read_csv(path: str) -> np.ndarray:
+    """A numeric CSV as a float64 (rows, columns) array; a non-numeric first row is a header.
+
+    Raises:
+      DataError: a non-numeric cell (row and column named), ragged rows, no rows.
+    """
+    import csv
+
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows:
+        try:
+            [float(c) for c in rows[0]]
+        except ValueError:
+            rows = rows[1:]  # header
+    if not rows:
+        raise DataError(f"{path}: no data rows.")
+    width = len(rows[0])
+    out = np.empty((len(rows), width), np.float64)
+    for i, r in enumerate(rows):
+        if len(r) != width:
+            raise DataError(f"{path}: row {i} has {len(r)} columns but row 0 has {width}.")
+        out[i] = [_parse_cell(c, path, i, j) for j, c in enumerate(r)]
+    return out
+
+
+def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays ``x`` and ``y`` of an ``.npz`` file, loaded with ``allow_pickle=False``.
+
+    Raises:
+      DataError: object arrays (they would need pickle: refused, never executed),
+        missing keys, an unreadable file.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            if not {"x", "y"} <= keys:
+                raise DataError(f"{path}: needs arrays 'x' and 'y'; found {sorted(keys)}.")
+            return f["x"], f["y"]
+    except DataError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise DataError(
+                f"{path}: contains object arrays, which need pickle to load; refused "
+                "(save numeric arrays only)."
+            ) from None
+        raise DataError(f"{path}: not a readable .npz file ({e}).") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e}).") from None
+
+
+def load_file(
+    path: str,
+    *,
+    seed: int = 0,
+    classes: int | None = None,
+    regression: bool = False,
+    features: int | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    standardize_x: bool = True,
+) -> Dataset:
+    """A user's CSV (last column is the target) or NPZ (arrays ``x``, ``y``), split by seed.
+
+    Args:
+      path: ``.csv`` or ``.npz`` file.
+      seed: split seed.
+      classes: number of classes (default: max label + 1); ignored for regression.
+      regression: float targets of shape (n, 1) instead of integer labels.
+      features: required feature count (checked before anything compiles).
+      val_fraction, test_fraction, standardize_x: as in ``load``.
+
+    Raises:
+      DataError: any problem ``validate_arrays`` finds, with the file's row numbers.
+    """
+    import os
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file.")
+    if path.endswith(".npz"):
+        x, y = read_npz(path)
+    elif path.endswith(".csv"):
+        table = read_csv(path)
+        if table.shape[1] < 2:
+            raise DataError(f"{path}: needs at least one feature column and a target column.")
+        x, y = table[:, :-1], table[:, -1]
+    else:
+        raise DataError(f"{path}: unknown file type; expected .csv or .npz.")
+    if not regression and classes is None:
+        x, y = validate_arrays(x, y, name=path, features=features)
+        if np.any(y != np.round(y)) or np.any(y < 0):
+            idx = _first_bad((y != np.round(y)) | (y < 0))
+            raise DataError(f"{path}: label {y[idx]} at {_where(idx)} is not an integer >= 0.")
+        classes = int(y.max()) + 1
+    x, y = validate_arrays(
+        x, y, name=path, features=features, classes=None if regression else classes
+    )
+    x = x.astype(np.float32)
+    y = y.astype(np.float32).reshape(len(y), -1) if regression else y.astype(np.int32)
+    stratify = not regression and np.bincount(y).min() >= 2
+    tr, va, te = split(
+        x, y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, stratify=stratify
+    )
+    name = os.path.basename(path)
+    return _finish(tr, va, te, None if regression else classes, name, standardize_x)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def batch_order(key: object, n: int, batch_size: int) -> object:
+    """Example indices for one epoch: a permutation drawn from ``key``, shape (steps, batch).
+
+    The last ``n % batch_size`` examples of the permutation are left out.
+    """
+    import jax
+
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_order: need 1 <= batch_size <= n={n}, got {batch_size}.")
+    steps = n // batch_size
+    return jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def batches(split_: Split, batch_size: int, key: object):
+    """Yield shuffled host minibatches ``(x, y)`` of one epoch, in ``batch_order(key)``."""
+    order = np.asarray(batch_order(key, len(split_.x), batch_size))
+    for idx in order:
+        yield split_.x[idx], split_.y[idx]

@@ -10,13 +10,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
 import optax
 
 from fbp import train as fbp_train
@@ -41,6 +38,17 @@ class Experiment:
       log_every: epochs between printed progress lines.
       report: ``RunResult -> list[str]``: extra lines for the final report.
       seed: default seed.
+      patience: early stopping after this many epochs without a better validation
+        loss; the best parameters are restored (None: no early stopping).
+      clip: clip gradients to this global norm (None: no clipping).
+      weight_decay: ``weight_decay * params`` added to the gradient before the optimizer.
+      schedule: ``constant``, ``cosine``, ``warmup-cosine``, ``linear`` (the optimizer
+        gets an optax schedule as its ``lr``) or ``plateau`` (reduce-on-plateau on the
+        validation loss).
+      nonfinite: ``skip`` (drop and count non-finite steps) or ``halt`` (stop with an error).
+      keep: checkpoints kept in a run's directory (plus the best by validation loss).
+      checkpoint_every: epochs between checkpoints (None: a tenth of the epochs).
+      features: the feature count the model expects; data with another is refused.
     """
 
     name: str
@@ -56,6 +64,14 @@ class Experiment:
     log_every: int = 1
     report: Callable[[RunResult], list[str]] | None = None
     seed: int = 0
+    patience: int | None = None
+    clip: float | None = None
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    nonfinite: str = "skip"
+    keep: int = 3
+    checkpoint_every: int | None = None
+    features: int | None = None
 
 
 @dataclasses.dataclass
@@ -116,15 +132,12 @@ def get(name: str) -> Experiment:
         return _load_file(Path(name))
     known = available()
     if name not in known:
-        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(sorted(known)) or 'none'}.")
+        names = ", ".join(sorted(known)) or "none"
+        raise ValueError(f"unknown experiment {name!r}; known: {names}.")
     return _load_file(known[name])
 
 
 # ----------------------------------------------------------------------------- running
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
 def run(
@@ -135,47 +148,19 @@ def run(
     lr: float | None = None,
     batch_size: int | None = None,
     print_fn: Callable[[str], None] = print,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    **options: Any,
 ) -> RunResult:
-    """Train ``exp`` and evaluate it on its test split; prints progress and a report."""
-    cfg = {
-        "experiment": exp.name,
-        "epochs": epochs if epochs is not None else exp.epochs,
-        "seed": seed if seed is not None else exp.seed,
-        "lr": lr if lr is not None else exp.lr,
-        "batch_size": batch_size if batch_size is not None else exp.batch_size,
-    }
-    ds = exp.data(cfg["seed"])
-    model = exp.model(ds)
-    x, y = jax.numpy.asarray(ds.train.x), jax.numpy.asarray(ds.train.y)
-    bs = cfg["batch_size"] or x.shape[0]
-    total_steps = cfg["epochs"] * (x.shape[0] // bs)
-    opt = exp.optimizer(cfg["lr"], total_steps)
-    ts = fbp_train.init(model, opt, jax.random.key(cfg["seed"]), x)
-    epoch_fn = fbp_train.make_epoch(model, exp.loss, opt, batch_size=bs, penalty=exp.penalty)
+    """Train ``exp`` and evaluate it on its test split; prints progress and a report.
 
-    history: list[dict[str, float]] = []
-    seconds = 0.0
-    for e in range(1, cfg["epochs"] + 1):
-        t0 = time.perf_counter()
-        ts, m = epoch_fn(ts, x, y)
-        jax.block_until_ready(ts)
-        seconds += time.perf_counter() - t0
-        if e % exp.log_every and e != cfg["epochs"] and e != 1:
-            continue
-        row = {"epoch": e, "loss": float(np.mean(m["loss"]))}
-        if len(ds.val.x):
-            val = fbp_train.evaluate(model, exp.loss, ts.params, ds.val.x, ds.val.y,
-                                     model_state=ts.model_state)
-            row.update({f"val_{k}": v for k, v in val.items()})
-        history.append(row)
-        print_fn(f"epoch {e:>6}/{cfg['epochs']}  {_fmt({k: v for k, v in row.items() if k != 'epoch'})}")
+    With ``out`` the run writes metrics, checkpoints, a summary and plots there and
+    can be resumed; see ``fbp.runner.run`` for the options.
+    """
+    from fbp import runner
 
-    test = fbp_train.evaluate(model, exp.loss, ts.params, ds.test.x, ds.test.y,
-                              model_state=ts.model_state)
-    result = RunResult(exp, cfg, model, ds, ts, history, test, seconds)
-    print_fn(f"== {exp.name}: {exp.description}")
-    print_fn(f"test {_fmt(test)}")
-    print_fn(f"training time {seconds:.2f} s for {cfg['epochs']} epochs (includes compilation)")
-    for line in exp.report(result) if exp.report else []:
-        print_fn(line)
-    return result
+    return runner.run(
+        exp, out=out, resume=resume, overwrite=overwrite, print_fn=print_fn,
+        epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, **options,
+    )

@@ -1,0 +1,185 @@
+"""Reload a run from its directory; evaluate it; export its inference function.
+
+``fbp export DIR`` writes ``DIR/export/``:
+
+* ``model.jaxexport``: the inference function ``(arrays, x) -> outputs`` serialized
+  with ``jax.export`` (StableHLO; the batch axis is symbolic), standardisation included,
+  so ``x`` is raw features, shape (batch, features...), float32;
+* ``params.safetensors``: its arrays (parameters, running state, input statistics);
+* ``export.json``: the order of the arrays, the input shape, classes, ``params_sha256``;
+* ``README.txt``: the loader below, which needs only jax, numpy and safetensors::
+
+    import json, jax, numpy as np
+    from safetensors.numpy import load_file
+    d = "DIR/export"
+    fn = jax.export.deserialize(bytearray(open(f"{d}/model.jaxexport", "rb").read()))
+    arrays = load_file(f"{d}/params.safetensors")
+    names = json.load(open(f"{d}/export.json"))["inputs"]
+    y = fn.call([arrays[k] for k in names], np.asarray(x, np.float32))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fbp import checkpoint as ckpt
+from fbp import train as fbp_train
+
+LOADER = '''import json, jax, numpy as np
+from safetensors.numpy import load_file
+d = "{d}"
+fn = jax.export.deserialize(bytearray(open(f"{{d}}/model.jaxexport", "rb").read()))
+arrays = load_file(f"{{d}}/params.safetensors")
+names = json.load(open(f"{{d}}/export.json"))["inputs"]
+y = fn.call([arrays[k] for k in names], np.asarray(x, np.float32))  # x: raw features
+'''
+
+
+def run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run's config: from summary.json, else from its newest readable checkpoint."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise ValueError(f"{d}: no such run directory.")
+    summary = d / "summary.json"
+    if summary.exists():
+        try:
+            return json.loads(summary.read_text())["config"]
+        except (json.JSONDecodeError, KeyError):
+            pass
+    for p in reversed(ckpt.list_checkpoints(d / "checkpoints")):
+        try:
+            return ckpt.read_manifest(p)["meta"]["config"]
+        except (ckpt.CorruptCheckpoint, KeyError):
+            continue
+    raise ValueError(f"{d}: not an fbp run directory (no summary.json or checkpoint).")
+
+
+def load_run(run_dir: str | Path, *, which: str = "best", warn=print) -> dict[str, Any]:
+    """Rebuild a run's experiment, data and model, and load its newest valid checkpoint.
+
+    Args:
+      run_dir: a directory written by ``fbp train --out``.
+      which: ``best`` (best validation loss; the latest when there is no validation
+        split) or ``last`` (the train state's parameters).
+
+    Returns:
+      dict with ``exp, config, dataset, model, params, model_state, checkpoint``.
+    """
+    from fbp import experiment, runner
+
+    if which not in ("best", "last"):
+        raise ValueError(f"load_run: which must be 'best' or 'last', got {which!r}.")
+    cfg = run_config(run_dir)
+    path = cfg.get("experiment_path")
+    exp = experiment.get(path if path and Path(path).is_file() else cfg["experiment"])
+    ds = runner.load_data(exp, cfg)
+    model = exp.model(ds)
+    x = jnp.asarray(ds.train.x)
+    bs = cfg["batch_size"] or x.shape[0]
+    opt, _ = runner.build_optimizer(exp, cfg, cfg["epochs"] * (x.shape[0] // bs))
+    ts = fbp_train.init(model, opt, jax.random.key(cfg["seed"]), x)
+    template = {"state": ts, "best": {"params": ts.params, "model_state": ts.model_state},
+                "order_key": jax.random.key(0)}
+    found = ckpt.load_latest(Path(run_dir) / "checkpoints", template, warn=warn)
+    if found is None:
+        raise ValueError(f"{run_dir}: no checkpoint to load.")
+    path, tree, _ = found
+    src = tree["best"] if which == "best" else tree["state"]._asdict()
+    return {"exp": exp, "config": cfg, "dataset": ds, "model": model,
+            "params": src["params"], "model_state": src["model_state"], "checkpoint": path}
+
+
+def evaluate_dir(run_dir: str | Path, *, which: str = "best") -> dict[str, Any]:
+    """Test metrics of a run's checkpoint; also written to ``DIR/eval.json``."""
+    r = load_run(run_dir, which=which)
+    ds = r["dataset"]
+    test = fbp_train.evaluate(r["model"], r["exp"].loss, r["params"], jnp.asarray(ds.test.x),
+                              jnp.asarray(ds.test.y), model_state=r["model_state"])
+    out = {"test": test, "params": which, "checkpoint": r["checkpoint"].name,
+           "params_sha256": _sha(r["params"])}
+    ckpt.atomic_write(Path(run_dir) / "eval.json", json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def _sha(params: Any) -> str:
+    from fbp.runner import params_sha256
+
+    return params_sha256(params)
+
+
+def export_model(
+    model: Any,
+    params: Any,
+    model_state: Any,
+    example_x: Any,
+    out: str | Path,
+    *,
+    x_mean: np.ndarray | None = None,
+    x_std: np.ndarray | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Serialize ``x -> model.apply(params, (x - mean) / std)`` with ``jax.export``.
+
+    Args:
+      model: the fbp model.
+      params, model_state: its trained parameters and running state.
+      example_x: inputs shaped like the model's, shape (batch, features...); only the
+        feature shape is used (the batch axis is exported symbolic).
+      out: directory to write (created).
+      x_mean, x_std: standardisation statistics, shape (features...), baked in.
+      info: extra JSON fields for ``export.json``.
+
+    Returns:
+      ``out`` as a Path.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    feat = tuple(np.shape(example_x)[1:])
+    inputs = {"params": params, "model_state": model_state}
+    if x_mean is not None:
+        inputs["input"] = {"mean": np.asarray(x_mean, np.float32),
+                           "std": np.asarray(x_std, np.float32)}
+    arrays, _ = ckpt.flatten(inputs)
+    names = list(arrays)
+    leaves, treedef = jax.tree.flatten(inputs)
+
+    def infer(flat, x):
+        tree = jax.tree.unflatten(treedef, flat)
+        if "input" in tree:
+            x = (x - tree["input"]["mean"]) / tree["input"]["std"]
+        return model.apply(tree["params"], x, state=tree["model_state"] or None, train=False)
+
+    specs = [jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for v in leaves]
+    (batch,) = jax.export.symbolic_shape("batch")
+    exported = jax.export.export(jax.jit(infer))(
+        specs, jax.ShapeDtypeStruct((batch, *feat), jnp.float32)
+    )
+    from safetensors.numpy import save as st_save
+
+    ckpt.atomic_write(out / "model.jaxexport", bytes(exported.serialize()))
+    ckpt.atomic_write(out / "params.safetensors", st_save(arrays))
+    meta = {"inputs": names, "x_shape": ["batch", *feat], "x_dtype": "float32",
+            "standardized_inside": x_mean is not None, "params_sha256": _sha(params),
+            "platforms": list(exported.platforms), **(info or {})}
+    ckpt.atomic_write(out / "export.json", json.dumps(meta, indent=1) + "\n")
+    ckpt.atomic_write(out / "README.txt", LOADER.format(d=out))
+    return out
+
+
+def export_dir(run_dir: str | Path, *, out: str | Path | None = None, which: str = "best") -> Path:
+    """``fbp export DIR``: export a run's model (best parameters by default)."""
+    r = load_run(run_dir, which=which)
+    ds = r["dataset"]
+    return export_model(
+        r["model"], r["params"], r["model_state"], ds.train.x,
+        out if out is not None else Path(run_dir) / "export",
+        x_mean=ds.x_mean, x_std=ds.x_std,
+        info={"experiment": r["exp"].name, "classes": ds.classes,
+              "checkpoint": r["checkpoint"].name},
+    )
