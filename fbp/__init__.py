@@ -1,7 +1,8 @@
 """fbp: hand-written backpropagation in JAX, checked against jax.grad."""
 
-from fbp import losses, nn, testing, train
+from fbp import diagnostics, finetune, losses, nn, rules, testing, train
 from fbp.core import Aux, Layer, Sequential, ShapeError, loss_fn, value_and_grad
+from fbp.memory import memory_report
 
 __version__ = "0.1.0"
 
@@ -10,9 +11,13 @@ __all__ = [
     "Layer",
     "Sequential",
     "ShapeError",
+    "diagnostics",
+    "finetune",
     "loss_fn",
     "losses",
+    "memory_report",
     "nn",
+    "rules",
     "testing",
     "train",
     "value_and_grad",

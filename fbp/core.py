@@ -216,10 +216,21 @@ class Sequential(Layer):
 
     def backward(self, params, res, dy):
         """Chain rule: ``dx_i = backward_i(dy_i)``, ``dy_{i-1} = dx_i``, last layer first."""
-        dparams = {}
+        dparams, dx, _ = self.backward_with_deltas(params, res, dy)
+        return dparams, dx
+
+    def backward_with_deltas(self, params, res, dy):
+        """``backward`` that also returns each layer's error signal (delta).
+
+        Returns:
+          ``(dparams, dx, deltas)``: ``deltas[i]`` is the cotangent of ``layers[i]``'s
+          output (dL/dz at a Dense output), the value the chain rule passes anyway.
+        """
+        dparams, deltas = {}, [None] * len(self.layers)
         for i in reversed(range(len(self.layers))):
+            deltas[i] = dy
             dparams[str(i)], dy = self.layers[i].backward(params[str(i)], res[i], dy)
-        return {str(i): dparams[str(i)] for i in range(len(self.layers))}, dy
+        return {str(i): dparams[str(i)] for i in range(len(self.layers))}, dy, tuple(deltas)
 
     def next_state(self, state, res):
         if state is None:
@@ -238,6 +249,7 @@ class Aux(NamedTuple):
 
     pred: Array  # model output, shape of the loss's ``pred``
     state: State | None  # running state after this step (None when none was given)
+    deltas: tuple | None = None  # per-layer dL/d(output) with ``with_deltas=True``
 
 
 def value_and_grad(
@@ -246,6 +258,7 @@ def value_and_grad(
     *,
     penalty: Callable | None = None,
     has_aux: bool = False,
+    with_deltas: bool = False,
 ) -> Callable:
     """The loss and its gradient with respect to the parameters, by hand-written backprop.
 
@@ -257,6 +270,9 @@ def value_and_grad(
       loss: an fbp loss: ``loss(pred, target) -> scalar`` with ``loss.backward``.
       penalty: optional weight penalty (``fbp.losses.l2(...)``) added to the loss.
       has_aux: also return ``Aux(pred, state)`` (the prediction and the new running state).
+      with_deltas: return ``((loss, aux), grads)`` (as ``has_aux``) with ``aux.deltas``
+        set: for a ``Sequential``, ``deltas[i]`` = dL/d(output of layer i), shape of
+        that output; for any other layer, ``(dL/dpred,)``. See ``fbp.diagnostics``.
 
     Returns:
       ``f(params, x, target, *, key=None, state=None, train=True)`` returning
@@ -277,10 +293,16 @@ def value_and_grad(
     def f(params, x, target, *, key=None, state=None, train=True):
         pred, res = model.forward(params, x, key=key, state=state, train=train)
         value = loss(pred, target)
-        grads, _ = model.backward(params, res, loss.backward(pred, target))
+        dpred = loss.backward(pred, target)
+        if with_deltas and isinstance(model, Sequential):
+            grads, _, deltas = model.backward_with_deltas(params, res, dpred)
+        else:
+            (grads, _), deltas = model.backward(params, res, dpred), (dpred,)
         if penalty is not None:
             value = value + penalty(params)
             grads = jax.tree.map(jnp.add, grads, penalty.backward(params))
+        if with_deltas:
+            return (value, Aux(pred, model.next_state(state, res), deltas)), grads
         if has_aux:
             return (value, Aux(pred, model.next_state(state, res))), grads
         return value, grads

@@ -64,6 +64,15 @@ CASES: list[LayerCase] = [
     LayerCase("softplus", lambda: nn.Softplus(), (4, 3)),
     LayerCase("softmax", lambda: nn.Softmax(), (4, 3)),
     LayerCase("softmax-axis0", lambda: nn.Softmax(axis=0), (4, 3)),
+    # --- wrappers (fbp/nn/wrappers.py); Frozen's zero dparams are by design not the VJP,
+    # so its registry case has no params; tests/test_wrappers.py checks Frozen(Dense).
+    LayerCase("frozen-tanh", lambda: nn.Frozen(nn.Tanh()), (4, 3)),
+    LayerCase("recompute-dense", lambda: nn.Recompute(nn.Dense(5)), (4, 3)),
+    LayerCase(
+        "recompute-block",
+        lambda: nn.Recompute(nn.Sequential([nn.Dense(6), nn.Tanh(), nn.Dense(4), nn.ReLU()])),
+        (5, 3),
+    ),
     # --- containers (fbp/core.py)
     LayerCase(
         "sequential-mlp",

@@ -1,0 +1,195 @@
+"""Per-layer error signals and gradient statistics: gradient flow, read from the open backward.
+
+``fbp.value_and_grad(model, loss, with_deltas=True)`` returns each layer's error
+signal (delta = dL/d(layer output)) next to the gradients; the chain rule computes
+these values anyway, so keeping them costs nothing but their norms. This module
+turns (params, grads, deltas, updates) into per-layer scalars, inside jit::
+
+    delta_norm/i    ||dL/d out_i||_F            (every layer; mean-loss scale, so ~1/batch)
+    grad_norm/i     ||dL/dw_i||_F               (layers with a 'w')
+    w_norm/i        ||w_i||_F
+    update_ratio/i  ||Δw_i||_F / ||w_i||_F      (when the optimizer's updates are given)
+
+and plots them over training (``plot_gradient_flow``).
+
+Examples:
+  >>> import jax, jax.numpy as jnp, fbp
+  >>> from fbp import nn, losses, diagnostics
+  >>> model = nn.Sequential([nn.Dense(4), nn.Tanh(), nn.Dense(3)])
+  >>> x, labels = jnp.ones((8, 2)), jnp.arange(8) % 3
+  >>> params = model.init(jax.random.key(0), x)
+  >>> f = fbp.value_and_grad(model, losses.softmax_cross_entropy, with_deltas=True)
+  >>> (value, aux), grads = f(params, x, labels)
+  >>> [d.shape for d in aux.deltas]
+  [(8, 4), (8, 4), (8, 3)]
+  >>> stats = diagnostics.layer_stats(params, grads, aux.deltas)
+  >>> sorted(stats)[:3]
+  ['delta_norm/0', 'delta_norm/1', 'delta_norm/2']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fbp.core import Array, Layer, Params, value_and_grad
+
+STATS = ("delta_norm", "grad_norm", "w_norm", "update_ratio")
+
+
+def _norm(a: Array) -> Array:
+    return jnp.sqrt(jnp.sum(jnp.square(a.astype(jnp.float32))))
+
+
+def layer_stats(
+    params: Params,
+    grads: Params,
+    deltas: Sequence[Array],
+    updates: Params | None = None,
+) -> dict[str, Array]:
+    """Per-layer norms of the error signal, the weight gradient, the weight and the update.
+
+    Pure and jit-safe: every value is a float32 scalar array.
+
+    Args:
+      params: a ``Sequential``'s parameters, ``{'0': {...}, '1': {}, ...}``.
+      grads: gradients with ``params``' tree.
+      deltas: ``aux.deltas`` of ``value_and_grad(..., with_deltas=True)``; ``deltas[i]``
+        has the shape of layer i's output, e.g. (batch, out).
+      updates: optional optimizer updates with ``params``' tree (``optimizer.update``'s
+        first output); gives ``update_ratio``.
+
+    Returns:
+      ``{'delta_norm/i': ..., 'grad_norm/i': ..., 'w_norm/i': ..., 'update_ratio/i': ...}``;
+      the weight statistics only for layers whose params have a ``'w'``.
+    """
+    out = {}
+    for i, d in enumerate(deltas):
+        out[f"delta_norm/{i}"] = _norm(d)
+    for k in sorted(params, key=int):
+        p = params[k]
+        if not isinstance(p, dict) or "w" not in p:
+            continue
+        w_norm = _norm(p["w"])
+        out[f"grad_norm/{k}"] = _norm(grads[k]["w"])
+        out[f"w_norm/{k}"] = w_norm
+        if updates is not None:
+            out[f"update_ratio/{k}"] = _norm(updates[k]["w"]) / jnp.maximum(w_norm, 1e-30)
+    return out
+
+
+def stats_fn(
+    model: Layer,
+    loss: Callable,
+    optimizer: optax.GradientTransformation | None = None,
+    *,
+    penalty: Callable | None = None,
+) -> Callable:
+    """A jitted probe ``(ts, x, y) -> dict[str, Array]`` of ``layer_stats`` on one batch.
+
+    Runs the hand-written forward and backward once (with deltas) on the batch and,
+    when ``optimizer`` is given, the update the optimizer would make from ``ts``
+    (without applying it). The runner calls it at logged epochs.
+
+    Args:
+      model, loss, penalty: as for ``fbp.value_and_grad``.
+      optimizer: the run's optax transformation, for ``update_ratio``.
+
+    Returns:
+      ``probe(ts, x, y)`` with ``ts`` an ``fbp.train.TrainState``, x: (batch, ...),
+      y: (batch, ...).
+    """
+    vg = value_and_grad(model, loss, penalty=penalty, with_deltas=True)
+
+    @jax.jit
+    def probe(ts, x, y):
+        state = ts.model_state if ts.model_state else None
+        (_, aux), grads = vg(ts.params, x, y, state=state, train=False)
+        updates = None
+        if optimizer is not None:
+            updates, _ = optimizer.update(grads, ts.opt_state, ts.params)
+        return layer_stats(ts.params, grads, aux.deltas, updates)
+
+    return probe
+
+
+def probe(model: Layer, loss: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """``stats_fn(model, loss, optimizer)``: the shape the runner's ``probe`` field takes."""
+    return stats_fn(model, loss, optimizer)
+
+
+def to_floats(stats: dict[str, Array]) -> dict[str, float]:
+    """Host floats of a stats dict (for metrics.jsonl)."""
+    return {k: float(v) for k, v in stats.items()}
+
+
+def _series(history: Sequence[dict[str, Any]], stat: str) -> dict[int, tuple[list, list]]:
+    """layer index -> (epochs, values) of ``stat/<i>`` over the history rows that have it."""
+    out: dict[int, tuple[list, list]] = {}
+    for step, row in enumerate(history):
+        for k, v in row.items():
+            if k.startswith(stat + "/"):
+                xs, ys = out.setdefault(int(k.split("/")[1]), ([], []))
+                xs.append(row.get("epoch", step))
+                ys.append(v)
+    return dict(sorted(out.items()))
+
+
+def plot_gradient_flow(
+    history: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    title: str = "gradient flow",
+) -> Path:
+    """PNG of per-layer gradient norms over training and delta norms by depth.
+
+    Left: ``grad_norm/i`` of every weighted layer against the epoch (log scale).
+    Right: ``delta_norm/i`` against the layer index at the first and last logged epoch.
+
+    Args:
+      history: rows as the runner logs them, ``{'epoch': e, 'grad_norm/0': ..., ...}``.
+      path: where the PNG goes.
+      title: figure title.
+
+    Raises:
+      ValueError: no row of ``history`` has layer statistics.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grads, deltas = _series(history, "grad_norm"), _series(history, "delta_norm")
+    if not grads and not deltas:
+        raise ValueError(
+            "plot_gradient_flow: history has no 'grad_norm/<i>' or 'delta_norm/<i>' entries; "
+            "run with the layer-statistics probe (diagnostics.probe)."
+        )
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    cmap = plt.get_cmap("viridis")
+    for n, (i, (xs, ys)) in enumerate(grads.items()):
+        ax0.plot(xs, ys, color=cmap(n / max(len(grads) - 1, 1)), label=f"layer {i}")
+    ax0.set(yscale="log", xlabel="epoch", ylabel="||dL/dW||", title="weight-gradient norm")
+    ax0.legend(fontsize=7, ncol=2)
+    if deltas:
+        layers = list(deltas)
+        for pos, name in ((0, "first"), (-1, "last")):
+            ax1.plot(
+                layers,
+                [deltas[i][1][pos] for i in layers],
+                "o-",
+                label=f"{name} logged epoch ({deltas[layers[0]][0][pos]})",
+            )
+        ax1.set(yscale="log", xlabel="layer", ylabel="||dL/d out||", title="delta norm by depth")
+        ax1.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

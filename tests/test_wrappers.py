@@ -1,0 +1,186 @@
+"""Frozen and Recompute (fbp/nn/wrappers.py), memory_report (fbp/memory.py), fbp/finetune.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fbp
+from fbp import finetune, losses, nn, testing, train
+
+LOSS = losses.softmax_cross_entropy
+
+
+def _batch(n=8, d=5, seed=0):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(kx, (n, d)), jax.random.randint(ky, (n,), 0, 3)
+
+
+def _dots(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().as_text().count(" dot(")
+
+
+# ----------------------------------------------------------------------------- Frozen
+
+
+def test_frozen_dense_passes_the_true_dx_and_zero_dparams():
+    layer, (x, _) = nn.Frozen(nn.Dense(4)), _batch()
+    params = layer.init(jax.random.key(1), x)
+    y, res = layer.forward(params, x)
+    dy = jax.random.normal(jax.random.key(2), y.shape)
+    dparams, dx = layer.backward(params, res, dy)
+    _, vjp = jax.vjp(lambda v: nn.Dense(4).apply(params, v), x)
+    assert testing.rel_error(dx, vjp(dy)[0]) < 1e-12
+    assert jax.tree.structure(dparams) == jax.tree.structure(params)
+    assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree.leaves(dparams))
+
+
+def test_frozen_params_are_the_wrapped_layers():
+    x = jnp.ones((2, 5))
+    plain = nn.Dense(4).init(jax.random.key(0), x)
+    frozen = nn.Frozen(nn.Dense(4)).init(jax.random.key(0), x)
+    assert jax.tree.structure(plain) == jax.tree.structure(frozen)
+    np.testing.assert_array_equal(plain["w"], frozen["w"])
+
+
+def test_frozen_backward_skips_the_weight_gradient_product_under_jit():
+    x = jnp.ones((16, 5), jnp.float32)
+    for layer, dots in ((nn.Dense(4), 2), (nn.Frozen(nn.Dense(4)), 1)):
+        params = layer.init(jax.random.key(0), x)
+        y, res = layer.forward(params, x)
+        assert _dots(layer.backward, params, res, y) == dots, layer
+
+
+def test_frozen_block_still_carries_deltas_to_earlier_layers():
+    plain = nn.Sequential([nn.Dense(6), nn.Tanh(), nn.Dense(5), nn.Tanh(), nn.Dense(3)])
+    frozen = nn.Sequential(
+        [nn.Dense(6), nn.Tanh(), nn.Frozen(nn.Sequential([nn.Dense(5), nn.Tanh()])), nn.Dense(3)]
+    )
+    x, y = _batch()
+    p = plain.init(jax.random.key(1), x)
+    pf = {"0": p["0"], "1": {}, "2": {"0": p["2"], "1": {}}, "3": p["4"]}
+    _, g = fbp.value_and_grad(plain, LOSS)(p, x, y)
+    _, gf = fbp.value_and_grad(frozen, LOSS)(pf, x, y)
+    assert testing.rel_error(gf["0"]["w"], g["0"]["w"]) < 1e-12
+    assert testing.rel_error(gf["3"]["w"], g["4"]["w"]) < 1e-12
+    assert float(jnp.abs(gf["2"]["0"]["w"]).max()) == 0.0
+
+
+def test_frozen_first_layers_drop_their_backward_entirely():
+    x, y = _batch()
+    x = x.astype(jnp.float32)
+    plain = nn.Sequential([nn.Dense(6), nn.Tanh(), nn.Dense(3)])
+    frozen = nn.Sequential([nn.Frozen(nn.Dense(6)), nn.Tanh(), nn.Dense(3)])
+    params = plain.init(jax.random.key(0), x)
+    # plain: 2 forward + head dw, dx + first dw (the model's own dx is unused).
+    assert _dots(fbp.value_and_grad(plain, LOSS), params, x, y) == 5
+    # frozen first layer: nothing below the head's dw is needed at all.
+    assert _dots(fbp.value_and_grad(frozen, LOSS), params, x, y) == 3
+
+
+def test_wrappers_reject_non_layers():
+    with pytest.raises(TypeError, match="Frozen: layer must be an fbp layer, got 3"):
+        nn.Frozen(3)
+    with pytest.raises(TypeError, match="Recompute: layer must be an fbp layer, got 'dense'"):
+        nn.Recompute("dense")
+
+
+# ----------------------------------------------------------------------------- Recompute
+
+
+def _deep(width=64, depth=8, recompute=False):
+    # GELU keeps its input z, Dense its input h: two buffers per block, one with Recompute.
+    blocks = [nn.Sequential([nn.Dense(width), nn.GELU()]) for _ in range(depth)]
+    if recompute:
+        blocks = [nn.Recompute(b) for b in blocks]
+    return nn.Sequential([*blocks, nn.Dense(10)])
+
+
+def test_recompute_model_grads_equal_plain_model_grads():
+    plain, rec = _deep(16, 3), _deep(16, 3, recompute=True)
+    x, y = _batch(8, 5)
+    params = plain.init(jax.random.key(0), x)
+    _, g = jax.jit(fbp.value_and_grad(plain, LOSS))(params, x, y)
+    _, gr = jax.jit(fbp.value_and_grad(rec, LOSS))(params, x, y)
+    for a, b in zip(jax.tree.leaves(gr), jax.tree.leaves(g), strict=True):
+        assert testing.rel_error(a, b) < 1e-12
+
+
+def test_recompute_keeps_only_the_input():
+    x = jnp.ones((32, 20), jnp.float32)
+    plain, rec = _deep(64, 4), _deep(64, 4, recompute=True)
+    params = plain.init(jax.random.key(0), x)
+    r_plain, r_rec = fbp.memory_report(plain, params, x), fbp.memory_report(rec, params, x)
+    assert r_plain.rows[0].residual_bytes == 32 * 20 * 4 + 32 * 64 * 4  # x and z
+    assert r_rec.rows[0].residual_bytes == 32 * 20 * 4  # x only
+    assert r_rec.total_bytes < r_plain.total_bytes
+
+
+def test_recompute_lowers_compiled_temp_memory():
+    x = jnp.ones((256, 64), jnp.float32)
+    y = jnp.zeros((256,), jnp.int32)
+    temps = {}
+    for rec in (False, True):
+        model = _deep(256, 8, recompute=rec)
+        params = model.init(jax.random.key(0), x)
+        compiled = jax.jit(fbp.value_and_grad(model, LOSS)).lower(params, x, y).compile()
+        temps[rec] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[True] < 0.8 * temps[False], temps
+
+
+def test_recompute_in_eval_mode_round_trips_the_train_flag():
+    layer = nn.Recompute(nn.Dense(3))
+    x = jnp.ones((2, 4))
+    params = layer.init(jax.random.key(0), x)
+    assert layer.forward(params, x, train=False)[1].train is None
+    assert layer.forward(params, x, train=True)[1].train == ()
+
+
+# ----------------------------------------------------------------------------- memory_report
+
+
+def test_memory_report_counts_a_shared_buffer_once():
+    model = nn.Sequential([nn.Dense(10), nn.Tanh(), nn.Dense(3)])
+    x = jnp.ones((4, 5), jnp.float32)
+    report = fbp.memory_report(model, model.init(jax.random.key(0), x), x)
+    rows = [(r.residual_bytes, r.shared_bytes, r.param_bytes, r.output_shape) for r in report.rows]
+    assert rows == [(80, 0, 240, (4, 10)), (160, 0, 0, (4, 10)), (0, 160, 132, (4, 3))]
+    assert report.total_bytes == 240
+    assert "total residual bytes: 240" in str(report)
+
+
+def test_memory_report_of_a_single_layer():
+    x = jnp.ones((4, 5), jnp.float32)
+    layer = nn.Dense(3)
+    report = fbp.memory_report(layer, layer.init(jax.random.key(0), x), x)
+    assert [(r.name, r.residual_bytes) for r in report.rows] == [("Dense(3)", 80)]
+
+
+# ----------------------------------------------------------------------------- finetune
+
+
+def test_layer_labels_and_unknown_layer():
+    params = {"0": {"w": 1, "b": 2}, "1": {}, "2": {"w": 3}}
+    assert finetune.layer_labels(params, {"2": "head"}) == {
+        "0": {"w": "0", "b": "0"},
+        "1": {},
+        "2": {"w": "head"},
+    }
+    with pytest.raises(ValueError, match=r"layer_labels: \['7'\] are not layers of params"):
+        finetune.layer_labels(params, {"7": "head"})
+
+
+def test_per_layer_learning_rates_and_frozen_layers():
+    model = nn.Sequential([nn.Dense(4), nn.Tanh(), nn.Dense(3), nn.Tanh(), nn.Dense(3)])
+    x, y = _batch()
+    params = model.init(jax.random.key(0), x)
+    tx = finetune.per_layer({"0": None, "2": optax.sgd(0.01)}, default=optax.sgd(1.0))
+    _, grads = fbp.value_and_grad(model, LOSS)(params, x, y)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert float(jnp.abs(updates["0"]["w"]).max()) == 0.0
+    np.testing.assert_allclose(updates["2"]["w"], -0.01 * grads["2"]["w"], rtol=1e-12)
+    np.testing.assert_allclose(updates["4"]["w"], -1.0 * grads["4"]["w"], rtol=1e-12)
+    ts = train.init(model, tx, jax.random.key(0), x)
+    ts2, _ = train.make_step(model, LOSS, tx)(ts, x, y)
+    np.testing.assert_array_equal(ts2.params["0"]["w"], ts.params["0"]["w"])
