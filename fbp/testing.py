@@ -89,7 +89,7 @@ def _random_like(key, tree):
         [
             jax.random.normal(k, v.shape, v.dtype)
             if jnp.issubdtype(v.dtype, jnp.floating)
-            else jnp.zeros_like(v)
+            else jnp.zeros(v.shape, v.dtype)
             for k, v in zip(keys, leaves)
         ]
     )
@@ -146,25 +146,34 @@ def check_layer(
     k_init, k_dy, k_fd = jax.random.split(jax.random.key(seed), 3)
     params = layer.init(k_init, x) if params is None else params
     kw = dict(key=key, state=state, train=train)
-    y, res = layer.forward(params, x, **kw)
-    dy = _random_like(k_dy, y)
-    dparams, dx = layer.backward(params, res, dy)
     diff_x = jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+    y_shape = jax.eval_shape(lambda p, v: layer.forward(p, v, **kw)[0], params, x)
+    dy = _random_like(k_dy, y_shape)
 
-    if diff_x:
-        y_ref, vjp = jax.vjp(lambda p, v: layer.apply(p, v, **kw), params, x)
-        ref_dp, ref_dx = vjp(dy)
-    else:
-        y_ref, vjp = jax.vjp(lambda p: layer.apply(p, x, **kw), params)
-        (ref_dp,) = vjp(dy)
+    @jax.jit
+    def hand(params, x, dy):
+        y, res = layer.forward(params, x, **kw)
+        return (y, *layer.backward(params, res, dy))
+
+    @jax.jit
+    def reference(params, x, dy):
+        if diff_x:
+            y, vjp = jax.vjp(lambda p, v: layer.apply(p, v, **kw), params, x)
+            return (y, *vjp(dy))
+        y, vjp = jax.vjp(lambda p: layer.apply(p, x, **kw), params)
+        return (y, *vjp(dy), None)
+
+    y, dparams, dx = hand(params, x, dy)
+    y_ref, ref_dp, ref_dx = reference(params, x, dy)
     errors = {"y (forward vs apply)": rel_error(y, y_ref)}
     errors.update(_leaf_errors("dparams", dparams, ref_dp))
     if diff_x:
         errors["dx"] = rel_error(dx, ref_dx)
 
+    @jax.jit
     def f(theta):
         p, v = theta
-        return _vdot(layer.apply(p, v, **kw), dy)
+        return jnp.vdot(layer.apply(p, v, **kw), dy)
 
     d = _default_tols(jnp.asarray(y).dtype)
     fd = _fd_error(f, (params, x), (dparams, dx if diff_x else jnp.zeros_like(x)), k_fd, d[2])
@@ -194,13 +203,13 @@ def check_model(
 
     k_init, k_fd = jax.random.split(jax.random.key(seed))
     params = model.init(k_init, x) if params is None else params
-    value, grads = value_and_grad(model, loss)(params, x, target, **kwargs)
+    value, grads = jax.jit(lambda p: value_and_grad(model, loss)(p, x, target, **kwargs))(params)
     f = loss_fn(model, loss)
-    ref_value, ref_grads = jax.value_and_grad(f)(params, x, target, **kwargs)
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(lambda p: f(p, x, target, **kwargs)))(params)
     errors = {"loss": rel_error(value, ref_value)}
     errors.update(_leaf_errors("grads", grads, ref_grads))
     d = _default_tols(jnp.asarray(value).dtype)
-    fd = _fd_error(lambda p: f(p, x, target, **kwargs), params, grads, k_fd, d[2])
+    fd = _fd_error(jax.jit(lambda p: f(p, x, target, **kwargs)), params, grads, k_fd, d[2])
     name = f"{layer_repr(model)} + {getattr(loss, 'name', loss)}"
     return ParityReport(name, errors, fd, rtol or d[0], fd_rtol or d[1])
 
@@ -216,11 +225,12 @@ def check_loss(
     fd_rtol: float | None = None,
 ) -> ParityReport:
     """Compare ``loss.backward`` with ``jax.grad`` of ``loss`` with respect to ``pred``."""
-    got = loss.backward(pred, target, where)
-    ref = jax.grad(lambda p: loss(p, target, where))(pred)
+    value = jax.jit(lambda p: loss(p, target, where))
+    got = jax.jit(lambda p: loss.backward(p, target, where))(pred)
+    ref = jax.jit(jax.grad(value))(pred)
     errors = {"dpred": rel_error(got, ref)}
     d = _default_tols(jnp.asarray(pred).dtype)
-    fd = _fd_error(lambda p: loss(p, target, where), pred, got, jax.random.key(seed), d[2])
+    fd = _fd_error(value, pred, got, jax.random.key(seed), d[2])
     return ParityReport(getattr(loss, "name", repr(loss)), errors, fd, rtol or d[0], fd_rtol or d[1])
 
 
