@@ -139,11 +139,11 @@ def _put_leaf(x: Any, sharding: NamedSharding, like: Any = None) -> Any:
     if _is_key(like) and not _is_key(x):
         data = _put_leaf(x, sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(like))
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
     if _is_key(x):
         data = _put_leaf(jax.random.key_data(x), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-        return x
     if sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     # Several processes: every process holds the same host value and gives each of
@@ -348,6 +348,52 @@ def make_epoch(
         return jitted(place(ts, rep), place(x, rep), place(y, rep))
 
     run.lower = lambda ts, x, y: jitted.lower(place(ts, rep), place(x, rep), place(y, rep))
+    return run
+
+
+def make_train_chunk(
+    model: Layer,
+    loss: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | int,
+    batch_size: int | None = None,
+    penalty: Callable | None = None,
+    grad_fn: Callable | None = None,
+    **kwargs,
+) -> Callable:
+    """Data-parallel ``fbp.runner.make_train_chunk``: jitted ``(ts, x, y, order) -> (ts, metrics)``.
+
+    ``order`` is (steps, batch) example indices into the replicated training set
+    ``x``, ``y``; each step's batch ``x[order[i]]`` is split over the mesh's data
+    axis. Same signature and results (up to the order of sums) as the runner's
+    one-device chunk, so the runner can use either.
+
+    Args:
+      model, loss, optimizer, penalty, grad_fn, **kwargs: as in ``fbp.train.step_fn``.
+      mesh: a mesh with a ``"data"`` axis, or a device count for ``make_mesh``.
+      batch_size: the global batch, checked against the device count now (rather
+        than when the chunk is first traced).
+
+    Raises:
+      ValueError: too few devices, or a batch that does not split evenly over them.
+    """
+    mesh = make_mesh(mesh) if isinstance(mesh, int) else mesh
+    if batch_size is not None:
+        check_batch(batch_size, mesh, "fbp.parallel.make_train_chunk")
+    vg = _sharded_grad_fn(model, loss, mesh, penalty, grad_fn)
+    step = fbp_train.step_fn(model, loss, optimizer, grad_fn=vg, **kwargs)
+
+    def chunk(ts, x, y, order):
+        return jax.lax.scan(lambda t, idx: step(t, x[idx], y[idx]), ts, order)
+
+    rep = replicated(mesh)
+    jitted = jax.jit(chunk, in_shardings=(rep,) * 4, out_shardings=(rep, rep))
+
+    def run(ts, x, y, order):
+        return jitted(*place((ts, x, y, order), rep))
+
+    run.mesh = mesh
     return run
 
 

@@ -109,6 +109,21 @@ def mode_devices() -> dict:
     out["step_api"] = {"params_err": err, "params_close": close}
     out["shard_spec"] = str(parallel.shard_batch(x[:BATCH], mesh8).sharding.spec)
 
+    # The runner's chunk signature (ts, x, y, order), on 4 devices.
+    from fbp import runner
+
+    order = jax.random.permutation(jax.random.key(5), N).reshape(N // BATCH, BATCH)
+    ref_c, _ = runner.make_train_chunk(model, loss, opt)(ts0, x, y, order)
+    chunk4 = parallel.make_train_chunk(model, loss, opt, mesh=4, batch_size=BATCH)
+    par_c, _ = chunk4(ts0, x, y, order)
+    err, close = rel_errors(par_c, ref_c)
+    out["chunk"] = {
+        "err": err,
+        "close": close,
+        "step": int(par_c.step),
+        "devices": len(par_c.params["0"]["w"].sharding.device_set),
+    }
+
     out["errors"] = {
         "make_epoch": error_of(
             lambda: parallel.make_epoch(model, loss, opt, batch_size=30, mesh=mesh8)
@@ -116,6 +131,9 @@ def mode_devices() -> dict:
         "shard_batch": error_of(lambda: parallel.shard_batch(x[:30], mesh8)),
         "step": error_of(lambda: step8(parallel.replicate(ts0, mesh8), x[:12], y[:12])),
         "too_many": error_of(lambda: parallel.make_mesh(9)),
+        "chunk": error_of(
+            lambda: parallel.make_train_chunk(model, loss, opt, mesh=8, batch_size=20)
+        ),
     }
 
     # Save on 8 devices after one epoch, resume on 1 and 4; compare with 8 going on.

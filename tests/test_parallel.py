@@ -101,6 +101,36 @@ def test_step_api_on_one_device_matches_train_make_step():
     assert set(metrics) == {"loss", "grad_norm", "skipped"}
 
 
+def test_train_chunk_on_one_device_is_bitwise_the_runners():
+    from fbp import runner
+
+    model, loss, opt, x, y = small_problem()
+    ts0 = train.init(model, opt, jax.random.key(1), x)
+    order = jax.random.permutation(jax.random.key(2), 48).reshape(4, 12)
+    ref, ref_m = runner.make_train_chunk(model, loss, opt)(ts0, x, y, order)
+    ts, m = parallel.make_train_chunk(model, loss, opt, mesh=1, batch_size=12)(ts0, x, y, order)
+    for a, b in zip(
+        jax.tree.leaves(parallel.to_host(ts)), jax.tree.leaves(parallel.to_host(ref)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(m["loss"], ref_m["loss"])
+
+
+def test_train_chunk_checks_devices_and_batch():
+    model, loss, opt, _, _ = small_problem()
+    have = len(jax.devices())
+    with pytest.raises(ValueError, match=rf"asked for {have + 1} devices but only {have}"):
+        parallel.make_train_chunk(model, loss, opt, mesh=have + 1)
+    with pytest.raises(
+        ValueError,
+        match=r"make_train_chunk: the global batch of 20 examples does "
+        r"not split evenly over 8 devices",
+    ):
+        parallel.make_train_chunk(
+            model, loss, opt, mesh=AbstractMesh((8,), ("data",)), batch_size=20
+        )
+
+
 def test_replicate_to_host_round_trip_keeps_prng_keys():
     model, _, opt, x, _ = small_problem()
     ts = train.init(model, opt, jax.random.key(3), x)
@@ -301,6 +331,13 @@ def test_indivisible_batch_on_eight_devices(eight_devices):
     assert "global batch of 30 examples does not split evenly over 8 devices" in e["shard_batch"]
     assert "global batch of 12 examples does not split evenly over 8 devices" in e["step"]
     assert "asked for 9 devices but only 8 are available" in e["too_many"]
+    assert "global batch of 20 examples does not split evenly over 8 devices" in e["chunk"]
+
+
+def test_runner_chunk_signature_on_four_devices(eight_devices):
+    c = eight_devices["chunk"]
+    assert c["devices"] == 4 and c["step"] == 10
+    assert c["close"] and c["err"] < 1e-5, c
 
 
 @pytest.mark.parametrize("n", ["1", "4"])

@@ -1,0 +1,115 @@
+"""Data-parallel throughput (examples/s) against the device count, on fake CPU devices.
+
+One process with ``--xla_force_host_platform_device_count=8``: every "device" is a
+slice of the same CPU cores, so going from 1 to 8 devices cannot be faster here.
+What this measures is the **overhead** of ``fbp.parallel`` (splitting each batch,
+the all-reduce XLA inserts, per-device dispatch), not speedup; on real accelerators
+each device brings its own compute.
+
+Workload: MLP 64-256-256-10 (ReLU), softmax cross-entropy, Adam, float32, one
+epoch of 8192 examples in global batches of 256 (32 steps, one jitted
+``lax.scan``). Variants, timed in interleaved rounds in one process:
+``fbp.train.make_epoch`` (no mesh) and ``fbp.parallel.make_epoch`` on 1, 2, 4, 8
+devices. All see the same global batch, so they do the same arithmetic.
+
+Usage:
+  python benchmarks/scaling.py           # prints the markdown table
+  python benchmarks/scaling.py --quick   # tiny sizes (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_FLAG = "--xla_force_host_platform_device_count"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):  # must be set before JAX starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from fbp import losses, nn, parallel, train  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few rounds")
+    p.add_argument("--rounds", type=int, default=15)
+    args = p.parse_args(argv)
+    n, batch, width, rounds = (512, 64, 32, 3) if args.quick else (8192, 256, 256, args.rounds)
+    counts = [c for c in (1, 2, 4, 8) if c <= len(jax.devices())]
+
+    x = jax.random.normal(jax.random.key(0), (n, 64), jnp.float32)
+    y = jax.random.randint(jax.random.key(1), (n,), 0, 10)
+    model = nn.Sequential([nn.Dense(width), nn.ReLU(), nn.Dense(width), nn.ReLU(), nn.Dense(10)])
+    loss, opt = losses.softmax_cross_entropy, optax.adam(1e-3)
+    ts0 = train.init(model, opt, jax.random.key(2), x)
+
+    fns, errs = {}, {}
+    ref_epoch = train.make_epoch(model, loss, opt, batch_size=batch)
+    ref, _ = ref_epoch(ts0, x, y)
+    fns["no mesh"] = lambda: ref_epoch(ts0, x, y)
+    for c in counts:
+        mesh = parallel.make_mesh(c)
+        epoch = parallel.make_epoch(model, loss, opt, batch_size=batch, mesh=mesh)
+        ts_c, xs, ys = parallel.replicate((ts0, x, y), mesh)
+        out, _ = epoch(ts_c, xs, ys)
+        errs[c] = max(
+            float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+            for a, b in zip(
+                jax.tree.leaves(parallel.to_host(out.params)),
+                jax.tree.leaves(parallel.to_host(ref.params)),
+                strict=True,
+            )
+        )
+        fns[f"{c} device{'s' if c > 1 else ''}"] = lambda epoch=epoch, ts_c=ts_c, xs=xs, ys=ys: (
+            epoch(ts_c, xs, ys)
+        )
+
+    times = common.interleaved(fns, rounds=rounds, warmup=2)
+    base = common.median(times["1 device"])
+    rows = []
+    for name, ts in times.items():
+        t = common.median(ts)
+        c = None if name == "no mesh" else int(name.split()[0])
+        rows.append(
+            [
+                name,
+                f"{t * 1e3:.1f} ms {common.spread(ts)}",
+                f"{n / t:,.0f}",
+                f"{base / t:.2f}",
+                "-" if c is None else f"{errs[c]:.1e}",
+            ]
+        )
+    print("## Data parallel\n")
+    print(f"`python benchmarks/scaling.py`: {common.machine()}.\n")
+    print(
+        f"MLP 64-{width}-{width}-10, Adam, float32; one epoch = {n} examples in global "
+        f"batches of {batch} ({n // batch} steps, one jitted scan); median of {rounds} "
+        "interleaved rounds. The devices are fake CPU devices sharing the same "
+        f"{os.cpu_count()} cores, so this measures the overhead of sharding and the "
+        "gradient all-reduce, NOT speedup.\n"
+    )
+    print(
+        common.table(
+            [
+                "variant",
+                "epoch time",
+                "examples/s",
+                "throughput vs 1 device",
+                "max param diff vs no mesh (1 epoch, rel. to leaf max)",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
