@@ -291,6 +291,12 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     except DataError:
         raise
     except ValueError as e:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        if not is_zip:
+            raise DataError(
+                f"{path}: not a readable .npz file (not a zip archive; pickles are refused)."
+            ) from None
         if "pickle" in str(e):
             raise DataError(
                 f"{path}: contains object arrays, which need pickle to load; refused "

@@ -206,14 +206,15 @@ def plateau_update(cfg: dict[str, Any], opt_state: Any, value: float) -> Any:
     return (*opt_state[:-1], state)
 
 
-def make_train_chunk(model, loss, optimizer, *, penalty=None) -> Callable:
+def make_train_chunk(model, loss, optimizer, *, penalty=None, grad_fn=None) -> Callable:
     """The one place an epoch's compute is built: jitted ``(ts, x, y, order) -> (ts, metrics)``.
 
     ``order`` is (steps, batch) example indices; the chunk is a ``lax.scan`` of
     ``fbp.train.step_fn`` (which drops non-finite updates and reports ``skipped``).
     A data-parallel runner replaces this function (same signature, sharded inputs).
     """
-    step = fbp_train.step_fn(model, loss, optimizer, penalty=penalty, skip_nonfinite=True)
+    step = fbp_train.step_fn(model, loss, optimizer, penalty=penalty, skip_nonfinite=True,
+                             grad_fn=grad_fn)
 
     @jax.jit
     def chunk(ts, x, y, order):
@@ -474,6 +475,11 @@ def run(
     """
     from fbp.experiment import RunResult
 
+    if getattr(exp, "variants", None):
+        from fbp import variants
+
+        return variants.run(exp, run, out=out, resume=resume, overwrite=overwrite,
+                            print_fn=print_fn, experiment_path=experiment_path, **overrides)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         prepare_dir(out_dir, resume=resume, overwrite=overwrite)
@@ -495,14 +501,19 @@ def run(
     x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
     n = x.shape[0]
     bs = cfg["batch_size"] or n
-    if bs > n:
-        raise ValueError(f"run: batch_size={bs} is larger than the {n} training examples.")
-    steps = n // bs
+    steps = max(n // bs, 1)
     total_steps = cfg["epochs"] * steps
     opt, schedule = build_optimizer(exp, cfg, total_steps)
     ts = fbp_train.init(model, opt, jax.random.key(cfg["seed"]), x)
+    if getattr(exp, "init", None) is not None:
+        p0 = exp.init(model, ds, cfg["seed"])
+        ts = ts._replace(params=p0, opt_state=opt.init(p0))
     _check_labels(model, ts, ds, exp.loss)
-    chunk_fn = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty)
+    if bs > n:
+        raise ValueError(f"run: batch_size={bs} is larger than the {n} training examples.")
+    grad_fn = exp.grad_fn(model, ds) if getattr(exp, "grad_fn", None) else None
+    chunk_fn = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
+    probe = exp.probe(model, exp.loss, opt) if getattr(exp, "probe", None) else None
     eval_fn = make_eval(model, exp.loss)
     has_val = len(ds.val.x) > 0
     xv, yv = (jnp.asarray(ds.val.x), jnp.asarray(ds.val.y)) if has_val else (None, None)
@@ -585,7 +596,8 @@ def run(
                         raise NonFiniteError(
                             f"non-finite loss or gradient at step {bad} (epoch "
                             f"{prog['epoch'] + 1}, batch {lo + int(np.argmax(skipped))}); "
-                            f"nothing after checkpoint {last_ckpt} was saved."
+                            + (f"the last good checkpoint {last_ckpt.name} is kept."
+                               if last_ckpt else "no checkpoint was saved.")
                         )
                     ts = new_ts
                     ok = skipped == 0
@@ -616,6 +628,9 @@ def run(
                 row["grad_norm"] = acc["gn_sum"] / acc["loss_n"] if acc["loss_n"] else None
                 row["skipped"] = acc["skipped"]
                 row["seconds"] = acc["seconds"]
+                if probe is not None:  # Experiment.probe: e.g. per-layer gradient statistics
+                    row.update({k: float(v) for k, v in
+                                jax.device_get(probe(ts, x[:bs], y[:bs])).items()})
                 history.append(row)
                 if log is not None:
                     log.write(row)
