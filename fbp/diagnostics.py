@@ -193,3 +193,87 @@ def plot_gradient_flow(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_layer_series(
+    histories: dict[str, Sequence[dict[str, Any]]],
+    path: str | Path,
+    stat: str = "grad_norm",
+    *,
+    log: bool = True,
+    title: str | None = None,
+) -> Path:
+    """PNG with one panel per run: ``stat/<i>`` of every layer against the epoch.
+
+    Layers are coloured by depth (dark: first), so vanishing or exploding gradients
+    show as a fan of lines; panels share the y axis so runs compare at a glance.
+
+    Args:
+      histories: run name -> its logged rows (e.g. ``{v: r.history for v, r in ...}``).
+      path: where the PNG goes.
+      stat: ``grad_norm``, ``delta_norm``, ``update_ratio``, ``angle`` (fbp.rules)...
+      log: logarithmic y axis.
+      title: figure title (default: ``stat``).
+
+    Raises:
+      ValueError: no run has ``stat/<i>`` entries.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {name: _series(h, stat) for name, h in histories.items()}
+    series = {name: s for name, s in series.items() if s}
+    if not series:
+        raise ValueError(f"plot_layer_series: no run has '{stat}/<i>' entries.")
+    fig, axes = plt.subplots(
+        1, len(series), figsize=(3.6 * len(series), 3.4), sharey=True, squeeze=False
+    )
+    cmap = plt.get_cmap("viridis")
+    for ax, (name, s) in zip(axes[0], series.items(), strict=True):
+        for n, (i, (xs, ys)) in enumerate(s.items()):
+            ax.plot(xs, ys, color=cmap(n / max(len(s) - 1, 1)), label=f"layer {i}")
+        ax.set(title=name, xlabel="epoch", yscale="log" if log else "linear")
+        ax.legend(fontsize=6, ncol=2)
+    axes[0][0].set_ylabel(stat)
+    fig.suptitle(title or stat)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_metric(
+    histories: dict[str, Sequence[dict[str, Any]]],
+    path: str | Path,
+    key: str = "val_accuracy",
+) -> Path:
+    """PNG of one logged metric (``val_accuracy``, ``loss``...) against the epoch, one line per run.
+
+    Raises:
+      ValueError: no run logged ``key``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
+    for name, h in histories.items():
+        pts = [(r.get("epoch", i), r[key]) for i, r in enumerate(h) if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=name)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise ValueError(f"plot_metric: no run logged {key!r}.")
+    ax.set(xlabel="epoch", ylabel=key)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -49,6 +49,17 @@ class Experiment:
       keep: checkpoints kept in a run's directory (plus the best by validation loss).
       checkpoint_every: epochs between checkpoints (None: a tenth of the epochs).
       features: the feature count the model expects; data with another is refused.
+      grad_fn: ``(model, dataset) -> grad_fn`` replacing hand-written backprop in the
+        train step (same signature as ``fbp.value_and_grad(..., has_aux=True)``), e.g.
+        a learning rule of ``fbp.rules``.
+      probe: ``(model, loss, optimizer) -> f(ts, x, y) -> dict of scalars``, evaluated
+        at the end of every epoch on the first batch of the training set and logged
+        with the epoch's metrics (``fbp.diagnostics.probe``: per-layer gradient flow).
+      init: ``(model, dataset, seed) -> params`` replacing ``model.init``'s parameters
+        (e.g. pretrained ones for fine-tuning).
+      variants: ``{name: {field: value}}``: run the experiment once per variant with
+        those fields replaced, in ``DIR/<name>``; ``report`` then gets a RunResult whose
+        ``variants`` maps names to results (see ``fbp.variants``).
     """
 
     name: str
@@ -72,6 +83,10 @@ class Experiment:
     keep: int = 3
     checkpoint_every: int | None = None
     features: int | None = None
+    grad_fn: Callable[[Layer, Dataset], Callable] | None = None
+    probe: Callable[[Layer, Any, optax.GradientTransformation], Callable] | None = None
+    init: Callable[[Layer, Dataset, int], Any] | None = None
+    variants: dict[str, dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass
@@ -87,6 +102,7 @@ class RunResult:
     test: dict[str, float]
     train_seconds: float
     out: Path | None = None  # the run's output directory, when it has one (plots go there)
+    variants: dict[str, RunResult] | None = None  # per-variant results (Experiment.variants)
 
 
 # ----------------------------------------------------------------------------- discovery

@@ -1,0 +1,93 @@
+"""Experiments with variants: the same spec run several ways, then compared.
+
+An ``Experiment`` with ``variants={'name': {field: value, ...}, ...}`` is run once
+per variant, each as the experiment with those fields replaced (a different model,
+learning rule, optimizer...), by the ordinary runner, in ``DIR/<name>/``. The
+experiment's ``report`` hook then gets a ``RunResult`` whose ``variants`` maps each
+name to its own ``RunResult``, so one hook can tabulate and plot the comparison;
+``DIR/comparison.json`` holds every variant's test metrics and training time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def check(exp: Any) -> None:
+    """Raise ValueError unless every variant names a dict of existing Experiment fields."""
+    fields = {f.name for f in dataclasses.fields(exp)} - {"name", "variants"}
+    for name, over in exp.variants.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(
+                f"{exp.name}: variant names must be non-empty strings without '/', got {name!r}."
+            )
+        if not isinstance(over, dict):
+            raise ValueError(
+                f"{exp.name}: variant {name!r} must be a dict of field overrides, "
+                f"got {type(over).__name__}."
+            )
+        unknown = sorted(set(over) - fields)
+        if unknown:
+            raise ValueError(
+                f"{exp.name}: variant {name!r} sets unknown field(s) {unknown}; "
+                f"Experiment fields are {sorted(fields)}."
+            )
+
+
+def run(exp: Any, run_one: Callable, *, out=None, print_fn: Callable = print, **kwargs: Any):
+    """Run every variant of ``exp`` with ``run_one`` (the runner) and report the comparison.
+
+    Args:
+      exp: an Experiment with ``variants``.
+      run_one: ``fbp.runner.run``.
+      out: the parent directory (each variant gets ``out/<name>``), or None.
+      print_fn: where progress and the report go.
+      **kwargs: passed to ``run_one`` for every variant (resume, overwrite, epochs...).
+
+    Returns:
+      A ``RunResult`` for the whole experiment: ``variants`` holds the per-variant
+      results; its model, data, state and config are the first variant's, its
+      ``test`` is ``{'<variant>/<metric>': value}`` and ``train_seconds`` the sum.
+    """
+    from fbp import checkpoint
+    from fbp.experiment import RunResult
+
+    check(exp)
+    out_dir = Path(out) if out is not None else None
+    results = {}
+    for name, over in exp.variants.items():
+        print_fn(f"=== {exp.name} / {name}")
+        sub = dataclasses.replace(
+            exp, **{"report": None, **over, "variants": None, "name": f"{exp.name}/{name}"}
+        )
+        results[name] = run_one(
+            sub, out=out_dir / name if out_dir else None, print_fn=print_fn, **kwargs
+        )
+    first = next(iter(results.values()))
+    test = {f"{n}/{k}": v for n, r in results.items() for k, v in r.test.items()}
+    result = RunResult(
+        exp,
+        first.config,
+        first.model,
+        first.dataset,
+        first.state,
+        [],
+        test,
+        sum(r.train_seconds for r in results.values()),
+        out_dir,
+    )
+    result.variants = results
+    if out_dir is not None:
+        table = {n: {"test": r.test, "train_seconds": r.train_seconds} for n, r in results.items()}
+        checkpoint.atomic_write(out_dir / "comparison.json", json.dumps(table, indent=1) + "\n")
+    print_fn(f"== {exp.name}: {exp.description}")
+    for n, r in results.items():
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in r.test.items())
+        print_fn(f"{n:<28} test {metrics}  ({r.train_seconds:.1f} s)")
+    for line in exp.report(result) if exp.report else []:
+        print_fn(line)
+    return result
