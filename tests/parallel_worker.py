@@ -6,8 +6,9 @@ prints last. Modes:
 
 * ``devices``: one process, 8 CPU devices; agreement over 1/2/4/8 devices, the
   indivisible-batch errors, and a checkpoint saved on 8 devices resumed on 1 and 4.
-* ``multi ADDRESS NUM_PROCESSES PROCESS_ID CKPT_DIR``: one of several processes
-  joined by ``fbp.parallel.initialize``; trains, saves through
+* ``multi CKPT_DIR [ADDRESS NUM_PROCESSES PROCESS_ID]``: one of several processes
+  joined by ``fbp.parallel.initialize`` (or ``initialize_from_env`` without the
+  three arguments); trains, evaluates, saves through
   ``fbp.parallel.save_checkpoint`` and reports its parameters' hash.
 * ``connect ADDRESS NUM_PROCESSES PROCESS_ID TIMEOUT``: only ``initialize``; reports
   the error it raised and how long it took (or is ended by the watchdog).
@@ -159,10 +160,16 @@ def mode_devices() -> dict:
     return out
 
 
-def mode_multi(address: str, num_processes: str, process_id: str, ckpt_dir: str) -> dict:
+def mode_multi(ckpt_dir: str, *how: str) -> dict:
+    """``how`` is ADDRESS NUM_PROCESSES PROCESS_ID, or empty to read them from the env."""
     t0 = time.perf_counter()
-    parallel.initialize(address, int(num_processes), int(process_id), timeout=60)
+    if how:
+        parallel.initialize(how[0], int(how[1]), int(how[2]), timeout=60)
+        joined = True
+    else:
+        joined = parallel.initialize_from_env(timeout=60)
     out = {
+        "joined_from_env": not how and joined,
         "process_index": jax.process_index(),
         "process_count": jax.process_count(),
         "global_devices": len(jax.devices()),
@@ -191,6 +198,7 @@ def mode_multi(address: str, num_processes: str, process_id: str, ckpt_dir: str)
     err, close = rel_errors(ts.params, ref.params)
     out["vs_local"] = {"err": err, "close": close}
     out["is_main"] = parallel.is_main_process()
+    out["test_loss"] = train.evaluate(model, loss, ts.params, x, y)["loss"]
     restored, _ = parallel.load_checkpoint(checkpoint.list_checkpoints(ckpt_dir)[-1], ts0, mesh)
     out["restored_sha"] = sha(restored.params)
     return out

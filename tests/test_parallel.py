@@ -29,16 +29,23 @@ WORKER = str(Path(__file__).with_name("parallel_worker.py"))
 
 
 def worker_env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    cluster = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if "proxy" not in k.lower() and not k.startswith(cluster)
+    }
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     env.pop("JAX_ENABLE_X64", None)
     return env
 
 
-def start(args: list[str], devices: int, cwd: str | None = None) -> subprocess.Popen:
+def start(
+    args: list[str], devices: int, cwd: str | None = None, env: dict | None = None
+) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, WORKER, *args],
-        env=worker_env(devices),
+        env={**worker_env(devices), **(env or {})},
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -353,14 +360,21 @@ def test_checkpoint_from_eight_devices_resumes_on_fewer(eight_devices, n):
 
 
 def test_two_processes_train_the_same_parameters(tmp_path):
-    """2 processes x 2 CPU devices: equal parameters everywhere, only process 0 writes."""
+    """2 processes x 2 CPU devices: equal parameters everywhere, only process 0 writes.
+
+    Process 0 gets its place from arguments (``initialize``), process 1 from the
+    environment (``initialize_from_env``).
+    """
     address = f"127.0.0.1:{free_port()}"
     ckpt = tmp_path / "ckpt"
     dirs = [tmp_path / f"cwd{i}" for i in range(2)]
-    procs = []
-    for i, d in enumerate(dirs):
+    for d in dirs:
         d.mkdir()
-        procs.append(start(["multi", address, "2", str(i), str(ckpt)], 2, cwd=str(d)))
+    env1 = {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    procs = [
+        start(["multi", str(ckpt), address, "2", "0"], 2, cwd=str(dirs[0])),
+        start(["multi", str(ckpt)], 2, cwd=str(dirs[1]), env=env1),
+    ]
     results = []
     for p in procs:
         rc, result, err = finish(p, timeout=180)
@@ -375,6 +389,8 @@ def test_two_processes_train_the_same_parameters(tmp_path):
     assert r0["losses"] == r1["losses"]
     assert r0["vs_local"]["close"] and r0["vs_local"]["err"] < 1e-5  # == one device
     assert r0["is_main"] and not r1["is_main"]
+    assert r1["joined_from_env"] and not r0["joined_from_env"]
+    assert r0["test_loss"] == r1["test_loss"]
     # Only process 0 wrote: two checkpoints (one per save), both by writer 0; none by 1.
     assert r1["saved"] == [None, None]
     names = sorted(p.name for p in ckpt.iterdir())
