@@ -162,7 +162,14 @@ def export_model(
     )
     from safetensors.numpy import save as st_save
 
-    ckpt.atomic_write(out / "model.jaxexport", bytes(exported.serialize()))
+    try:
+        blob = bytes(exported.serialize())
+    except ImportError as e:  # jax.export serializes with flatbuffers, an optional jax dep
+        raise ValueError(
+            f"fbp export: jax.export needs the 'flatbuffers' package ({e}); "
+            "pip install 'fbp[export]'."
+        ) from None
+    ckpt.atomic_write(out / "model.jaxexport", blob)
     ckpt.atomic_write(out / "params.safetensors", st_save(arrays))
     meta = {"inputs": names, "x_shape": ["batch", *feat], "x_dtype": "float32",
             "standardized_inside": x_mean is not None, "params_sha256": _sha(params),
