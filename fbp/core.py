@@ -201,6 +201,15 @@ class Sequential(Layer):
         _, ss = self._each(params, _as_struct(x), None, None, step)
         return {str(i): s for i, s in enumerate(ss)}
 
+    def output_shape(self, params: Params, x: Any) -> jax.ShapeDtypeStruct:
+        """Each layer's ``output_shape`` in turn (a layer that needs state to run, such
+        as batch norm in eval mode, still reports its shape)."""
+
+        def step(layer, p, v, _, __):
+            return layer.output_shape(p, v), None
+
+        return self._each(params, _as_struct(x), None, None, step)[0]
+
     def apply(self, params, x, *, key=None, state=None, train=False):
         def step(layer, p, v, k, s):
             return layer.apply(p, v, key=k, state=s, train=train), None

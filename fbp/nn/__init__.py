@@ -3,10 +3,28 @@
 from fbp.core import Layer, Sequential, ShapeError
 from fbp.nn import initializers
 from fbp.nn.activations import ELU, GELU, Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Softplus, Tanh
+from fbp.nn.combinators import Residual
+from fbp.nn.conv import Conv1D, Conv2D
 from fbp.nn.dense import Dense
+from fbp.nn.dropout import Dropout
+from fbp.nn.embedding import Embedding
+from fbp.nn.norm import BatchNorm, LayerNorm
+from fbp.nn.pooling import AvgPool2D, Flatten, GlobalAvgPool, MaxPool2D, Reshape
 from fbp.nn.wrappers import Frozen, Recompute
 
 __all__ = [
+    "AvgPool2D",
+    "BatchNorm",
+    "Conv1D",
+    "Conv2D",
+    "Dropout",
+    "Embedding",
+    "Flatten",
+    "GlobalAvgPool",
+    "LayerNorm",
+    "MaxPool2D",
+    "Reshape",
+    "Residual",
     "ELU",
     "GELU",
     "Dense",

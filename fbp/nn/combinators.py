@@ -1,0 +1,79 @@
+"""Combinators: layers built from layers. ``Residual(layer)``: y = x + layer(x)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from fbp.core import Layer, ShapeError, layer_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Residual(Layer):
+    """Skip connection around ``layer``: ``y = x + layer(x)``; dx = dy + layer's dx.
+
+    The inner layer's params, state, key and residuals pass through unchanged, so
+    ``Residual(layer)`` has exactly ``layer``'s params tree and running state.
+
+    Args:
+      layer: any fbp layer whose output has the shape of its input.
+
+    Raises:
+      TypeError: ``layer`` is not an fbp layer (when built).
+      ShapeError: the inner layer changes the shape (at init and at trace time).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from fbp import nn
+      >>> block = Residual(nn.Sequential([nn.Dense(4), nn.Tanh()]))
+      >>> x = jnp.ones((2, 4))
+      >>> params = block.init(jax.random.key(0), x)
+      >>> y, res = block.forward(params, x)
+      >>> dparams, dx = block.backward(params, res, jnp.ones_like(y))
+      >>> y.shape, dx.shape
+      ((2, 4), (2, 4))
+    """
+
+    layer: Layer
+
+    def __post_init__(self):
+        if not isinstance(self.layer, Layer):
+            raise TypeError(f"Residual: layer is {self.layer!r}, not an fbp layer.")
+
+    def _check(self, x: Any, y: Any, method: str) -> None:
+        if tuple(y.shape) != tuple(x.shape) or y.dtype != x.dtype:
+            raise ShapeError(
+                f"{layer_name(self)}.{method}: the inner layer maps x of shape {tuple(x.shape)} "
+                f"({x.dtype}) to {tuple(y.shape)} ({y.dtype}); a residual needs the same shape "
+                "and dtype (add a projection inside the block)."
+            )
+
+    def init(self, key, x):
+        """x: example input, any shape the inner layer takes and keeps."""
+        params = self.layer.init(key, x)
+        self._check(x, self.layer.output_shape(params, x), "init")
+        return params
+
+    def init_state(self, x):
+        return self.layer.init_state(x)
+
+    def output_shape(self, params, x):
+        y = self.layer.output_shape(params, x)
+        self._check(x, y, "output_shape")
+        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+
+    def forward(self, params, x, *, key=None, state=None, train=False):
+        """x: any shape -> y = x + layer(x): same shape."""
+        y, res = self.layer.forward(params, x, key=key, state=state, train=train)
+        self._check(x, y, "forward")
+        return x + y, res
+
+    def backward(self, params, res, dy):
+        """dx = dy + backward_layer(dy).dx;  dparams = backward_layer(dy).dparams."""
+        dparams, dx = self.layer.backward(params, res, dy)
+        return dparams, dy + dx
+
+    def next_state(self, state, res):
+        return self.layer.next_state(state, res)

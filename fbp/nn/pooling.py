@@ -1,0 +1,296 @@
+"""Pooling and shape layers: MaxPool2D, AvgPool2D, GlobalAvgPool, Flatten, Reshape.
+
+Pooling runs on channels-last input (N, H, W, C) with XLA's ``reduce_window``.
+Both pooling backwards visit the window offsets (i, j) one by one: the strided
+slice of the padded input at offset (i, j) is that tap of every window, and the
+tap's share of ``dy`` goes back to those positions by an interior-padded
+``lax.pad`` (a strided scatter that XLA fuses into one loop with the sum).
+
+* Max: ``dy`` of a window goes to its first maximum in row-major window order
+  (the tap where ``x == y`` and no earlier tap matched). This is the tie rule of
+  XLA's ``select_and_scatter`` that ``jax.grad`` uses, so gradients agree with
+  ties too (e.g. after a ReLU).
+* Average: every tap gets ``dy / count``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fbp.core import Array, Layer, ShapeError, check_ndim, layer_name
+from fbp.nn.conv import (
+    Padding,
+    as_tuple,
+    check_windows_fit,
+    explicit_padding,
+    normalize_padding,
+)
+
+
+class MaxPoolRes(NamedTuple):
+    x: Array  # (N, H, W, C): the input, to find each window's maximum
+    y: Array  # (N, oh, ow, C): the window maxima
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["x_shape"])
+@dataclasses.dataclass(frozen=True)
+class ShapeRes:
+    """Residual of layers whose backward needs only x's static shape: a pytree without leaves,
+    so the shape survives ``jax.jit`` as part of the tree structure."""
+
+    x_shape: tuple[int, ...]  # static shape of x; no arrays are kept
+
+
+class _Pool2D(Layer):
+    """Window/stride/padding handling shared by the 2-D pools."""
+
+    window: int | tuple[int, int]
+    strides: int | tuple[int, int] | None
+    padding: Padding
+
+    def __post_init__(self):
+        name = type(self).__name__
+        object.__setattr__(self, "window", as_tuple(name, "window", self.window, 2))
+        strides = self.window if self.strides is None else self.strides
+        object.__setattr__(self, "strides", as_tuple(name, "strides", strides, 2))
+        pad = normalize_padding(name, self.padding, 2)
+        if not isinstance(pad, str) and any(
+            max(p) >= k for p, k in zip(pad, self.window, strict=True)
+        ):
+            raise ValueError(
+                f"{name}: padding {self.padding!r} must be smaller than the window {self.window}."
+            )
+        object.__setattr__(self, "padding", pad)
+
+    def _pads(self, x: Array, method: str) -> tuple[tuple[int, int], ...]:
+        check_ndim(self, method, "x", x, (4,), "(batch, height, width, channels)")
+        pads = explicit_padding(self.padding, x.shape[1:3], self.window, self.strides)
+        check_windows_fit(self, method, x, pads, self.window, self.strides, "the window")
+        return pads
+
+    def _reduce(self, x: Array, init: float, op, pads) -> Array:
+        """``reduce_window`` of x; ``init`` a Python scalar so that JAX sees the monoid."""
+        return lax.reduce_window(
+            x, init, op, (1, *self.window, 1), (1, *self.strides, 1),
+            ((0, 0), *pads, (0, 0)),
+        )
+
+    def _taps(self):
+        return [(i, j) for i in range(self.window[0]) for j in range(self.window[1])]
+
+    def _tap(self, xp: Array, out_hw, i: int, j: int) -> Array:
+        """Entry (i, j) of every window of the padded input: shape (N, oh, ow, C)."""
+        (sh, sw), (oh, ow) = self.strides, out_hw
+        limit = (xp.shape[0], i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, xp.shape[3])
+        return lax.slice(xp, (0, i, j, 0), limit, (1, sh, sw, 1))
+
+    def _untap(self, g: Array, padded_hw, i: int, j: int) -> Array:
+        """g (N, oh, ow, C) placed at tap (i, j) of each window, in a padded-input-shaped array."""
+        (sh, sw), (_, oh, ow, _) = self.strides, g.shape
+        hi_h = padded_hw[0] - i - (oh - 1) * sh - 1
+        hi_w = padded_hw[1] - j - (ow - 1) * sw - 1
+        zero = jnp.zeros((), g.dtype)
+        return lax.pad(g, zero, ((0, 0, 0), (i, hi_h, sh - 1), (j, hi_w, sw - 1), (0, 0, 0)))
+
+
+def _crop(xp: Array, pads) -> Array:
+    """Undo the spatial padding of a padded-input-shaped array."""
+    (t, b), (lft, r) = pads
+    return xp[:, t : xp.shape[1] - b, lft : xp.shape[2] - r, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxPool2D(_Pool2D):
+    """Maximum over windows of NHWC input; ``dy`` goes to each window's (first) maximum.
+
+    Args:
+      window: int or (kh, kw).
+      strides: int or (sh, sw); ``None`` (default) means the window (no overlap).
+      padding: ``'VALID'`` (default), ``'SAME'``, an int or ((top, bottom), (left, right));
+        padded entries are -inf, so they are never the maximum.
+
+    Raises:
+      ValueError: bad window/strides/padding (when built).
+      ShapeError: x is not 4-D or smaller than a window (at trace time).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> MaxPool2D(2).apply({}, jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0]
+      Array([[ 5.,  7.],
+             [13., 15.]], dtype=float32)
+    """
+
+    window: int | tuple[int, int] = 2
+    strides: int | tuple[int, int] | None = None
+    padding: Padding = "VALID"
+
+    def forward(self, params, x, *, key=None, state=None, train=False):
+        """x: (N, H, W, C) -> y: (N, oh, ow, C)."""
+        pads = self._pads(x, "forward")
+        y = self._reduce(x, -float("inf"), lax.max, pads)
+        return y, MaxPoolRes(x, y)
+
+    def backward(self, params, res, dy):
+        """dx[p] = Σ_windows w: dy[w] · [p is the first position in w with x[p] = y[w]]."""
+        x, y = res
+        pads = self._pads(x, "backward")
+        xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+        found = jnp.zeros(y.shape, bool)
+        dxp = jnp.zeros(xp.shape, dy.dtype)
+        for i, j in self._taps():
+            hit = (self._tap(xp, y.shape[1:3], i, j) == y) & ~found
+            found = found | hit
+            dxp = dxp + self._untap(jnp.where(hit, dy, 0), xp.shape[1:3], i, j)
+        return {}, _crop(dxp, pads)
+
+
+@dataclasses.dataclass(frozen=True)
+class AvgPool2D(_Pool2D):
+    """Mean over windows of NHWC input; each tap of a window gets ``dy / count``.
+
+    Args:
+      window: int or (kh, kw).
+      strides: int or (sh, sw); ``None`` (default) means the window.
+      padding: ``'VALID'`` (default), ``'SAME'``, an int or ((top, bottom), (left, right)).
+      count_include_pad: divide by the full window size (True, PyTorch's default) or by
+        the number of real, unpadded entries (False).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> AvgPool2D(2).apply({}, jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0]
+      Array([[ 2.5,  4.5],
+             [10.5, 12.5]], dtype=float32)
+    """
+
+    window: int | tuple[int, int] = 2
+    strides: int | tuple[int, int] | None = None
+    padding: Padding = "VALID"
+    count_include_pad: bool = True
+
+    def _count(self, x: Array, pads) -> Array:
+        if self.count_include_pad or all(p == (0, 0) for p in pads):
+            return jnp.asarray(math.prod(self.window), x.dtype)
+        ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+        return self._reduce(ones, 0.0, lax.add, pads)[0]
+
+    def forward(self, params, x, *, key=None, state=None, train=False):
+        """x: (N, H, W, C) -> y: (N, oh, ow, C)."""
+        pads = self._pads(x, "forward")
+        y = self._reduce(x, 0.0, lax.add, pads) / self._count(x, pads)
+        return y, ShapeRes(tuple(x.shape))
+
+    def backward(self, params, res, dy):
+        """dx[p] = Σ_windows w ∋ p: dy[w] / count[w]."""
+        x = jax.ShapeDtypeStruct(res.x_shape, dy.dtype)
+        pads = self._pads(x, "backward")
+        padded = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads, strict=True))
+        g = dy / self._count(x, pads)
+        dxp = sum(self._untap(g, padded, i, j) for i, j in self._taps())
+        return {}, _crop(dxp, pads)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalAvgPool(Layer):
+    """Mean over every spatial axis: (batch, *spatial, C) -> (batch, C); dx = dy / #spatial.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> GlobalAvgPool().apply({}, jnp.ones((2, 5, 5, 3))).shape
+      (2, 3)
+    """
+
+    def forward(self, params, x, *, key=None, state=None, train=False):
+        """x: (batch, *spatial, C) with at least one spatial axis -> y: (batch, C)."""
+        if x.ndim < 3:
+            raise ShapeError(
+                f"{layer_name(self)}.forward: x has shape {tuple(x.shape)} but expected "
+                "(batch, *spatial, channels) with at least one spatial axis (>= 3 dims)."
+            )
+        return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))), ShapeRes(tuple(x.shape))
+
+    def backward(self, params, res, dy):
+        """dx[b, ..., c] = dy[b, c] / Π spatial."""
+        shape = res.x_shape
+        n = math.prod(shape[1:-1])
+        g = (dy / n).reshape(shape[0], *([1] * (len(shape) - 2)), shape[-1])
+        dx = jnp.broadcast_to(g, shape)
+        return {}, dx
+
+
+@dataclasses.dataclass(frozen=True)
+class Flatten(Layer):
+    """(batch, d1, d2, ...) -> (batch, d1·d2·...); dx = dy reshaped back.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> Flatten().apply({}, jnp.ones((2, 4, 4, 3))).shape
+      (2, 48)
+    """
+
+    def forward(self, params, x, *, key=None, state=None, train=False):
+        """x: (batch, ...) with >= 1 dim -> y: (batch, prod(rest))."""
+        if x.ndim < 1:
+            raise ShapeError(f"{layer_name(self)}.forward: x is a scalar; expected (batch, ...).")
+        return x.reshape(x.shape[0], -1), ShapeRes(tuple(x.shape))
+
+    def backward(self, params, res, dy):
+        """dx = reshape(dy, x.shape)."""
+        return {}, dy.reshape(res.x_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshape(Layer):
+    """Reshape every example: (batch, ...) -> (batch, *shape); dx = dy reshaped back.
+
+    Args:
+      shape: the per-example output shape; one entry may be -1.
+
+    Raises:
+      ValueError: ``shape`` is not a tuple of positive ints with at most one -1.
+      ShapeError: an example's size does not fit ``shape`` (at trace time).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> Reshape((8, 8, 1)).apply({}, jnp.ones((5, 64))).shape
+      (5, 8, 8, 1)
+    """
+
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        shape = tuple(self.shape) if isinstance(self.shape, (tuple, list)) else None
+        if (
+            shape is None
+            or not all(isinstance(d, int) and (d > 0 or d == -1) for d in shape)
+            or shape.count(-1) > 1
+        ):
+            raise ValueError(
+                "Reshape: shape must be a tuple of positive ints (one may be -1), "
+                f"got {self.shape!r}."
+            )
+        object.__setattr__(self, "shape", shape)
+
+    def forward(self, params, x, *, key=None, state=None, train=False):
+        """x: (batch, ...) -> y: (batch, *shape)."""
+        size = math.prod(x.shape[1:]) if x.ndim >= 1 else 0
+        known = math.prod(d for d in self.shape if d != -1)
+        fits = size % known == 0 if -1 in self.shape else size == known
+        if x.ndim < 1 or not fits:
+            raise ShapeError(
+                f"{layer_name(self)}.forward: x has shape {tuple(x.shape)} but expected "
+                f"(batch, ...) with {known}{' × k' if -1 in self.shape else ''} entries per "
+                "example."
+            )
+        return x.reshape(x.shape[0], *self.shape), ShapeRes(tuple(x.shape))
+
+    def backward(self, params, res, dy):
+        """dx = reshape(dy, x.shape)."""
+        return {}, dy.reshape(res.x_shape)
+
