@@ -178,22 +178,32 @@ def replicate(tree: Any, mesh: Mesh, like: Any = None) -> Any:
     return place(tree, replicated(mesh), like)
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
+def shard_batch(batch: Any, mesh: Mesh, *, process_local: bool = False) -> Any:
     """Split the leading axis of every array in ``batch`` over the mesh's ``"data"`` axis.
 
     Args:
       batch: an array or pytree of arrays, each of shape (batch, ...), all with the same
-        global batch; with several processes every process passes the whole batch.
+        global batch; with several processes every process passes the whole batch,
+        unless ``process_local``.
       mesh: the mesh.
+      process_local: each process passes only its own rows, shape (batch / processes,
+        ...), in process order; the result is the global batch (data loading that
+        scales with the number of hosts). The same as the default in one process.
 
     Raises:
-      ValueError: the batch is not a multiple of the number of devices.
+      ValueError: the (global) batch is not a multiple of the number of devices.
     """
+    procs = jax.process_count() if process_local else 1
     for x in jax.tree.leaves(batch):
         if np.ndim(x) < 1:
             raise ValueError("shard_batch: got a scalar; expected arrays of shape (batch, ...).")
-        check_batch(np.shape(x)[0], mesh, "shard_batch")
-    return place(batch, batch_sharding(mesh))
+        check_batch(np.shape(x)[0] * procs, mesh, "shard_batch")
+    if procs == 1:
+        return place(batch, batch_sharding(mesh))
+    spec = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(spec, _host_leaf(x)), batch
+    )
 
 
 def _local_leaf(x: Any) -> Any:

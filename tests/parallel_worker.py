@@ -197,6 +197,25 @@ def mode_multi(ckpt_dir: str, *how: str) -> dict:
         ref, _ = local(ref, x, y)
     err, close = rel_errors(ts.params, ref.params)
     out["vs_local"] = {"err": err, "close": close}
+    # 10 steps on batches that each process loads only half of.
+    step = parallel.make_step(model, loss, opt, mesh=mesh)
+    ref_step = train.make_step(model, loss, opt)
+    ts_p, ts_r = parallel.replicate(ts0, mesh), ts0
+    half, lo = BATCH // 2, jax.process_index() * (BATCH // 2)
+    for i in range(10):
+        xb, yb = x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH]
+        xg, yg = parallel.shard_batch(
+            (xb[lo : lo + half], yb[lo : lo + half]), mesh, process_local=True
+        )
+        ts_p, _ = step(ts_p, xg, yg)
+        ts_r, _ = ref_step(ts_r, xb, yb)
+    err, close = rel_errors(ts_p.params, ts_r.params)
+    out["local_batches"] = {
+        "err": err,
+        "close": close,
+        "global_rows": int(xg.shape[0]),
+        "sha": sha(ts_p.params),
+    }
     out["is_main"] = parallel.is_main_process()
     out["test_loss"] = train.evaluate(model, loss, ts.params, x, y)["loss"]
     restored, _ = parallel.load_checkpoint(checkpoint.list_checkpoints(ckpt_dir)[-1], ts0, mesh)

@@ -138,6 +138,14 @@ def test_train_chunk_checks_devices_and_batch():
         )
 
 
+def test_process_local_batch_in_one_process_is_the_whole_batch():
+    mesh = parallel.make_mesh(1)
+    x = np.arange(12.0).reshape(6, 2)
+    a = parallel.shard_batch(x, mesh, process_local=True)
+    np.testing.assert_array_equal(a, x)
+    assert a.sharding == parallel.batch_sharding(mesh)
+
+
 def test_replicate_to_host_round_trip_keeps_prng_keys():
     model, _, opt, x, _ = small_problem()
     ts = train.init(model, opt, jax.random.key(3), x)
@@ -296,9 +304,24 @@ def test_initialize_from_env_errors(calls, monkeypatch):
 # ----------------------------------------------------------------------------- 8 devices
 
 
+@pytest.fixture(scope="module", autouse=True)
+def eight_devices_worker(request):
+    """Start the 8-device scenario when this module starts, so it overlaps the tests here."""
+    wanted = any(
+        "eight_devices" in item.fixturenames
+        for item in request.session.items
+        if item.module is request.module
+    )
+    proc = start(["devices"], 8) if wanted else None
+    yield proc
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.fixture(scope="module")
-def eight_devices() -> dict:
-    rc, result, err = finish(start(["devices"], 8), timeout=300)
+def eight_devices(eight_devices_worker) -> dict:
+    rc, result, err = finish(eight_devices_worker, timeout=300)
     assert rc == 0 and result is not None, err[-3000:]
     assert result["devices"] == 8
     return result
@@ -390,6 +413,11 @@ def test_two_processes_train_the_same_parameters(tmp_path):
     assert r0["vs_local"]["close"] and r0["vs_local"]["err"] < 1e-5  # == one device
     assert r0["is_main"] and not r1["is_main"]
     assert r1["joined_from_env"] and not r0["joined_from_env"]
+    # Each process loaded half of every batch: the same steps as whole batches on one device.
+    for r in results:
+        assert r["local_batches"]["global_rows"] == 32
+        assert r["local_batches"]["close"] and r["local_batches"]["err"] < 1e-5, r
+    assert r0["local_batches"]["sha"] == r1["local_batches"]["sha"]
     assert r0["test_loss"] == r1["test_loss"]
     # Only process 0 wrote: two checkpoints (one per save), both by writer 0; none by 1.
     assert r1["saved"] == [None, None]
