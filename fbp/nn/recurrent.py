@@ -85,6 +85,7 @@ class _Recurrent(Layer):
     hidden: int
     truncate: int | None = None
     stateful: bool = False
+    w_hh_gain: float = 1.0
 
     gates: ClassVar[int] = 1
     carry_names: ClassVar[tuple[str, ...]] = ("h",)
@@ -96,10 +97,16 @@ class _Recurrent(Layer):
         k = self.truncate
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k <= 0):
             raise ValueError(f"{name}: truncate must be None or a positive int, got {k!r}.")
+        if not self.w_hh_gain > 0:
+            raise ValueError(f"{name}: w_hh_gain must be > 0, got {self.w_hh_gain!r}.")
 
     # ------------------------------------------------------------------ params and state
     def init(self, key, x):
-        """x: example input, shape (batch, time, in). w_ih Glorot, w_hh orthogonal per gate."""
+        """x: example input, shape (batch, time, in).
+
+        w_ih is Glorot-uniform; w_hh is ``w_hh_gain`` times an orthogonal matrix per gate;
+        biases are zero (LSTM: ``forget_bias`` on the forget gate).
+        """
         if len(x.shape) != 3:
             raise ShapeError(
                 f"{layer_name(self)}.init: x has shape {tuple(x.shape)} but expected "
@@ -109,7 +116,7 @@ class _Recurrent(Layer):
         width = self.gates * self.hidden
         params = {
             "w_ih": jax.nn.initializers.glorot_uniform()(k_ih, (x.shape[-1], width), dtype),
-            "w_hh": _orthogonal_blocks(k_hh, self.hidden, self.gates, dtype),
+            "w_hh": self.w_hh_gain * _orthogonal_blocks(k_hh, self.hidden, self.gates, dtype),
         }
         params.update(self._init_biases(dtype))
         return params
@@ -254,6 +261,7 @@ class SimpleRNN(_Recurrent):
       hidden: size of the hidden state H (> 0).
       truncate: None for full BPTT, or k > 0: the gradient stops every k steps.
       stateful: ``init_state`` returns zeros, so training carries the state across batches.
+      w_hh_gain: scale of the orthogonal w_hh init (> 1 explodes, < 1 vanishes faster).
 
     Params:
       ``w_ih`` (in, H), ``w_hh`` (H, H), ``b`` (H,) (PyTorch's b_ih + b_hh).
@@ -290,6 +298,7 @@ class LSTM(_Recurrent):
       hidden: size of the hidden and cell state H (> 0).
       truncate: None for full BPTT, or k > 0: the gradient stops every k steps.
       stateful: ``init_state`` returns zeros {'h', 'c'}, carried across batches.
+      w_hh_gain: scale of the orthogonal w_hh init.
       forget_bias: initial value of the forget gate's bias (1.0 helps long memories).
 
     Params:
@@ -354,6 +363,7 @@ class GRU(_Recurrent):
       hidden: size of the hidden state H (> 0).
       truncate: None for full BPTT, or k > 0: the gradient stops every k steps.
       stateful: ``init_state`` returns zeros, carried across batches.
+      w_hh_gain: scale of the orthogonal w_hh init.
 
     Params:
       ``w_ih`` (in, 3H), ``w_hh`` (H, 3H), ``b_ih`` (3H,), ``b_hh`` (3H,).

@@ -1,0 +1,140 @@
+"""LSTM loss + all gradients: fbp's hand-written BPTT vs jax.grad through lax.scan vs PyTorch.
+
+Workload (design.md): batch 64, T=100, input 32, hidden 256, float32, MSE on every
+hidden state. Variants, timed in interleaved rounds in one process (medians):
+
+* ``fbp``: ``fbp.value_and_grad`` (forward scan + hand-written reverse scan), jitted.
+* ``jax.grad (same forward)``: ``jax.value_and_grad`` of ``fbp.loss_fn``: the very
+  forward fbp runs, differentiated by JAX.
+* ``jax.grad (textbook scan)``: a plain LSTM scan (projection inside the step, four
+  sigmoid/tanh calls), differentiated by JAX.
+* ``torch nn.LSTM``: PyTorch's fused CPU LSTM, ``torch.set_num_threads(cores)``.
+
+The temporary memory of each jitted variant is XLA's compiled
+``memory_analysis().temp_size_in_bytes``. The script runs itself twice, as two
+processes: with the glibc allocator tunables of perf-notes.md and without them.
+
+Usage: ``python benchmarks/lstm.py [--rounds N]`` (``--child`` runs one setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fbp  # noqa: E402
+from benchmarks import common  # noqa: E402
+from fbp import losses, nn  # noqa: E402
+
+B, T, IN, H = 64, 100, 32, 256
+
+
+def textbook_loss(params, x, target):
+    """MSE of every hidden state of a plain LSTM scan (batch-major in and out)."""
+
+    def step(carry, x_t):
+        h, c = carry
+        z = x_t @ params["w_ih"] + h @ params["w_hh"] + params["b"]
+        zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+        c = jax.nn.sigmoid(zf) * c + jax.nn.sigmoid(zi) * jnp.tanh(zg)
+        h = jax.nn.sigmoid(zo) * jnp.tanh(c)
+        return (h, c), h
+
+    zeros = jnp.zeros((x.shape[0], H), x.dtype)
+    _, hs = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(x, 0, 1))
+    return jnp.mean(jnp.square(jnp.swapaxes(hs, 0, 1) - target))
+
+
+def jax_variants(params, x, target):
+    model = nn.Sequential([nn.LSTM(H)])
+    p = {"0": params}
+    fns = {
+        "fbp": jax.jit(fbp.value_and_grad(model, losses.mse)),
+        "jax.grad (same forward)": jax.jit(jax.value_and_grad(fbp.loss_fn(model, losses.mse))),
+        "jax.grad (textbook scan)": jax.jit(jax.value_and_grad(textbook_loss)),
+    }
+    args = {"fbp": (p, x, target), "jax.grad (same forward)": (p, x, target),
+            "jax.grad (textbook scan)": (params, x, target)}
+    return fns, args
+
+
+def torch_variant(params, x, target):
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    module = torch.nn.LSTM(IN, H, batch_first=True)
+    with torch.no_grad():
+        module.weight_ih_l0.copy_(torch.tensor(np.asarray(params["w_ih"]).T))
+        module.weight_hh_l0.copy_(torch.tensor(np.asarray(params["w_hh"]).T))
+        module.bias_ih_l0.copy_(torch.tensor(np.asarray(params["b"])))
+        module.bias_hh_l0.zero_()
+    xt, tt = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(target))
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        y, _ = module(xt)
+        loss = torch.mean((y - tt) ** 2)
+        loss.backward()
+        return None
+
+    return run
+
+
+def child(rounds: int) -> None:
+    kx, kt, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (B, T, IN), jnp.float32)
+    target = jax.random.normal(kt, (B, T, H), jnp.float32)
+    params = nn.LSTM(H).init(kp, x)
+    fns, args = jax_variants(params, x, target)
+
+    ref_v, ref_g = fns["jax.grad (same forward)"](*args["jax.grad (same forward)"])
+    v, g = fns["fbp"](*args["fbp"])
+    err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+              for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g), strict=True))
+
+    temp = {n: f.lower(*args[n]).compile().memory_analysis().temp_size_in_bytes
+            for n, f in fns.items()}
+    calls = {n: (lambda f=f, a=args[n]: f(*a)) for n, f in fns.items()}
+    calls["torch nn.LSTM"] = torch_variant(params, x, target)
+    times = common.interleaved(calls, rounds=rounds, warmup=3)
+
+    base = common.median(times["jax.grad (same forward)"])
+    rows = []
+    for name, ts in times.items():
+        mem = f"{temp[name] / 2**20:.1f}" if name in temp else "–"
+        rows.append([name, f"{1e3 * common.median(ts):.1f}", common.spread(ts),
+                     f"{common.median(ts) / base:.2f}", mem])
+    print(common.machine())
+    print(f"LSTM B={B} T={T} in={IN} H={H} float32, loss + all grads, {rounds} rounds; "
+          f"fbp vs jax.grad max rel grad error {err:.1e}")
+    print(common.table(["variant", "median ms", "IQR", "/ jax.grad (same fwd)", "temp MiB"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--child", action="store_true", help="run one setting in this process")
+    args = parser.parse_args()
+    if args.child:
+        child(args.rounds)
+        return
+    for tunables in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if tunables:
+            env["GLIBC_TUNABLES"] = common.TUNABLES
+        print(f"\n## process {'with' if tunables else 'without'} glibc tunables", flush=True)
+        subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds)],
+                       env=env, check=True)
+
+
+if __name__ == "__main__":
+    main()
