@@ -64,6 +64,19 @@ CASES: list[LayerCase] = [
     LayerCase("softplus", lambda: nn.Softplus(), (4, 3)),
     LayerCase("softmax", lambda: nn.Softmax(), (4, 3)),
     LayerCase("softmax-axis0", lambda: nn.Softmax(axis=0), (4, 3)),
+    # --- recurrent (fbp/nn/recurrent.py, fbp/nn/sequence.py); truncated BPTT is not the
+    # true gradient (finite differences disagree), so tests/test_recurrent.py checks it.
+    LayerCase("simple-rnn", lambda: nn.SimpleRNN(4), (3, 6, 2)),
+    LayerCase("lstm", lambda: nn.LSTM(4), (3, 6, 2)),
+    LayerCase("lstm-stateful", lambda: nn.LSTM(3, stateful=True), (2, 5, 2), with_state=True),
+    LayerCase("gru", lambda: nn.GRU(4), (3, 6, 2)),
+    LayerCase("bidirectional-lstm", lambda: nn.Bidirectional(nn.LSTM(3)), (2, 5, 2)),
+    LayerCase("last-step", lambda: nn.LastStep(), (3, 4, 2)),
+    LayerCase(
+        "sequential-gru-last-dense",
+        lambda: nn.Sequential([nn.GRU(4), nn.LastStep(), nn.Dense(2)]),
+        (3, 5, 2),
+    ),
     # --- wrappers (fbp/nn/wrappers.py); Frozen's zero dparams are by design not the VJP,
     # so its registry case has no params; tests/test_wrappers.py checks Frozen(Dense).
     LayerCase("frozen-tanh", lambda: nn.Frozen(nn.Tanh()), (4, 3)),

@@ -10,6 +10,8 @@ from fbp.nn.dropout import Dropout
 from fbp.nn.embedding import Embedding
 from fbp.nn.norm import BatchNorm, LayerNorm
 from fbp.nn.pooling import AvgPool2D, Flatten, GlobalAvgPool, MaxPool2D, Reshape
+from fbp.nn.recurrent import GRU, LSTM, SimpleRNN
+from fbp.nn.sequence import Bidirectional, LastStep, length_mask, reverse_padded
 from fbp.nn.wrappers import Frozen, Recompute
 
 __all__ = [
@@ -25,6 +27,13 @@ __all__ = [
     "MaxPool2D",
     "Reshape",
     "Residual",
+    "GRU",
+    "LSTM",
+    "SimpleRNN",
+    "Bidirectional",
+    "LastStep",
+    "length_mask",
+    "reverse_padded",
     "ELU",
     "GELU",
     "Dense",
