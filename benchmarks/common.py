@@ -35,15 +35,27 @@ def block(x: Any) -> Any:
     return jax.block_until_ready(x)
 
 
-def time_once(fn: Callable[[], Any]) -> float:
-    """Seconds for one call of ``fn()``, waiting for its result."""
+def time_once(fn: Callable[[], Any], cpu: list[float] | None = None) -> float:
+    """Seconds for one call of ``fn()``, waiting for its result.
+
+    Args:
+      cpu: if given, the process CPU seconds (all threads) of the call are appended.
+    """
+    c0 = time.process_time()
     t0 = time.perf_counter()
     block(fn())
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return t
 
 
 def interleaved(
-    fns: dict[str, Callable[[], Any]], *, rounds: int = 30, warmup: int = 3
+    fns: dict[str, Callable[[], Any]],
+    *,
+    rounds: int = 30,
+    warmup: int = 3,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Times of each zero-argument callable, run in interleaved rounds.
 
@@ -51,6 +63,8 @@ def interleaved(
       fns: name -> callable doing the work once (its result is waited for).
       rounds: timed calls of each callable.
       warmup: untimed calls of each callable first (compilation, caches).
+      cpu: if given, filled with name -> process CPU seconds per call (all threads;
+        steadier than wall time on a loaded machine, but counts spin-waiting).
 
     Returns:
       name -> list of ``rounds`` times in seconds.
@@ -59,9 +73,11 @@ def interleaved(
         for _ in range(warmup):
             block(fn())
     times: dict[str, list[float]] = {name: [] for name in fns}
+    if cpu is not None:
+        cpu.update({name: [] for name in fns})
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(time_once(fn))
+            times[name].append(time_once(fn, None if cpu is None else cpu[name]))
     return times
 
 

@@ -9,7 +9,9 @@ Variants, timed in interleaved rounds (A B C ... A B C ...) in one process:
   ``jax.value_and_grad(fbp.loss_fn(model, loss))``.
 - ``fbp vg + adam`` / ``jax.grad + adam``: a bare jitted ``value_and_grad`` plus the
   optax Adam update, nothing else.
-- ``torch``: ``nn.Sequential`` + ``torch.optim.Adam``, eager, all CPU threads.
+- ``torch``: ``nn.Sequential`` + ``torch.optim.Adam``, eager, all CPU threads
+  (``torch.set_num_threads(os.cpu_count())``); also with 1 thread, which suffers less
+  when other jobs share the cores.
 
 FLOPs count three matmuls per layer (forward, dx, dw) less dx of the first layer.
 The machine's matmul rate is measured in the same rounds on the same (m, k, n)
@@ -85,7 +87,6 @@ def step_flops(sizes: list[int], batch: int) -> int:
 def torch_step(sizes, x_np, y_np, lr):
     import torch
 
-    torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
@@ -146,11 +147,17 @@ def measure(quick: bool, rounds: int, steps: int) -> dict:
 
         return go
 
+    import torch
+
     tstep, torch_version = torch_step(sizes, jax.device_get(x), jax.device_get(y), lr)
 
-    def run_torch():
-        for _ in range(steps):
-            tstep()
+    def run_torch(threads):
+        def go():
+            torch.set_num_threads(threads)
+            for _ in range(steps):
+                tstep()
+
+        return go
 
     shapes = flop_shapes(sizes, batch)
     mats = []
@@ -175,12 +182,14 @@ def measure(quick: bool, rounds: int, steps: int) -> dict:
         "jax.grad make_step": run_make("jm", jm),
         "fbp vg + adam": run_bare("fb", fb),
         "jax.grad + adam": run_bare("jb", jb),
-        "torch": run_torch,
+        "torch": run_torch(os.cpu_count()),
+        "torch, 1 thread": run_torch(1),
         "dots, one call each": dots_each,
         "dots, all in one call": dots_all,
     }
     t0 = time.perf_counter()
-    times = common.interleaved(fns, rounds=rounds, warmup=2)
+    cpu: dict[str, list[float]] = {}
+    times = common.interleaved(fns, rounds=rounds, warmup=2, cpu=cpu)
     return {
         "machine": common.machine(),
         "torch": torch_version,
@@ -191,6 +200,7 @@ def measure(quick: bool, rounds: int, steps: int) -> dict:
         "gflop": step_flops(sizes, batch) / 1e9,
         "ms": {k: 1e3 * common.median(v) / steps for k, v in times.items()},
         "spread": {k: common.spread(v) for k, v in times.items()},
+        "cpu_ms": {k: 1e3 * common.median(v) / steps for k, v in cpu.items()},
         "seconds": time.perf_counter() - t0,
     }
 
@@ -214,19 +224,21 @@ def report(results: list[dict]) -> str:
         ms = r["ms"]
         tun = "on" if "tunables ON" in r["machine"] else "off"
         each, allin = ms["dots, one call each"], ms["dots, all in one call"]
+        cpu = r["cpu_ms"]
         for name in ("fbp make_step", "jax.grad make_step", "fbp vg + adam", "jax.grad + adam",
-                     "torch"):
+                     "torch", "torch, 1 thread"):
             rows.append([
-                tun, name, f"{ms[name]:.2f} {r['spread'][name]}", rate(ms[name]),
+                tun, name, f"{ms[name]:.2f} {r['spread'][name]}", f"{cpu[name]:.2f}",
+                rate(ms[name]),
                 f"{100 * each / ms[name]:.0f}%", f"{100 * allin / ms[name]:.0f}%",
             ])
-        rows.append([tun, "matmuls only, one call each", f"{each:.2f}", rate(each),
-                     "100%", ""])
-        rows.append([tun, "matmuls only, all in one call", f"{allin:.2f}", rate(allin),
-                     "", "100%"])
+        rows.append([tun, "matmuls only, one call each", f"{each:.2f}",
+                     f"{cpu['dots, one call each']:.2f}", rate(each), "100%", ""])
+        rows.append([tun, "matmuls only, all in one call", f"{allin:.2f}",
+                     f"{cpu['dots, all in one call']:.2f}", rate(allin), "", "100%"])
     out.append(common.table(
-        ["glibc tunables", "variant", "ms/step", "GFLOP/s", "% of matmuls one-by-one",
-         "% of matmuls in one call"], rows))
+        ["glibc tunables", "variant", "ms/step", "CPU ms/step", "GFLOP/s",
+         "% of matmuls one-by-one", "% of matmuls in one call"], rows))
     out.append("")
     rrows = []
     for r in results:
@@ -237,10 +249,11 @@ def report(results: list[dict]) -> str:
             f"{ms['fbp make_step'] / ms['jax.grad make_step']:.3f}",
             f"{ms['fbp vg + adam'] / ms['jax.grad + adam']:.3f}",
             f"{ms['fbp make_step'] / ms['torch']:.3f}",
+            f"{ms['fbp make_step'] / ms['torch, 1 thread']:.3f}",
         ])
     out.append(common.table(
         ["glibc tunables", "fbp/jax.grad (make_step)", "fbp/jax.grad (bare)",
-         "fbp make_step/torch"], rrows))
+         "fbp make_step/torch", "fbp make_step/torch 1 thread"], rrows))
     out.append("")
     for r in results:
         out.append(f"- machine: {r['machine']} (timed part {r['seconds']:.0f} s)")
