@@ -85,3 +85,25 @@ def test_variants_run_each_with_probe_grad_fn_and_init(tmp_path):
 def test_bad_variants_raise(variants, match):
     with pytest.raises(ValueError, match=match):
         runner.run(_exp(variants=variants), print_fn=lambda s: None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, plots",
+    [
+        ("deep-mlp-gradients", ["grad_norms.png", "val_accuracy.png"]),
+        ("digits-feedback-alignment", ["alignment_angles.png", "val_accuracy.png"]),
+        ("digits-transfer", []),
+    ],
+)
+def test_comparison_experiments_run_end_to_end(name, plots, tmp_path):
+    from fbp import experiment
+
+    exp = experiment.get(name)
+    lines = []
+    result = runner.run(exp, out=tmp_path, epochs=2, print_fn=lines.append)
+    assert set(result.variants) == set(exp.variants)
+    assert (tmp_path / "comparison.json").is_file()
+    for plot in plots:
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+    assert any(line.startswith("| ") for line in lines), "the report prints a table"
