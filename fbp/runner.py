@@ -21,6 +21,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -221,6 +222,18 @@ def make_train_chunk(model, loss, optimizer, *, penalty=None, grad_fn=None) -> C
         return jax.lax.scan(lambda t, idx: step(t, x[idx], y[idx]), ts, order)
 
     return chunk
+
+
+@jax.jit
+def _split(key):
+    """(next train key, this epoch's order key): as ``fbp.train.make_epoch`` splits."""
+    key, sub = jax.random.split(key)
+    return key, sub
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _order(key, n: int, batch_size: int):
+    return fbp_data.batch_order(key, n, batch_size)
 
 
 def make_eval(model, loss) -> Callable:
@@ -513,7 +526,7 @@ def run(
         raise ValueError(f"run: batch_size={bs} is larger than the {n} training examples.")
     grad_fn = exp.grad_fn(model, ds) if getattr(exp, "grad_fn", None) else None
     chunk_fn = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
-    probe = exp.probe(model, exp.loss, opt) if getattr(exp, "probe", None) else None
+    probe = jax.jit(exp.probe(model, exp.loss, opt)) if getattr(exp, "probe", None) else None
     eval_fn = make_eval(model, exp.loss)
     has_val = len(ds.val.x) > 0
     xv, yv = (jnp.asarray(ds.val.x), jnp.asarray(ds.val.y)) if has_val else (None, None)
@@ -579,15 +592,17 @@ def run(
         with _StopFlag(out_dir is not None) as stop:
             while prog["epoch"] < cfg["epochs"] and not prog["stopped_early"]:
                 if prog["pos"] == 0:
-                    key, order_key = jax.random.split(ts.key)
+                    key, order_key = _split(ts.key)
                     ts = ts._replace(key=key)
                     prog["acc"] = _new_epoch_acc()
-                order = fbp_data.batch_order(order_key, n, bs)
+                order = _order(order_key, n, bs)
+                if steps > chunk:
+                    order = np.asarray(order)
                 while prog["pos"] < steps:
                     lo = prog["pos"]
                     hi = min(lo + chunk, steps)
                     t0 = time.perf_counter()
-                    new_ts, m = chunk_fn(ts, x, y, order[lo:hi])
+                    new_ts, m = chunk_fn(ts, x, y, order if hi - lo == steps else order[lo:hi])
                     m = jax.device_get(m)
                     dt = time.perf_counter() - t0
                     skipped = np.asarray(m["skipped"])

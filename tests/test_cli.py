@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import re
 import signal
 from pathlib import Path
@@ -256,3 +257,38 @@ def test_metrics_reader_tolerates_a_truncated_last_line(tmp_path):
     p.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         runner.read_metrics(p)
+
+
+def test_resume_with_another_architecture_lists_every_mismatch(ref, tmp_path, capsys):
+    wide = tmp_path / "tiny_wide.py"
+    wide.write_text(Path(EXPERIMENTS, "tiny.py").read_text().replace("nn.Dense(8)", "nn.Dense(16)"))
+    before = sorted(p.name for p in (ref / "checkpoints").iterdir())
+    assert cli.main(["train", str(wide), "--out", str(ref), "--resume", "--epochs", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and err.count("\n") == 1
+    for path in ("state/params/0/w: checkpoint has (4, 8) float32, model has (4, 16) float32",
+                 "state/params/2/w", "state/opt_state/0/mu/0/b", "best/params/0/b"):
+        assert path in err
+    assert sorted(p.name for p in (ref / "checkpoints").iterdir()) == before
+
+
+class _Evil:
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+    def __init__(self, marker):
+        self.marker = marker
+
+
+def test_resume_refuses_a_planted_pickle_without_running_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", 1) == 0
+    marker = tmp_path / "pwned"
+    evil = out / "checkpoints" / "ckpt-000002"
+    evil.mkdir()
+    (evil / ckpt.MANIFEST).write_text(
+        (out / "checkpoints" / "ckpt-000001" / ckpt.MANIFEST).read_text())
+    (evil / ckpt.TENSORS).write_bytes(pickle.dumps(_Evil(str(marker))))
+    assert _train(out, "--epochs", 2, "--resume") == 2
+    assert "looks like a Python pickle" in capsys.readouterr().err
+    assert not marker.exists()
