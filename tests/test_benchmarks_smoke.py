@@ -53,3 +53,33 @@ def test_digits_quick_prints_accuracies(capsys):
     assert fbp_acc > 50 and sk_acc > 50
     assert float(seed0[1]) > 0 and float(seed0[4]) > 0
     assert "cores" in out
+
+
+def test_mlp_grad_compiles_to_no_more_work_than_jax_grad():
+    """Guards the speed parity behind benchmarks/mlp.py, independent of machine load.
+
+    The optimized program of the hand-written gradient has the same matmuls as
+    ``jax.grad``'s (forward, dw, and dx except for the first layer, which is dead
+    code), no transposes or copies, and no more fusions.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import fbp
+    from fbp import losses, nn
+
+    model = nn.Sequential([nn.Dense(32), nn.ReLU(), nn.Dense(32), nn.ReLU(), nn.Dense(10)])
+    loss = losses.softmax_cross_entropy
+    x = jnp.ones((16, 48), jnp.float32)
+    y = jnp.arange(16, dtype=jnp.int32) % 10
+    params = model.init(jax.random.key(0), x)
+
+    def hlo(f):
+        return jax.jit(f).lower(params, x, y).compile().as_text()
+
+    ours = hlo(fbp.value_and_grad(model, loss))
+    ref = hlo(jax.value_and_grad(fbp.loss_fn(model, loss)))
+    assert "f64" not in ours
+    assert ours.count(" dot(") == ref.count(" dot(") == 3 + 3 + 2
+    assert ours.count(" transpose(") == 0 and ours.count(" copy(") == 0
+    assert ours.count(" fusion(") <= ref.count(" fusion(")
