@@ -47,7 +47,7 @@ def deltas_cost(quick: bool, rounds: int) -> str:
                                            for m in (nn.Dense(64), nn.Sigmoid())], nn.Dense(10)]),
                           64),
     }
-    fns = {}
+    fns, flops = {}, {}
     for name, (model, features) in models.items():
         x, y = _batch(batch, features, 10)
         params = model.init(jax.random.key(1), x)
@@ -60,18 +60,26 @@ def deltas_cost(quick: bool, rounds: int) -> str:
             return value, grads, diagnostics.layer_stats(p, grads, aux.deltas)
 
         everything = jax.jit(vg)
-        fns[f"{name} | grads only"] = lambda f=plain, p=params, x=x, y=y: f(p, x, y)
-        fns[f"{name} | + layer_stats"] = lambda f=stats, p=params, x=x, y=y: f(p, x, y)
-        fns[f"{name} | + all deltas out"] = lambda f=everything, p=params, x=x, y=y: f(p, x, y)
+        for how, f in (("grads only", plain), ("+ layer_stats", stats),
+                       ("+ all deltas out", everything)):
+            fns[f"{name} | {how}"] = lambda f=f, p=params, x=x, y=y: f(p, x, y)
+            flops[f"{name} | {how}"] = _flops(f, params, x, y)
     times = common.interleaved(fns, rounds=rounds, warmup=3)
     rows = []
     for name, ts in times.items():
         model, _, how = name.partition(" | ")
         base = common.median(times[f"{model} | grads only"])
-        rows.append((model, how, f"{common.median(ts) * 1e3:.3f}", common.spread(ts),
-                     f"{common.median(ts) / base:.3f}"))
-    return common.table(["model", "jitted value_and_grad", "ms (median)", "IQR",
+        rows.append((model, how, f"{flops[name] / 1e6:.3f}", f"{common.median(ts) * 1e3:.3f}",
+                     common.spread(ts), f"{common.median(ts) / base:.3f}"))
+    return common.table(["model", "jitted value_and_grad", "XLA MFLOP", "ms (median)", "IQR",
                          "vs grads only"], rows)
+
+
+def _flops(f, *args) -> float:
+    """XLA's own count of the compiled function's floating-point operations."""
+    cost = f.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan")))
 
 
 def _deep(depth: int, width: int, block: int) -> nn.Sequential:
