@@ -98,6 +98,27 @@ def mode_devices() -> dict:
             "local_batch_dot": f"f32[{BATCH // n},32]" in text,
         }
 
+    # Batch statistics and dropout masks are global too: BatchNorm + Dropout on 8 devices.
+    # (No bias before BatchNorm: its true gradient is 0, so its value is rounding noise.)
+    bn_model = nn.Sequential(
+        [
+            nn.Dense(32, use_bias=False),
+            nn.BatchNorm(),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Dense(CLASSES),
+        ]
+    )
+    bn0 = train.init(bn_model, opt, jax.random.key(1), x)
+    bn_ref, _ = train.make_epoch(bn_model, loss, opt, batch_size=BATCH)(bn0, x, y)
+    bn_par, _ = parallel.make_epoch(
+        bn_model, loss, opt, batch_size=BATCH, mesh=parallel.make_mesh(8)
+    )(bn0, x, y)
+    err, close = rel_errors(
+        (bn_par.params, bn_par.model_state), (bn_ref.params, bn_ref.model_state)
+    )
+    out["batchnorm_dropout"] = {"err": err, "close": close}
+
     # The step API: 10 steps with an explicitly sharded batch vs train.make_step.
     mesh8 = parallel.make_mesh(8)
     step8 = parallel.make_step(model, loss, opt, mesh=mesh8)

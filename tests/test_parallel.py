@@ -346,6 +346,11 @@ def test_state_replicated_and_gradient_all_reduced_by_xla(eight_devices, n):
     assert (hlo["count"] >= 1) == (n != "1"), hlo
 
 
+def test_batchnorm_statistics_and_dropout_masks_are_global(eight_devices):
+    r = eight_devices["batchnorm_dropout"]
+    assert r["close"] and r["err"] < 1e-5, r
+
+
 def test_step_api_with_sharded_batch_agrees(eight_devices):
     assert eight_devices["shard_spec"] == "P('data',)"
     assert eight_devices["step_api"]["params_close"], eight_devices["step_api"]
