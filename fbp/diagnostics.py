@@ -123,6 +123,28 @@ def probe(model: Layer, loss: Callable, optimizer: optax.GradientTransformation)
     return stats_fn(model, loss, optimizer)
 
 
+def report(result: Any) -> list[str]:
+    """A runner ``report`` hook: ``gradient_flow.png`` in the run's directory, and a summary.
+
+    Use with ``probe=diagnostics.probe`` in an Experiment; prints the first and last
+    weighted layer's gradient norm at the last logged epoch.
+    """
+    if not result.history:
+        return []
+    last = result.history[-1]
+    grads = sorted((k for k in last if k.startswith("grad_norm/")), key=lambda k: int(k[10:]))
+    if not grads:
+        return []
+    lines = [
+        f"gradient norm, layer {grads[0][10:]}: {last[grads[0]]:.3e}; "
+        f"layer {grads[-1][10:]}: {last[grads[-1]]:.3e} (epoch {last.get('epoch')})"
+    ]
+    if result.out is not None:
+        path = plot_gradient_flow(result.history, Path(result.out) / "gradient_flow.png")
+        lines.append(f"gradient flow plot: {path}")
+    return lines
+
+
 def to_floats(stats: dict[str, Array]) -> dict[str, float]:
     """Host floats of a stats dict (for metrics.jsonl)."""
     return {k: float(v) for k, v in stats.items()}

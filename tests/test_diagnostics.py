@@ -116,6 +116,7 @@ def test_deltas_vanish_with_depth_for_sigmoid_and_small_init():
     model = nn.Sequential([*layers, nn.Dense(3, w_init=init)])
     x, y = _batch(32, 5)
     params = model.init(jax.random.key(1), x)
+
     @jax.jit
     def stats_of(p):
         (_, aux), grads = fbp.value_and_grad(model, LOSS, with_deltas=True)(p, x, y)
@@ -145,3 +146,26 @@ def test_plot_gradient_flow_writes_a_png(tmp_path):
 def test_plot_gradient_flow_without_stats_raises(tmp_path):
     with pytest.raises(ValueError, match="no 'grad_norm/<i>' or 'delta_norm/<i>' entries"):
         diagnostics.plot_gradient_flow([{"epoch": 1, "loss": 1.0}], tmp_path / "x.png")
+
+
+def test_report_hook_plots_the_runs_gradient_flow(tmp_path):
+    from fbp import data, runner
+    from fbp.experiment import Experiment
+
+    exp = Experiment(
+        name="flow",
+        description="iris with the layer-statistics probe",
+        data=lambda seed: data.load("iris", seed=seed),
+        model=lambda ds: nn.Sequential([nn.Dense(8), nn.Tanh(), nn.Dense(3)]),
+        loss=LOSS,
+        optimizer=lambda lr, steps: optax.sgd(lr),
+        epochs=2,
+        lr=0.1,
+        batch_size=32,
+        probe=diagnostics.probe,
+        report=diagnostics.report,
+    )
+    lines = []
+    runner.run(exp, out=tmp_path, print_fn=lines.append)
+    assert (tmp_path / "gradient_flow.png").read_bytes()[:4] == b"\x89PNG"
+    assert any(line.startswith("gradient norm, layer 0: ") for line in lines)
