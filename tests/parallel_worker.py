@@ -6,6 +6,7 @@ prints last. Modes:
 
 * ``devices``: one process, 8 CPU devices; agreement over 1/2/4/8 devices, the
   indivisible-batch errors, and a checkpoint saved on 8 devices resumed on 1 and 4.
+* ``sweep``: 8 CPU devices; more optimizers and seeds (slow tests).
 * ``multi CKPT_DIR [ADDRESS NUM_PROCESSES PROCESS_ID]``: one of several processes
   joined by ``fbp.parallel.initialize`` (or ``initialize_from_env`` without the
   three arguments); trains, evaluates, saves through
@@ -181,6 +182,35 @@ def mode_devices() -> dict:
     return out
 
 
+def mode_sweep() -> dict:
+    """More trials: optimizers x seeds x device counts, 10 steps each."""
+    model, loss, _, _, _ = problem()
+    optimizers = {
+        "sgd": optax.sgd(0.1),
+        "momentum": optax.sgd(0.1, momentum=0.9),
+        "adam": optax.adam(1e-2),
+        "adamw": optax.adamw(1e-2, weight_decay=1e-2),
+        "rmsprop": optax.rmsprop(1e-3),
+    }
+    out = {}
+    for name, opt in optimizers.items():
+        ref_epoch = train.make_epoch(model, loss, opt, batch_size=BATCH)
+        epochs = {
+            n: parallel.make_epoch(model, loss, opt, batch_size=BATCH, mesh=parallel.make_mesh(n))
+            for n in (2, 4, 8)
+        }
+        for seed in range(3):
+            x = jax.random.normal(jax.random.key(10 + seed), (N, FEATURES), jnp.float32)
+            y = jax.random.randint(jax.random.key(20 + seed), (N,), 0, CLASSES)
+            ts0 = train.init(model, opt, jax.random.key(seed), x)
+            ref, _ = ref_epoch(ts0, x, y)
+            for n, epoch in epochs.items():
+                ts, _ = epoch(ts0, x, y)
+                err, close = rel_errors(ts.params, ref.params)
+                out[f"{name}/seed{seed}/{n}"] = {"err": err, "close": close}
+    return out
+
+
 def mode_multi(ckpt_dir: str, *how: str) -> dict:
     """``how`` is ADDRESS NUM_PROCESSES PROCESS_ID, or empty to read them from the env."""
     t0 = time.perf_counter()
@@ -222,7 +252,8 @@ def mode_multi(ckpt_dir: str, *how: str) -> dict:
     step = parallel.make_step(model, loss, opt, mesh=mesh)
     ref_step = train.make_step(model, loss, opt)
     ts_p, ts_r = parallel.replicate(ts0, mesh), ts0
-    half, lo = BATCH // 2, jax.process_index() * (BATCH // 2)
+    half = BATCH // jax.process_count()
+    lo = jax.process_index() * half
     for i in range(10):
         xb, yb = x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH]
         xg, yg = parallel.shard_batch(
@@ -254,7 +285,12 @@ def mode_connect(address: str, num_processes: str, process_id: str, timeout: str
 
 
 def main(argv: list[str]) -> None:
-    modes = {"devices": mode_devices, "multi": mode_multi, "connect": mode_connect}
+    modes = {
+        "devices": mode_devices,
+        "sweep": mode_sweep,
+        "multi": mode_multi,
+        "connect": mode_connect,
+    }
     out = modes[argv[0]](*argv[1:])
     print("RESULT " + json.dumps(out), flush=True)
 

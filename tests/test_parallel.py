@@ -447,6 +447,33 @@ def test_missing_peer_ends_with_message_not_hang():
 
 
 @pytest.mark.slow
+def test_more_optimizers_and_seeds_agree_over_device_counts():
+    rc, result, err = finish(start(["sweep"], 8), timeout=900)
+    assert rc == 0 and result is not None, err[-3000:]
+    assert len(result) == 5 * 3 * 3
+    bad = {k: v for k, v in result.items() if not (v["close"] and v["err"] < 1e-5)}
+    assert not bad, bad
+
+
+@pytest.mark.slow
+def test_four_single_device_processes(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    procs = [start(["multi", str(tmp_path / "ckpt"), address, "4", str(i)], 1) for i in range(4)]
+    results = []
+    for p in procs:
+        rc, result, err = finish(p, timeout=600)
+        assert rc == 0 and result is not None, err[-3000:]
+        results.append(result)
+    assert [r["process_index"] for r in results] == [0, 1, 2, 3]
+    assert all(r["global_devices"] == 4 and r["local_devices"] == 1 for r in results)
+    assert len({r["params_sha"] for r in results}) == 1
+    assert len({r["local_batches"]["sha"] for r in results}) == 1
+    assert all(r["vs_local"]["close"] and r["local_batches"]["close"] for r in results)
+    assert [r["saved"] == [None, None] for r in results] == [False, True, True, True]
+    assert len(list((tmp_path / "ckpt").iterdir())) == 2
+
+
+@pytest.mark.slow
 def test_non_jax_server_at_address_ends_with_message_not_hang():
     """Something else listens at the address: process 1 is ended by the watchdog."""
     with socket.socket() as server:
