@@ -334,3 +334,19 @@ def test_residual_errors():
     params = nn.Dense(4).init(KEY, jnp.ones((2, 3)))
     with pytest.raises(nn.ShapeError, match=r"\.forward: the inner layer maps x of shape \(2, 3\)"):
         block.apply(params, jnp.ones((2, 3)))
+
+
+def test_maxpool_grad_under_jit_after_batchnorm_relu_matches_jax_grad():
+    """Regression: under jit XLA may recompute a pool's input (BN + ReLU) in two fusions
+    with different rounding; a backward that tests ``x == y`` then lost windows."""
+    model = nn.Sequential([nn.Conv2D(3, 3, use_bias=False), nn.BatchNorm(), nn.ReLU(),
+                           nn.MaxPool2D(2), nn.Flatten(), nn.Dense(2)])
+    x, labels = _normal((4, 6, 6, 2)), jnp.array([0, 1, 1, 0])
+    params, state = model.init(KEY, x), model.init_state(x)
+    ours = fbp.value_and_grad(model, losses.softmax_cross_entropy)
+    plain = fbp.loss_fn(model, losses.softmax_cross_entropy)
+    got = jax.jit(lambda p: ours(p, x, labels, state=state, train=True))(params)
+    ref = jax.jit(jax.value_and_grad(lambda p: plain(p, x, labels, state=state, train=True)))(
+        params)
+    for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        assert testing.rel_error(u, v) < 1e-10

@@ -6,10 +6,11 @@ slice of the padded input at offset (i, j) is that tap of every window, and the
 tap's share of ``dy`` goes back to those positions by an interior-padded
 ``lax.pad`` (a strided scatter that XLA fuses into one loop with the sum).
 
-* Max: ``dy`` of a window goes to its first maximum in row-major window order
-  (the tap where ``x == y`` and no earlier tap matched). This is the tie rule of
-  XLA's ``select_and_scatter`` that ``jax.grad`` uses, so gradients agree with
-  ties too (e.g. after a ReLU).
+* Max: the forward keeps, per window, the index of the tap holding its maximum
+  (the first in row-major window order on ties: the tie rule of XLA's
+  ``select_and_scatter`` that ``jax.grad`` uses, so gradients agree with ties
+  too, e.g. after a ReLU); the backward sends ``dy`` to that tap. It keeps one
+  int8 per output instead of x.
 * Average: every tap gets ``dy / count``.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +34,13 @@ from fbp.nn.conv import (
 )
 
 
-class MaxPoolRes(NamedTuple):
-    x: Array  # (N, H, W, C): the input, to find each window's maximum
-    y: Array  # (N, oh, ow, C): the window maxima
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["arg"], meta_fields=["x_shape"])
+@dataclasses.dataclass(frozen=True)
+class MaxPoolRes:
+    """Which tap of each window holds its maximum; x's shape is static tree structure."""
+
+    arg: Array  # (N, oh, ow, C) int8: row-major tap index of each window's first maximum
+    x_shape: tuple[int, ...]  # static shape of x
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["x_shape"])
@@ -134,20 +138,33 @@ class MaxPool2D(_Pool2D):
     def forward(self, params, x, *, key=None, state=None, train=False):
         """x: (N, H, W, C) -> y: (N, oh, ow, C)."""
         pads = self._pads(x, "forward")
-        y = self._reduce(x, -float("inf"), lax.max, pads)
-        return y, MaxPoolRes(x, y)
+        xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+        out_hw = tuple((xp.shape[1 + a] - self.window[a]) // self.strides[a] + 1 for a in (0, 1))
+        # One pass over the taps gives the maximum and which tap holds it (the first on
+        # ties). Deciding the tap here, from the same values as y, keeps the backward free
+        # of float comparisons: under jit XLA may recompute x in two fusions with
+        # different rounding, and a test ``x == y`` in the backward could then miss.
+        y, arg = None, None
+        for t, (i, j) in enumerate(self._taps()):
+            v = self._tap(xp, out_hw, i, j)
+            if y is None:
+                y, arg = v, jnp.zeros(v.shape, jnp.int32)
+            else:
+                better = v > y
+                y, arg = jnp.where(better, v, y), jnp.where(better, t, arg)
+        itype = jnp.int8 if len(self._taps()) <= 127 else jnp.int32
+        return y, MaxPoolRes(arg.astype(itype), tuple(x.shape))
 
     def backward(self, params, res, dy):
-        """dx[p] = Σ_windows w: dy[w] · [p is the first position in w with x[p] = y[w]]."""
-        x, y = res
+        """dx[p] = Σ_windows w: dy[w] · [p is w's first maximum (tap res.arg[w])]."""
+        x = jax.ShapeDtypeStruct(res.x_shape, dy.dtype)
         pads = self._pads(x, "backward")
-        xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
-        found = jnp.zeros(y.shape, bool)
-        dxp = jnp.zeros(xp.shape, dy.dtype)
-        for i, j in self._taps():
-            hit = (self._tap(xp, y.shape[1:3], i, j) == y) & ~found
-            found = found | hit
-            dxp = dxp + self._untap(jnp.where(hit, dy, 0), xp.shape[1:3], i, j)
+        padded = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads, strict=True))
+        zero = jnp.zeros((), dy.dtype)
+        dxp = sum(
+            self._untap(jnp.where(res.arg == t, dy, zero), padded, i, j)
+            for t, (i, j) in enumerate(self._taps())
+        )
         return {}, _crop(dxp, pads)
 
 
