@@ -212,7 +212,9 @@ def report(results: list[dict]) -> str:
         f"MLP {'-'.join(map(str, r0['sizes']))} ReLU, batch {r0['batch']}, float32, "
         f"softmax cross-entropy, Adam; {gflop:.3f} GFLOP of matmuls per step. "
         f"Median of {r0['rounds']} interleaved samples of {r0['steps_per_sample']} steps "
-        f"(± is half the interquartile range). jax {jax.__version__}, torch {r0['torch']}.",
+        f"(± is half the interquartile range). CPU ms/step is process CPU time over all "
+        f"threads: steadier than wall time on a loaded machine, but it counts spin-waiting. "
+        f"jax {jax.__version__}, torch {r0['torch']}.",
         "",
     ]
 
@@ -244,15 +246,17 @@ def report(results: list[dict]) -> str:
     for r in results:
         ms = r["ms"]
         tun = "on" if "tunables ON" in r["machine"] else "off"
+        cpu = r["cpu_ms"]
         rrows.append([
             tun,
             f"{ms['fbp make_step'] / ms['jax.grad make_step']:.3f}",
+            f"{cpu['fbp make_step'] / cpu['jax.grad make_step']:.3f}",
             f"{ms['fbp vg + adam'] / ms['jax.grad + adam']:.3f}",
             f"{ms['fbp make_step'] / ms['torch']:.3f}",
             f"{ms['fbp make_step'] / ms['torch, 1 thread']:.3f}",
         ])
     out.append(common.table(
-        ["glibc tunables", "fbp/jax.grad (make_step)", "fbp/jax.grad (bare)",
+        ["glibc tunables", "fbp/jax.grad (make_step)", "same, CPU time", "fbp/jax.grad (bare)",
          "fbp make_step/torch", "fbp make_step/torch 1 thread"], rrows))
     out.append("")
     for r in results:
