@@ -10,8 +10,18 @@ floating-point sums), and running statistics and dropout masks are the same too.
 
 Several processes (hosts) join with ``initialize`` (or ``initialize_from_env``)
 before any other JAX call; ``make_mesh()`` then spans every device of every
-process and the same program runs in each process. Only ``is_main_process()``
-should write files.
+process and the same program runs in each process. Every process must make the
+same JAX calls (read results with ``to_host``, never with an array operation in
+one process only); only ``is_main_process()`` writes files (``save_checkpoint``
+does this for checkpoints). Launching the same script in every process::
+
+    # SLURM: one task per process (per GPU on GPU nodes)
+    srun --nodes=2 --ntasks-per-node=4 python train.py
+    # anything else: the same three variables in every process, its own id in each
+    JAX_COORDINATOR_ADDRESS=host0:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python train.py
+    JAX_COORDINATOR_ADDRESS=host0:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 python train.py
+
+where ``train.py`` calls ``fbp.parallel.initialize_from_env()`` first.
 
 Examples:
   >>> import jax, jax.numpy as jnp, optax
@@ -509,7 +519,7 @@ def initialize(
         f"fbp.parallel.initialize: {who} could not join the run coordinated at "
         f"{coordinator_address} within {timeout:g} s: not every process connected. "
         f"Check that all {num_processes} processes were started with the same address "
-        f"and distinct process ids; exiting.",
+        f"and distinct process ids (under SLURM, launch them with srun); exiting.",
     )
     try:
         # JAX's own deadline is set later than the watchdog so that the message above,

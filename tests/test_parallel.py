@@ -308,9 +308,9 @@ def test_initialize_from_env_errors(calls, monkeypatch):
 def eight_devices_worker(request):
     """Start the 8-device scenario when this module starts, so it overlaps the tests here."""
     wanted = any(
-        "eight_devices" in item.fixturenames
+        "eight_devices" in getattr(item, "fixturenames", ())
         for item in request.session.items
-        if item.module is request.module
+        if getattr(item, "module", None) is request.module
     )
     proc = start(["devices"], 8) if wanted else None
     yield proc
