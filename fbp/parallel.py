@@ -87,6 +87,28 @@ def make_mesh(n: int | None = None, *, devices: Sequence[Any] | None = None) -> 
     return Mesh(np.array(devices[:n]), (AXIS,))
 
 
+def request_cpu_devices(n: int) -> bool:
+    """Split the host CPU into ``n`` JAX devices, if JAX has not started yet.
+
+    For trying data parallelism on one machine (``fbp train ... --devices 4`` on a
+    laptop): it sets ``jax_num_cpu_devices``, which must happen before the first
+    JAX operation. Accelerators are unaffected. A count already given by
+    ``XLA_FLAGS=--xla_force_host_platform_device_count`` is left alone.
+
+    Returns:
+      True when the setting was made, False when it was already set or too late.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return False
+    if jax.config.jax_num_cpu_devices >= n:
+        return False
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # JAX's backends are already running
+        return False
+    return True
+
+
 def data_size(mesh: Mesh) -> int:
     """Number of devices on the mesh's ``"data"`` axis (the batch is split this many ways)."""
     if AXIS not in mesh.shape:

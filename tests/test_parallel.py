@@ -164,6 +164,21 @@ def test_make_mesh_rejects_bad_counts(n):
         parallel.make_mesh(n)
 
 
+def test_request_cpu_devices_before_and_after_jax_starts():
+    jax.devices()
+    assert parallel.request_cpu_devices(len(jax.devices()) + 1) is False  # too late here
+    code = (
+        "from fbp import parallel; import jax; print(parallel.request_cpu_devices(3), "
+        "len(jax.devices()), parallel.request_cpu_devices(5))"
+    )
+    env = worker_env(1)
+    env.pop("XLA_FLAGS")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.split() == ["True", "3", "False"], out.stderr[-2000:]
+
+
 def test_make_mesh_names_missing_devices():
     have = len(jax.devices())
     with pytest.raises(
