@@ -197,14 +197,22 @@ def build_optimizer(exp: Any, cfg: dict[str, Any], total_steps: int):
     return (parts[0] if len(parts) == 1 else optax.chain(*parts)), schedule
 
 
+@functools.lru_cache(maxsize=16)
+def _plateau_fn(factor: float, patience: int) -> Callable:
+    plateau = optax.contrib.reduce_on_plateau(factor=factor, patience=patience,
+                                              accumulation_size=1)
+
+    @jax.jit
+    def update(state, value):
+        return plateau.update(jnp.zeros(()), state, value=value)[1]
+
+    return update
+
+
 def plateau_update(cfg: dict[str, Any], opt_state: Any, value: float) -> Any:
     """Feed one epoch's monitored loss to the reduce-on-plateau state (last in the chain)."""
-    plateau = optax.contrib.reduce_on_plateau(
-        factor=cfg["plateau_factor"], patience=cfg["plateau_patience"], accumulation_size=1
-    )
-    state = opt_state[-1]
-    _, state = plateau.update(jnp.zeros(()), state, value=jnp.asarray(value, jnp.float32))
-    return (*opt_state[:-1], state)
+    update = _plateau_fn(float(cfg["plateau_factor"]), int(cfg["plateau_patience"]))
+    return (*opt_state[:-1], update(opt_state[-1], jnp.asarray(value, jnp.float32)))
 
 
 def make_train_chunk(model, loss, optimizer, *, penalty=None, grad_fn=None) -> Callable:

@@ -174,6 +174,12 @@ def test_early_stopping_restores_best_params(tmp_path):
     best = export.load_run(out, which="best")
     assert runner.params_sha256(best["params"]) == s["params_sha256"]
     assert runner.params_sha256(export.load_run(out, which="last")["params"]) != s["params_sha256"]
+    # stopped after 2 epochs and resumed: the same best epoch, the same final parameters
+    part = tmp_path / "part"
+    assert _train(part, "--epochs", 2, "--lr", 0.3, "--patience", 2) == 0
+    assert _train(part, "--epochs", 200, "--resume") == 0
+    assert _summary(part)["params_sha256"] == s["params_sha256"]
+    assert _summary(part)["best_epoch"] == s["best_epoch"]
 
 
 def test_schedules_show_in_the_lr_column(tmp_path):
@@ -185,6 +191,12 @@ def test_schedules_show_in_the_lr_column(tmp_path):
     lrs = [r["lr"] for r in runner.read_metrics(tmp_path / "p" / "metrics.jsonl")]
     assert lrs[0] == pytest.approx(0.05) and lrs == sorted(lrs, reverse=True)
     assert any(math.isclose(b, a * 0.5, rel_tol=1e-6) for a, b in zip(lrs, lrs[1:], strict=False))
+    # the plateau state lives in the optimizer state, so it is checkpointed: resume is exact
+    assert _train(tmp_path / "q", "--epochs", 12, "--lr", 0.05, "--schedule", "plateau",
+                  "--plateau-patience", 1, "--plateau-factor", 0.5) == 0
+    assert _train(tmp_path / "q", "--epochs", 25, "--resume") == 0
+    assert _summary(tmp_path / "q")["params_sha256"] == _summary(tmp_path / "p")["params_sha256"]
+    assert [r["lr"] for r in runner.read_metrics(tmp_path / "q" / "metrics.jsonl")] == lrs
 
 
 def test_clip_and_weight_decay_build_into_the_optimizer():
@@ -292,3 +304,15 @@ def test_resume_refuses_a_planted_pickle_without_running_it(tmp_path, capsys):
     assert _train(out, "--epochs", 2, "--resume") == 2
     assert "looks like a Python pickle" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_progress_bar_on_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    printer = runner._Printer(print, total=4, log_every=1)
+    assert printer.tty
+    for e in (1, 4):
+        printer.epoch({"epoch": e, "loss": 0.5, "val_loss": 0.25, "lr": 0.1})
+    printer.line("done")
+    out = capsys.readouterr().out
+    assert out.startswith("\r[") and f"[{'#' * 30}] 4/4  loss 0.5  val_loss 0.25" in out
+    assert out.endswith("\ndone\n")
