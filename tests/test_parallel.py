@@ -98,6 +98,19 @@ def test_one_device_epoch_is_bitwise_train_make_epoch():
     assert all(leaf.sharding.spec == jax.sharding.PartitionSpec() for leaf in jax.tree.leaves(ts))
 
 
+def test_epoch_sees_numpy_data_changed_in_place():
+    model, loss, opt, x, y = small_problem()
+    ts0 = train.init(model, opt, jax.random.key(1), x)
+    epoch = parallel.make_epoch(model, loss, opt, batch_size=12, mesh=parallel.make_mesh(1))
+    xn = np.asarray(x).copy()
+    _, m1 = epoch(ts0, xn, y)
+    xn *= 2.0  # same object, new values: must not be served from a stale copy
+    _, m2 = epoch(ts0, xn, y)
+    _, m_ref = epoch(ts0, jnp.asarray(xn), y)
+    np.testing.assert_array_equal(m2["loss"], m_ref["loss"])
+    assert not np.array_equal(m1["loss"], m2["loss"])
+
+
 def test_step_api_on_one_device_matches_train_make_step():
     model, loss, opt, x, y = small_problem()
     ts0 = train.init(model, opt, jax.random.key(1), x)
