@@ -7,7 +7,8 @@
 2. Memory: a 16-layer 512-wide GELU MLP, batch 256: ``fbp.memory_report``'s residual
    bytes and XLA's compiled temp bytes (``memory_analysis().temp_size_in_bytes``) and
    the time of a jitted loss + gradient, plain vs ``nn.Recompute`` around each
-   Dense+GELU pair vs around blocks of four pairs.
+   Dense+GELU pair vs around blocks of four pairs; as a reference, the temp bytes of
+   ``jax.grad`` with ``jax.checkpoint`` on the same blocks.
 
 Usage:
   python benchmarks/diagnostics.py          # full sizes
@@ -90,6 +91,29 @@ def _deep(depth: int, width: int, block: int) -> nn.Sequential:
     return nn.Sequential([*pairs, nn.Dense(10)])
 
 
+def _checkpoint_temp(depth: int, width: int, block: int, x, y) -> int:
+    """XLA temp bytes of ``jax.grad`` with ``jax.checkpoint`` on the same blocks (reference)."""
+    model = _deep(depth, width, 0)
+    params = model.init(jax.random.key(1), x)
+
+    def loss(p):
+        h = x
+        for lo in range(0, depth, block or depth):
+            idx = range(lo, min(lo + (block or depth), depth))
+
+            def run(h, ps, idx=idx):
+                for i, q in zip(idx, ps, strict=True):
+                    h = model.layers[i].apply(q, h)
+                return h
+
+            ps = [p[str(i)] for i in idx]
+            h = jax.checkpoint(run)(h, ps) if block else run(h, ps)
+        return LOSS(model.layers[depth].apply(p[str(depth)], h), y)
+
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 def recompute_memory(quick: bool, rounds: int) -> str:
     depth, width, batch = (4, 64, 32) if quick else (16, 512, 256)
     x, y = _batch(batch, 64, 10)
@@ -100,16 +124,19 @@ def recompute_memory(quick: bool, rounds: int) -> str:
         params = model.init(jax.random.key(1), x)
         f = jax.jit(fbp.value_and_grad(model, LOSS))
         temp = f.lower(params, x, y).compile().memory_analysis().temp_size_in_bytes
-        mem[name] = (fbp.memory_report(model, params, x).total_bytes, temp)
+        mem[name] = (fbp.memory_report(model, params, x).total_bytes, temp,
+                     _checkpoint_temp(depth, width, block, x, y))
         fns[name] = lambda f=f, p=params: f(p, x, y)
     times = common.interleaved(fns, rounds=rounds, warmup=3)
     base = common.median(times["plain"])
     rows = [(name, f"{mem[name][0] / 1e6:.2f}", f"{mem[name][1] / 1e6:.2f}",
+             f"{mem[name][2] / 1e6:.2f}",
              f"{common.median(times[name]) * 1e3:.2f}", common.spread(times[name]),
              f"{common.median(times[name]) / base:.2f}") for name in cases]
     title = f"{depth}x{width} GELU MLP, batch {batch}"
     return title + "\n" + common.table(
-        ["variant", "residual MB (memory_report)", "XLA temp MB", "ms (median)", "IQR",
+        ["variant", "residual MB (memory_report)", "XLA temp MB",
+         "jax.grad + jax.checkpoint temp MB", "ms (median)", "IQR",
          "time vs plain"], rows)
 
 
