@@ -169,3 +169,17 @@ def test_report_hook_plots_the_runs_gradient_flow(tmp_path):
     runner.run(exp, out=tmp_path, print_fn=lines.append)
     assert (tmp_path / "gradient_flow.png").read_bytes()[:4] == b"\x89PNG"
     assert any(line.startswith("gradient norm, layer 0: ") for line in lines)
+
+
+def test_plot_layer_series_and_metric_write_pngs_and_refuse_empty_histories(tmp_path):
+    runs = {
+        "a": [{"epoch": 1, "angle/0": 80.0, "angle/2": 0.0, "val_accuracy": 0.5}],
+        "b": [{"epoch": 1, "angle/0": 60.0, "angle/2": 0.0, "val_accuracy": 0.7}],
+    }
+    path = diagnostics.plot_layer_series(runs, tmp_path / "a.png", "angle", log=False)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert diagnostics.plot_metric(runs, tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no run has 'grad_norm/<i>' entries"):
+        diagnostics.plot_layer_series(runs, tmp_path / "b.png", "grad_norm")
+    with pytest.raises(ValueError, match="no run logged 'val_loss'"):
+        diagnostics.plot_metric(runs, tmp_path / "c.png", "val_loss")
