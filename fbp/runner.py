@@ -10,6 +10,7 @@
 * ``summary.json``: test metrics, config, seed, versions, ``params_sha256``;
 * ``loss.png`` and ``metric.png``.
 
+Host-side bookkeeping (metrics file, plots, signals, progress) is in ``fbp.runlog``.
 Everything the data or the config can get wrong is checked before ``DIR`` is
 touched. Training runs as jitted chunks of ``lax.scan`` steps (a whole epoch
 unless it is long); SIGTERM/SIGINT are served at the next chunk boundary with a
@@ -22,15 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
-import platform
-import shutil
 import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +41,18 @@ from fbp import checkpoint as ckpt
 from fbp import data as fbp_data
 from fbp import train as fbp_train
 from fbp.losses import SoftmaxCrossEntropy, accuracy
+from fbp.runlog import (  # noqa: F401  (re-exported: part of the runner's API)
+    OWNED,
+    MetricsLog,
+    clear_owned,
+    params_sha256,
+    prepare_dir,
+    read_metrics,
+    versions,
+    write_plots,
+)
+from fbp.runlog import Printer as _Printer
+from fbp.runlog import StopFlag as _StopFlag
 
 SCHEDULES = ("constant", "cosine", "warmup-cosine", "linear", "plateau")
 NONFINITE = ("skip", "halt")
@@ -62,8 +70,6 @@ OPTIONS: dict[str, Any] = {
     "chunk_steps": 128,  # steps per jitted call (signals are served between calls)
     "data_file": None,  # a CSV/NPZ file replacing the experiment's data
 }
-OWNED = ("metrics.jsonl", "summary.json", "eval.json", "loss.png", "metric.png", "checkpoints",
-         "export")
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
@@ -257,200 +263,6 @@ def make_eval(model, loss) -> Callable:
     return ev
 
 
-def params_sha256(params: Any) -> str:
-    """SHA-256 over the parameter leaves' bytes, in tree order."""
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return h.hexdigest()
-
-
-def versions() -> dict[str, str]:
-    import sklearn
-
-    import fbp
-
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-        "fbp": fbp.__version__,
-        "platform": platform.platform(),
-        "backend": jax.default_backend(),
-    }
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl; a truncated or garbled last line (a kill mid-write) is dropped."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    lines = p.read_text(errors="replace").split("\n")
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1 and any(s.strip() for s in lines[i + 1:]):
-                raise ValueError(f"{p}: line {i + 1} is not JSON.") from None
-    return rows
-
-
-class MetricsLog:
-    """Append-only metrics.jsonl: a line per epoch, flushed; fsynced on ``sync``."""
-
-    def __init__(self, path: Path, rows: list[dict[str, Any]]):
-        self.path = path
-        ckpt.atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
-        self.f = open(path, "a")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
-
-    def sync(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        if not self.f.closed:
-            self.sync()
-            self.f.close()
-
-
-def write_plots(out: Path, history: list[dict[str, Any]]) -> list[Path]:
-    """loss.png (train/validation loss) and metric.png (validation accuracy), atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    written = []
-    epochs = [r["epoch"] for r in history]
-    panels = [("loss.png", "loss", [("loss", "train"), ("val_loss", "validation")])]
-    if any("val_accuracy" in r for r in history):
-        panels.append(("metric.png", "accuracy", [("val_accuracy", "validation")]))
-    for fname, ylabel, series in panels:
-        fig = Figure(figsize=(6, 4))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        for key, label in series:
-            pts = [(e, r[key]) for e, r in zip(epochs, history, strict=True)
-                   if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        if ylabel == "loss" and all(r.get("loss", 1) > 0 for r in history):
-            ax.set_yscale("log")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        tmp = out / f".{fname}.tmp-{os.getpid()}.png"
-        fig.savefig(tmp, dpi=100)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / fname)
-        written.append(out / fname)
-    ckpt.fsync_dir(out)
-    return written
-
-
-def prepare_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch a non-empty DIR unless resuming or overwriting (read-only check)."""
-    if resume and overwrite:
-        raise ValueError("run: --resume and --overwrite exclude each other.")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"run: {out} exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise ValueError(
-            f"run: {out} already exists and is not empty; pass --resume to continue it or "
-            "--overwrite to start again."
-        )
-
-
-def clear_owned(out: Path) -> None:
-    """Remove what a previous run wrote in ``out`` (only fbp's own files)."""
-    for name in OWNED:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag that the loop serves at the next chunk boundary."""
-
-    def __init__(self, enabled: bool):
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-
-    def _handle(self, signum, frame):
-        del frame
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
-
-    def __enter__(self):
-        if self.enabled:
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class _Printer:
-    """A progress bar on a terminal, plain lines every ``log_every`` epochs otherwise."""
-
-    def __init__(self, print_fn: Callable[[str], None], total: int, log_every: int):
-        self.print_fn = print_fn
-        self.total = total
-        self.log_every = max(1, log_every)
-        self.tty = print_fn is print and sys.stdout.isatty()
-        self.last = 0.0
-
-    def epoch(self, row: dict[str, Any]) -> None:
-        e = row["epoch"]
-        text = "  ".join(
-            f"{k} {row[k]:.4g}" for k in ("loss", "val_loss", "val_accuracy", "lr")
-            if row.get(k) is not None
-        )
-        if row.get("skipped"):
-            text += f"  skipped {row['skipped']}"
-        if self.tty:
-            now = time.monotonic()
-            if now - self.last > 0.1 or e == self.total:
-                self.last = now
-                done = int(30 * e / max(self.total, 1))
-                sys.stdout.write(f"\r[{'#' * done}{'.' * (30 - done)}] {e}/{self.total}  {text}  ")
-                sys.stdout.flush()
-            return
-        if e == 1 or e % self.log_every == 0 or e == self.total:
-            self.print_fn(f"epoch {e:>6}/{self.total}  {text}")
-
-    def line(self, text: str) -> None:
-        if self.tty:
-            sys.stdout.write("\n")
-            self.last = 0.0
-        self.print_fn(text)
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -623,13 +435,7 @@ def run(
                                if last_ckpt else "no checkpoint was saved.")
                         )
                     ts = new_ts
-                    ok = skipped == 0
-                    acc = prog["acc"]
-                    acc["loss_sum"] += float(np.sum(np.asarray(m["loss"], np.float64)[ok]))
-                    acc["gn_sum"] += float(np.sum(np.asarray(m["grad_norm"], np.float64)[ok]))
-                    acc["loss_n"] += int(ok.sum())
-                    acc["skipped"] += int(skipped.sum())
-                    acc["seconds"] += dt
+                    _accumulate(prog["acc"], m, dt)
                     prog["train_seconds"] += dt
                     prog["pos"] = hi
                     if stop.signum is not None and hi < steps:
@@ -697,25 +503,8 @@ def run(
         print_fn(f"early stop at epoch {prog['epoch']}: best validation loss "
                  f"{prog['best_val']:.4f} at epoch {prog['best_epoch']} (parameters restored)")
     if out_dir is not None:
-        summary = {
-            "experiment": exp.name,
-            "description": exp.description,
-            "config": cfg,
-            "seed": cfg["seed"],
-            "epochs_completed": prog["epoch"],
-            "steps": int(ts.step),
-            "stopped_early": prog["stopped_early"],
-            "best_epoch": prog["best_epoch"] or None,
-            "best_val_loss": prog["best_val"] if math.isfinite(prog["best_val"]) else None,
-            "restored_best": use_best,
-            "skipped_steps": prog["skipped_total"],
-            "train_seconds": prog["train_seconds"],
-            "test": test,
-            "last": history[-1] if history else None,
-            "params_sha256": params_sha256(final.params),
-            "checkpoint": last_ckpt.name if last_ckpt else None,
-            "versions": versions(),
-        }
+        summary = _summary(exp, cfg, prog, int(ts.step), final.params, test, history, last_ckpt)
+        summary["restored_best"] = use_best
         ckpt.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         if history:
             write_plots(out_dir, history)
@@ -728,6 +517,39 @@ def run(
     for line in exp.report(result) if exp.report else []:
         print_fn(line)
     return result
+
+
+def _accumulate(acc: dict[str, float], m: dict[str, Any], seconds: float) -> None:
+    """Add one chunk's per-step metrics to the epoch's sums (skipped steps left out)."""
+    skipped = np.asarray(m["skipped"])
+    ok = skipped == 0
+    acc["loss_sum"] += float(np.sum(np.asarray(m["loss"], np.float64)[ok]))
+    acc["gn_sum"] += float(np.sum(np.asarray(m["grad_norm"], np.float64)[ok]))
+    acc["loss_n"] += int(ok.sum())
+    acc["skipped"] += int(skipped.sum())
+    acc["seconds"] += seconds
+
+
+def _summary(exp, cfg, prog, step, params, test, history, last_ckpt) -> dict[str, Any]:
+    """summary.json's content."""
+    return {
+        "experiment": exp.name,
+        "description": exp.description,
+        "config": cfg,
+        "seed": cfg["seed"],
+        "epochs_completed": prog["epoch"],
+        "steps": step,
+        "stopped_early": prog["stopped_early"],
+        "best_epoch": prog["best_epoch"] or None,
+        "best_val_loss": prog["best_val"] if math.isfinite(prog["best_val"]) else None,
+        "skipped_steps": prog["skipped_total"],
+        "train_seconds": prog["train_seconds"],
+        "test": test,
+        "last": history[-1] if history else None,
+        "params_sha256": params_sha256(params),
+        "checkpoint": last_ckpt.name if last_ckpt else None,
+        "versions": versions(),
+    }
 
 
 def _ckpt_epoch(path: Path) -> tuple[int, int]:

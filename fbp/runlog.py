@@ -1,0 +1,224 @@
+"""Run bookkeeping on the host: metrics.jsonl, plots, the run directory, signals, progress.
+
+Everything here is plain Python and NumPy around the jitted training in
+``fbp.runner``: files are written atomically (``fbp.checkpoint.atomic_write``),
+metrics are appended a line per epoch and read back tolerating a torn last line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from fbp import checkpoint as ckpt
+
+OWNED = ("metrics.jsonl", "summary.json", "eval.json", "loss.png", "metric.png", "checkpoints",
+         "export")
+
+
+def params_sha256(params: Any) -> str:
+    """SHA-256 over the parameter leaves' bytes, in tree order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import sklearn
+
+    import fbp
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "fbp": fbp.__version__,
+        "platform": platform.platform(),
+        "backend": jax.default_backend(),
+    }
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl; a truncated or garbled last line (a kill mid-write) is dropped."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    lines = p.read_text(errors="replace").split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1 and any(s.strip() for s in lines[i + 1:]):
+                raise ValueError(f"{p}: line {i + 1} is not JSON.") from None
+    return rows
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl: a line per epoch, flushed; fsynced on ``sync``."""
+
+    def __init__(self, path: Path, rows: list[dict[str, Any]]):
+        self.path = path
+        ckpt.atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.f = open(path, "a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def sync(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.sync()
+            self.f.close()
+
+
+def write_plots(out: Path, history: list[dict[str, Any]]) -> list[Path]:
+    """loss.png (train/validation loss) and metric.png (validation accuracy), atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    written = []
+    epochs = [r["epoch"] for r in history]
+    panels = [("loss.png", "loss", [("loss", "train"), ("val_loss", "validation")])]
+    if any("val_accuracy" in r for r in history):
+        panels.append(("metric.png", "accuracy", [("val_accuracy", "validation")]))
+    for fname, ylabel, series in panels:
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for key, label in series:
+            pts = [(e, r[key]) for e, r in zip(epochs, history, strict=True)
+                   if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        if ylabel == "loss" and all(r.get("loss", 1) > 0 for r in history):
+            ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        tmp = out / f".{fname}.tmp-{os.getpid()}.png"
+        fig.savefig(tmp, dpi=100)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out / fname)
+        written.append(out / fname)
+    ckpt.fsync_dir(out)
+    return written
+
+
+def prepare_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch a non-empty DIR unless resuming or overwriting (read-only check)."""
+    if resume and overwrite:
+        raise ValueError("run: --resume and --overwrite exclude each other.")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run: {out} exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise ValueError(
+            f"run: {out} already exists and is not empty; pass --resume to continue it or "
+            "--overwrite to start again."
+        )
+
+
+def clear_owned(out: Path) -> None:
+    """Remove what a previous run wrote in ``out`` (only fbp's own files)."""
+    for name in OWNED:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag that the loop serves at the next chunk boundary."""
+
+    def __init__(self, enabled: bool):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+
+    def __enter__(self):
+        if self.enabled:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Printer:
+    """A progress bar on a terminal, plain lines every ``log_every`` epochs otherwise."""
+
+    def __init__(self, print_fn: Callable[[str], None], total: int, log_every: int):
+        self.print_fn = print_fn
+        self.total = total
+        self.log_every = max(1, log_every)
+        self.tty = print_fn is print and sys.stdout.isatty()
+        self.last = 0.0
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        e = row["epoch"]
+        text = "  ".join(
+            f"{k} {row[k]:.4g}" for k in ("loss", "val_loss", "val_accuracy", "lr")
+            if row.get(k) is not None
+        )
+        if row.get("skipped"):
+            text += f"  skipped {row['skipped']}"
+        if self.tty:
+            now = time.monotonic()
+            if now - self.last > 0.1 or e == self.total:
+                self.last = now
+                done = int(30 * e / max(self.total, 1))
+                sys.stdout.write(f"\r[{'#' * done}{'.' * (30 - done)}] {e}/{self.total}  {text}  ")
+                sys.stdout.flush()
+            return
+        if e == 1 or e % self.log_every == 0 or e == self.total:
+            self.print_fn(f"epoch {e:>6}/{self.total}  {text}")
+
+    def line(self, text: str) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
+            self.last = 0.0
+        self.print_fn(text)
