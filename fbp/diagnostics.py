@@ -66,21 +66,45 @@ def layer_stats(
 
     Returns:
       ``{'delta_norm/i': ..., 'grad_norm/i': ..., 'w_norm/i': ..., 'update_ratio/i': ...}``;
-      the weight statistics only for layers whose params have a ``'w'``.
+      the weight statistics for every params dict with a ``'w'``, keyed by its path
+      (``'3'``, or ``'3.0'`` inside a nested Sequential; ``'0'`` for a single layer).
     """
     out = {}
     for i, d in enumerate(deltas):
         out[f"delta_norm/{i}"] = _norm(d)
-    for k in sorted(params, key=int):
-        p = params[k]
-        if not isinstance(p, dict) or "w" not in p:
-            continue
-        w_norm = _norm(p["w"])
-        out[f"grad_norm/{k}"] = _norm(grads[k]["w"])
+    for path in _weight_paths(params):
+        k = ".".join(path) or "0"
+        w_norm = _norm(_at(params, path)["w"])
+        out[f"grad_norm/{k}"] = _norm(_at(grads, path)["w"])
         out[f"w_norm/{k}"] = w_norm
         if updates is not None:
-            out[f"update_ratio/{k}"] = _norm(updates[k]["w"]) / jnp.maximum(w_norm, 1e-30)
+            out[f"update_ratio/{k}"] = _norm(_at(updates, path)["w"]) / jnp.maximum(w_norm, 1e-30)
     return out
+
+
+def _layer_order(key: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in key.split("."))
+
+
+def _weight_paths(tree: Any, prefix: tuple = ()) -> list[tuple]:
+    """Key paths of every params dict holding a ``'w'`` array, in layer order.
+
+    A nested container (``nn.Recompute(nn.Sequential(...))``) gives paths like ('2', '0').
+    """
+    if not isinstance(tree, dict):
+        return []
+    if "w" in tree and not isinstance(tree["w"], dict):
+        return [prefix]
+    out = []
+    for k in sorted(tree, key=lambda k: _layer_order(str(k))):
+        out += _weight_paths(tree[k], (*prefix, k))
+    return out
+
+
+def _at(tree: Any, path: tuple) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
 def stats_fn(
@@ -132,7 +156,9 @@ def report(result: Any) -> list[str]:
     if not result.history:
         return []
     last = result.history[-1]
-    grads = sorted((k for k in last if k.startswith("grad_norm/")), key=lambda k: int(k[10:]))
+    grads = sorted(
+        (k for k in last if k.startswith("grad_norm/")), key=lambda k: _layer_order(k[10:])
+    )
     if not grads:
         return []
     lines = [
@@ -150,16 +176,16 @@ def to_floats(stats: dict[str, Array]) -> dict[str, float]:
     return {k: float(v) for k, v in stats.items()}
 
 
-def _series(history: Sequence[dict[str, Any]], stat: str) -> dict[int, tuple[list, list]]:
-    """layer index -> (epochs, values) of ``stat/<i>`` over the history rows that have it."""
+def _series(history: Sequence[dict[str, Any]], stat: str) -> dict[str, tuple[list, list]]:
+    """layer key -> (epochs, values) of ``stat/<key>`` over the history rows that have it."""
     out: dict[int, tuple[list, list]] = {}
     for step, row in enumerate(history):
         for k, v in row.items():
             if k.startswith(stat + "/"):
-                xs, ys = out.setdefault(int(k.split("/")[1]), ([], []))
+                xs, ys = out.setdefault(k.split("/", 1)[1], ([], []))
                 xs.append(row.get("epoch", step))
                 ys.append(v)
-    return dict(sorted(out.items()))
+    return dict(sorted(out.items(), key=lambda kv: _layer_order(kv[0])))
 
 
 def plot_gradient_flow(
@@ -202,7 +228,7 @@ def plot_gradient_flow(
         layers = list(deltas)
         for pos, name in ((0, "first"), (-1, "last")):
             ax1.plot(
-                layers,
+                [int(i) for i in layers],
                 [deltas[i][1][pos] for i in layers],
                 "o-",
                 label=f"{name} logged epoch ({deltas[layers[0]][0][pos]})",

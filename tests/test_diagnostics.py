@@ -183,3 +183,29 @@ def test_plot_layer_series_and_metric_write_pngs_and_refuse_empty_histories(tmp_
         diagnostics.plot_layer_series(runs, tmp_path / "b.png", "grad_norm")
     with pytest.raises(ValueError, match="no run logged 'val_loss'"):
         diagnostics.plot_metric(runs, tmp_path / "c.png", "val_loss")
+
+
+def test_layer_stats_of_nested_blocks_and_of_a_single_layer():
+    model = nn.Sequential(
+        [nn.Recompute(nn.Sequential([nn.Dense(6), nn.Tanh(), nn.Dense(5)])), nn.Tanh(), nn.Dense(3)]
+    )
+    x, y = _batch()
+    params = model.init(jax.random.key(1), x)
+    (_, aux), grads = fbp.value_and_grad(model, LOSS, with_deltas=True)(params, x, y)
+    stats = diagnostics.layer_stats(params, grads, aux.deltas)
+    assert [k for k in stats if k.startswith("grad_norm/")] == [
+        "grad_norm/0.0",
+        "grad_norm/0.2",
+        "grad_norm/2",
+    ]
+    np.testing.assert_allclose(
+        stats["grad_norm/0.2"], np.linalg.norm(grads["0"]["2"]["w"]), rtol=1e-6
+    )
+    single = nn.Dense(3)
+    p1 = single.init(jax.random.key(1), x)
+    (_, aux1), g1 = fbp.value_and_grad(single, LOSS, with_deltas=True)(p1, x, y)
+    assert set(diagnostics.layer_stats(p1, g1, aux1.deltas)) == {
+        "delta_norm/0",
+        "grad_norm/0",
+        "w_norm/0",
+    }
