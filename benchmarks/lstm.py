@@ -10,6 +10,9 @@ hidden state. Variants, timed in interleaved rounds in one process (medians):
   sigmoid/tanh calls), differentiated by JAX.
 * ``torch nn.LSTM``: PyTorch's fused CPU LSTM, ``torch.set_num_threads(cores)``.
 
+Each variant's wall time (median) and the CPU seconds of this process during the call
+(median; all cores together, less disturbed by other processes on a shared
+machine) are reported as ratios to the faster JAX reference, the textbook scan.
 The temporary memory of each jitted variant is XLA's compiled
 ``memory_analysis().temp_size_in_bytes``. The script runs itself twice, as two
 processes: with the glibc allocator tunables of perf-notes.md and without them.
@@ -23,6 +26,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -105,18 +109,33 @@ def child(rounds: int) -> None:
             for n, f in fns.items()}
     calls = {n: (lambda f=f, a=args[n]: f(*a)) for n, f in fns.items()}
     calls["torch nn.LSTM"] = torch_variant(params, x, target)
-    times = common.interleaved(calls, rounds=rounds, warmup=3)
+    cpu: dict[str, list[float]] = {n: [] for n in calls}
 
-    base = common.median(times["jax.grad (same forward)"])
+    def with_cpu(name, fn):  # also record the process's CPU seconds (robust to contention)
+        def run():
+            t0 = time.process_time()
+            common.block(fn())
+            cpu[name].append(time.process_time() - t0)
+
+        return run
+
+    times = common.interleaved({n: with_cpu(n, f) for n, f in calls.items()}, rounds=rounds,
+                               warmup=3)
+
+    ref = "jax.grad (textbook scan)"
+    base, base_cpu = common.median(times[ref]), common.median(cpu[ref][3:])
     rows = []
     for name, ts in times.items():
         mem = f"{temp[name] / 2**20:.1f}" if name in temp else "–"
+        c = common.median(cpu[name][3:])  # the first 3 are the warm-up calls
         rows.append([name, f"{1e3 * common.median(ts):.1f}", common.spread(ts),
-                     f"{common.median(ts) / base:.2f}", mem])
+                     f"{common.median(ts) / base:.2f}", f"{1e3 * c:.1f}", f"{c / base_cpu:.2f}",
+                     mem])
     print(common.machine())
     print(f"LSTM B={B} T={T} in={IN} H={H} float32, loss + all grads, {rounds} rounds; "
           f"fbp vs jax.grad max rel grad error {err:.1e}")
-    print(common.table(["variant", "median ms", "IQR", "/ jax.grad (same fwd)", "temp MiB"], rows))
+    print(common.table(["variant", "wall ms", "IQR", "wall / textbook jax.grad", "CPU ms",
+                        "CPU / textbook jax.grad", "temp MiB"], rows))
 
 
 def main() -> None:

@@ -7,6 +7,13 @@ spec's ``clip``), and an LSTM. The report measures, with fbp's own backward, the
 error signal that reaches each input step, ``‖∂L/∂x_t‖`` (mean over a test batch),
 before and after training, and plots it with the training curves to
 ``gradient_flow.png`` in the run's directory (``runs/rnn-gradient-flow`` without ``--out``).
+
+What it shows (seed 0): at init the SimpleRNN's signal shrinks going back in time
+(‖∂L/∂x_0‖/‖∂L/∂x_49‖ ≈ 0.03: vanishing) while gain 2 makes it grow ≈ 7600×
+(exploding); SGD on the exploding network without clipping saturates it (the
+signal reaching the inputs ends at 0) while the clipped run keeps its gradient and
+its loss falls steadily. Five epochs of SGD do not solve the task for any variant;
+adding_problem.py is the experiment that does.
 """
 
 import importlib.util
