@@ -1,7 +1,7 @@
 """Faults in real processes: SIGTERM/SIGINT at random moments, kill -9, exact resume.
 
-Each trial starts ``fbp train`` in a subprocess, waits until training is under way,
-sleeps a seeded random time, sends the signal, then resumes to the end and checks
+Each trial starts ``fbp train`` in a subprocess, waits for a seeded random epoch,
+sleeps a seeded random fraction of an epoch, sends the signal, then resumes to the end and checks
 the final ``params_sha256`` against an uninterrupted run (bitwise, CPU). The default
 run does one trial per signal; ``-m slow`` runs more.
 """
@@ -45,16 +45,18 @@ def reference(tmp_path_factory):
     return _sha(out)
 
 
-def _wait_for_training(proc, out, timeout=300.0):
-    """Until the first checkpoint is committed (training is under way, handlers installed)."""
+def _wait_for_epoch(proc, out, epoch, timeout=300.0):
+    """Until ``epoch`` epochs are logged and a checkpoint is committed (handlers installed)."""
+    metrics = Path(out) / "metrics.jsonl"
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if ckpt.list_checkpoints(Path(out) / "checkpoints"):
+        if (metrics.exists() and metrics.read_bytes().count(b"\n") >= epoch
+                and ckpt.list_checkpoints(Path(out) / "checkpoints")):
             return
         if proc.poll() is not None:
             raise AssertionError(f"fbp exited early with {proc.returncode}")
-        time.sleep(0.02)
-    raise AssertionError("training did not start")
+        time.sleep(0.005)
+    raise AssertionError(f"training did not reach epoch {epoch}")
 
 
 def _trial(tmp_path, sig, seed):
@@ -62,8 +64,9 @@ def _trial(tmp_path, sig, seed):
     out = tmp_path / f"{signal.Signals(sig).name}-{seed}"
     proc = subprocess.Popen(_fbp(out), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    _wait_for_training(proc, out)
-    time.sleep(random.Random(seed).uniform(0.0, 0.4))
+    rng = random.Random(seed)
+    _wait_for_epoch(proc, out, rng.randint(1, 60))  # a random epoch of 120 ...
+    time.sleep(rng.uniform(0.0, 0.02))  # ... and a random moment within it
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     rc = proc.returncode
