@@ -390,7 +390,11 @@ def make_epoch(
       mesh: a mesh with a ``"data"`` axis (``make_mesh``).
 
     Returns:
-      ``epoch(ts, x, y)``; ``epoch.lower(ts, x, y)`` gives the lowered computation
+      ``epoch(ts, x, y)`` with x: inputs, shape (n, ...), y: targets, shape (n, ...);
+      JAX arrays are replicated once and reused while the same ones are passed,
+      NumPy arrays on every call. A training set too large for every device to
+      hold goes through ``make_step`` and ``shard_batch`` a batch at a time.
+      ``epoch.lower(ts, x, y)`` gives the lowered computation
       (``.compile().as_text()`` shows the all-reduce XLA inserted).
 
     Raises:
