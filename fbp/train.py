@@ -65,6 +65,16 @@ def _all_finite(tree: Any) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
 
 
+def _finite_grads(grads: Any, norm: Array) -> Array:
+    """Whether every gradient entry is finite, given the gradients' global norm.
+
+    A NaN/Inf entry makes the norm non-finite, so a finite norm settles it with no
+    further pass over the gradients; only a non-finite norm (bad entries, or finite
+    ones whose squares overflow) runs the entry-by-entry check.
+    """
+    return jax.lax.cond(jnp.isfinite(norm), lambda g: jnp.array(True), _all_finite, grads)
+
+
 def step_fn(
     model: Layer,
     loss: Callable,
@@ -96,13 +106,16 @@ def step_fn(
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         new = TrainState(params, opt_state, aux.state or ts.model_state, ts.step + 1, key)
-        ok = jnp.isfinite(value) & _all_finite(grads) if skip_nonfinite else jnp.array(True)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.array(True)
+        if skip_nonfinite:
+            ok = jnp.isfinite(value) & _finite_grads(grads, grad_norm)
         # A skipped step keeps everything but the advanced key.
         keep = ts._replace(key=key)
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, keep)
         metrics = {
             "loss": value,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "skipped": (~ok).astype(jnp.int32),
         }
         return new, metrics

@@ -83,3 +83,31 @@ def test_mlp_grad_compiles_to_no_more_work_than_jax_grad():
     assert ours.count(" dot(") == ref.count(" dot(") == 3 + 3 + 2
     assert ours.count(" transpose(") == 0 and ours.count(" copy(") == 0
     assert ours.count(" fusion(") <= ref.count(" fusion(")
+
+
+@pytest.mark.parametrize("bad, skipped", [(1e20, 0), (float("inf"), 1), (float("nan"), 1)])
+def test_skip_guard_fast_path_keeps_finite_but_overflowing_gradients(bad, skipped):
+    """The step's skip guard reads the gradient norm first; a norm that overflows
+    (finite entries whose squares exceed float32) must not skip the step."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from fbp import losses, nn, train
+    from fbp.core import Aux
+
+    model = nn.Sequential([nn.Dense(3)])
+    x = jnp.ones((4, 2), jnp.float32)
+
+    def grad_fn(params, x, y, *, key=None, state=None, train=True):
+        grads = jax.tree.map(jnp.zeros_like, params)
+        grads["0"]["w"] = grads["0"]["w"].at[1, 2].set(bad)
+        return (jnp.float32(1.0), Aux(None, None)), grads
+
+    opt = optax.sgd(0.0)
+    ts = train.init(model, opt, jax.random.key(0), x)
+    step = train.make_step(model, losses.mse, opt, grad_fn=grad_fn)
+    new, m = step(ts, x, jnp.zeros((4, 3), jnp.float32))
+    assert int(m["skipped"]) == skipped
+    assert int(new.step) == 1 - skipped
+    assert not bool(jnp.isfinite(m["grad_norm"]))
