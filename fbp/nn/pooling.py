@@ -161,11 +161,33 @@ class MaxPool2D(_Pool2D):
         pads = self._pads(x, "backward")
         padded = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads, strict=True))
         zero = jnp.zeros((), dy.dtype)
-        dxp = sum(
-            self._untap(jnp.where(res.arg == t, dy, zero), padded, i, j)
-            for t, (i, j) in enumerate(self._taps())
-        )
+        if self.strides == self.window:  # windows tile the input: one broadcast, no pads
+            hit = self._tile(res.arg) == self._tap_ids()
+            dxp = self._tile_back(jnp.where(hit, self._tile(dy), zero), padded)
+        else:
+            dxp = sum(
+                self._untap(jnp.where(res.arg == t, dy, zero), padded, i, j)
+                for t, (i, j) in enumerate(self._taps())
+            )
         return {}, _crop(dxp, pads)
+
+    def _tile(self, v: Array) -> Array:
+        """(N, oh, ow, C) -> (N, oh, 1, ow, 1, C), to broadcast over the window axes."""
+        return v[:, :, None, :, None, :]
+
+    def _tap_ids(self) -> Array:
+        """Row-major tap index of each window position, shape (1, 1, kh, 1, kw, 1)."""
+        kh, kw = self.window
+        ids = jnp.arange(kh, dtype=jnp.int32)[:, None] * kw + jnp.arange(kw, dtype=jnp.int32)
+        return ids.reshape(1, 1, kh, 1, kw, 1)
+
+    def _tile_back(self, g: Array, padded_hw) -> Array:
+        """(N, oh, kh, ow, kw, C) -> padded-input shape, zeros past the last window."""
+        n, oh, kh, ow, kw, c = g.shape
+        g = g.reshape(n, oh * kh, ow * kw, c)
+        hi_h, hi_w = padded_hw[0] - oh * kh, padded_hw[1] - ow * kw
+        zero = jnp.zeros((), g.dtype)
+        return lax.pad(g, zero, ((0, 0, 0), (0, hi_h, 0), (0, hi_w, 0), (0, 0, 0)))
 
 
 @dataclasses.dataclass(frozen=True)
