@@ -54,6 +54,13 @@ def input_grad_norms(net, params, x, y) -> np.ndarray:
     return np.asarray(jnp.mean(jnp.linalg.norm(dx, axis=-1), axis=0))
 
 
+def _ratio(g: np.ndarray) -> str:
+    """‖∂L/∂x_0‖ / ‖∂L/∂x_T-1‖, or a word when the signal has died out."""
+    if not np.isfinite(g).all():
+        return "non-finite"
+    return f"{g[0] / g[-1]:.1e}" if g[-1] > 0 else f"{g[0]:.1e} / 0 (dead)"
+
+
 def report(result) -> list[str]:
     import matplotlib
 
@@ -74,8 +81,7 @@ def report(result) -> list[str]:
         axes[1].semilogy(g1, label=name)
         axes[2].semilogy([h["epoch"] for h in r.history], [h["loss"] for h in r.history],
                          marker="o", label=name)
-        lines.append(f"| {name} | {g0[0] / g0[-1]:.1e} | {g1[0] / g1[-1]:.1e} | "
-                     f"{r.test['loss']:.4f} |")
+        lines.append(f"| {name} | {_ratio(g0)} | {_ratio(g1)} | {r.test['loss']:.4f} |")
     for ax, title in zip(axes, ["‖∂L/∂x_t‖ at init", "‖∂L/∂x_t‖ after training",
                                 "training loss (MSE)"], strict=True):
         ax.set_title(title)
