@@ -87,13 +87,12 @@ CASES: list[LayerCase] = [
         (5, 3),
     ),
     # --- zoo (fbp/nn/conv.py, pooling.py, norm.py, dropout.py, embedding.py, combinators.py)
+    # (more zoo cases, parity only, run under -m slow: tests/test_zoo.py::EXTRA_CASES)
     LayerCase("conv2d-same", lambda: nn.Conv2D(4, 3), (2, 7, 6, 3)),
-    LayerCase("conv2d-nobias", lambda: nn.Conv2D(2, 3, use_bias=False), (2, 5, 5, 2)),
     LayerCase(
         "conv2d-valid-stride2", lambda: nn.Conv2D(4, (3, 2), strides=2, padding="VALID"),
         (2, 9, 8, 3),
     ),
-    LayerCase("conv2d-same-stride2-even", lambda: nn.Conv2D(3, 4, strides=2), (2, 8, 7, 2)),
     LayerCase("conv2d-dilation2", lambda: nn.Conv2D(3, 3, dilation=2), (2, 8, 8, 2)),
     LayerCase(
         "conv2d-int-padding-stride", lambda: nn.Conv2D(3, (2, 3), strides=(2, 3), padding=1),
@@ -109,14 +108,11 @@ CASES: list[LayerCase] = [
         "conv1d-valid-stride-dilation",
         lambda: nn.Conv1D(3, 3, strides=2, padding="VALID", dilation=2), (2, 13, 2),
     ),
-    LayerCase("conv1d-causal-pairs", lambda: nn.Conv1D(2, 4, padding=((3, 0),)), (2, 7, 3)),
-    LayerCase("maxpool2d", lambda: nn.MaxPool2D(2), (2, 6, 6, 3)),
     LayerCase("maxpool2d-odd-valid", lambda: nn.MaxPool2D((2, 3)), (2, 7, 8, 2)),
     LayerCase("maxpool2d-overlap-same", lambda: nn.MaxPool2D(3, strides=2, padding="SAME"),
               (2, 7, 6, 2)),
     LayerCase("maxpool2d-int-padding", lambda: nn.MaxPool2D(3, strides=(1, 2), padding=1),
               (2, 5, 6, 2)),
-    LayerCase("avgpool2d", lambda: nn.AvgPool2D(2), (2, 6, 6, 3)),
     LayerCase("avgpool2d-overlap-same", lambda: nn.AvgPool2D(3, strides=2, padding="SAME"),
               (2, 7, 6, 2)),
     LayerCase(
@@ -125,21 +121,15 @@ CASES: list[LayerCase] = [
         (2, 7, 5, 2),
     ),
     LayerCase("global-avg-pool", lambda: nn.GlobalAvgPool(), (2, 4, 5, 3)),
-    LayerCase("global-avg-pool-1d", lambda: nn.GlobalAvgPool(), (2, 6, 3)),
     LayerCase("flatten", lambda: nn.Flatten(), (2, 4, 3, 2)),
     LayerCase("reshape", lambda: nn.Reshape((4, 4, 1)), (3, 16)),
-    LayerCase("batchnorm-train", lambda: nn.BatchNorm(), (6, 3), train=True, with_state=True),
     LayerCase("batchnorm-train-nhwc", lambda: nn.BatchNorm(), (2, 3, 4, 3), train=True,
               with_state=True),
     LayerCase("batchnorm-train-no-state", lambda: nn.BatchNorm(), (6, 3), train=True),
     LayerCase("batchnorm-eval", lambda: nn.BatchNorm(), (2, 3, 4, 3), with_state=True),
     LayerCase("layernorm", lambda: nn.LayerNorm(), (4, 5)),
-    LayerCase("layernorm-3d", lambda: nn.LayerNorm(eps=1e-3), (2, 3, 5)),
     LayerCase("dropout-train", lambda: nn.Dropout(0.3), (4, 5), train=True, needs_key=True),
-    LayerCase("dropout-eval", lambda: nn.Dropout(0.3), (4, 5), needs_key=True),
     LayerCase("embedding", lambda: nn.Embedding(11, 4), (3, 5), input="int:11"),
-    LayerCase("residual-dense", lambda: nn.Residual(nn.Sequential([nn.Dense(3), nn.Tanh()])),
-              (4, 3)),
     LayerCase(
         "residual-conv-bn",
         lambda: nn.Residual(

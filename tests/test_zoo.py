@@ -6,11 +6,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layer_cases import LayerCase
 
 import fbp
 from fbp import losses, nn, testing
 
 KEY = jax.random.key(0)
+
+# More cases in the registry's format; parity and jit checks under -m slow (the default
+# run covers the same layers through tests/layer_cases.py).
+EXTRA_CASES = [
+    LayerCase("conv2d-nobias", lambda: nn.Conv2D(2, 3, use_bias=False), (2, 5, 5, 2)),
+    LayerCase("conv2d-same-stride2-even", lambda: nn.Conv2D(3, 4, strides=2), (2, 8, 7, 2)),
+    LayerCase("conv1d-causal-pairs", lambda: nn.Conv1D(2, 4, padding=((3, 0),)), (2, 7, 3)),
+    LayerCase("maxpool2d", lambda: nn.MaxPool2D(2), (2, 6, 6, 3)),
+    LayerCase("avgpool2d", lambda: nn.AvgPool2D(2), (2, 6, 6, 3)),
+    LayerCase("global-avg-pool-1d", lambda: nn.GlobalAvgPool(), (2, 6, 3)),
+    LayerCase("batchnorm-train", lambda: nn.BatchNorm(), (6, 3), train=True, with_state=True),
+    LayerCase("layernorm-3d", lambda: nn.LayerNorm(eps=1e-3), (2, 3, 5)),
+    LayerCase("dropout-eval", lambda: nn.Dropout(0.3), (4, 5), needs_key=True),
+    LayerCase("residual-dense", lambda: nn.Residual(nn.Sequential([nn.Dense(3), nn.Tanh()])),
+              (4, 3)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EXTRA_CASES, ids=str)
+def test_extra_cases_parity_and_jit(case):
+    layer, x = case.make(), case.make_input(0)
+    params, kw = layer.init(jax.random.key(1), x), case.call_kwargs(layer, x)
+    testing.assert_layer_parity(layer, x, params=params, rtol=case.rtol, **kw)
+    y, res = layer.forward(params, x, **kw)
+    fwd = jax.jit(lambda p, v, k, s: layer.forward(p, v, key=k, state=s, train=case.train))
+    y_jit, res_jit = fwd(params, x, kw["key"], kw["state"])
+    got = jax.jit(layer.backward)(params, res_jit, jnp.ones_like(y))
+    want = layer.backward(params, res, jnp.ones_like(y))
+    for a, b in zip(jax.tree.leaves((y_jit, got)), jax.tree.leaves((y, want)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
+
+
+def _jit_grads_match(model, x, target, rtol=1e-10, **kw):
+    """fbp.value_and_grad vs jax.value_and_grad of fbp.loss_fn, both jitted; returns aux."""
+    loss = losses.softmax_cross_entropy
+    ours = fbp.value_and_grad(model, loss, has_aux=True)
+    plain = fbp.loss_fn(model, loss)
+    params = model.init(KEY, x)
+    (v1, aux), g1 = jax.jit(lambda p: ours(p, x, target, **kw))(params)
+    v2, g2 = jax.jit(jax.value_and_grad(lambda p: plain(p, x, target, **kw)))(params)
+    assert testing.rel_error(v1, v2) < rtol
+    for u, v in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        assert testing.rel_error(u, v) < rtol
+    return aux
 
 
 def _normal(shape, seed=0, dtype=jnp.float64):
@@ -110,6 +156,7 @@ def test_maxpool_ties_go_to_the_first_maximum_like_jax_grad():
     np.testing.assert_array_equal(np.asarray(dx)[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
 
 
+@pytest.mark.slow
 def test_maxpool_relu_tie_parity_in_a_model():
     model = nn.Sequential([nn.Conv2D(2, 3), nn.ReLU(), nn.MaxPool2D(2), nn.Flatten(), nn.Dense(3)])
     x = _normal((4, 6, 6, 1))
@@ -209,13 +256,8 @@ def test_value_and_grad_carries_batchnorm_state_and_matches_jax_grad():
         nn.GlobalAvgPool(), nn.Dense(3),
     ])
     x, labels = _normal((6, 5, 5, 2)), jnp.arange(6) % 3
-    params, state = model.init(KEY, x), model.init_state(x)
-    kw = dict(key=jax.random.key(7), state=state, train=True)
-    report = testing.assert_model_parity(model, losses.softmax_cross_entropy, x, labels,
-                                         params=params, **kw)
-    assert report.max_error < 1e-10
-    (_, aux), _ = fbp.value_and_grad(model, losses.softmax_cross_entropy, has_aux=True)(
-        params, x, labels, **kw)
+    state = model.init_state(x)
+    aux = _jit_grads_match(model, x, labels, key=jax.random.key(7), state=state, train=True)
     assert set(aux.state["1"]) == {"mean", "var"}
     assert not np.allclose(np.asarray(aux.state["1"]["mean"]), 0.0)
     assert aux.state["0"] == {} and aux.state["5"] == {}
@@ -301,13 +343,11 @@ def test_embedding_errors():
         layer.apply(params, jnp.zeros((2, 3)))
 
 
-def test_embedding_conv1d_model_parity_float32():
+def test_embedding_conv1d_model_grads_match_jax_grad():
     model = nn.Sequential([nn.Embedding(7, 3), nn.Conv1D(4, 3), nn.LayerNorm(),
                            nn.Flatten(), nn.Dense(2)])
     ids = jax.random.randint(KEY, (4, 6), 0, 7)
-    report = testing.assert_model_parity(model, losses.softmax_cross_entropy, ids,
-                                         jnp.arange(4) % 2, rtol=1e-5)
-    assert report.errors["grads['0']['w']"] < 1e-5
+    _jit_grads_match(model, ids, jnp.arange(4) % 2, rtol=1e-5)  # float32 embedding table
 
 
 # ----------------------------------------------------------------------------- residual
@@ -342,11 +382,4 @@ def test_maxpool_grad_under_jit_after_batchnorm_relu_matches_jax_grad():
     model = nn.Sequential([nn.Conv2D(3, 3, use_bias=False), nn.BatchNorm(), nn.ReLU(),
                            nn.MaxPool2D(2), nn.Flatten(), nn.Dense(2)])
     x, labels = _normal((4, 6, 6, 2)), jnp.array([0, 1, 1, 0])
-    params, state = model.init(KEY, x), model.init_state(x)
-    ours = fbp.value_and_grad(model, losses.softmax_cross_entropy)
-    plain = fbp.loss_fn(model, losses.softmax_cross_entropy)
-    got = jax.jit(lambda p: ours(p, x, labels, state=state, train=True))(params)
-    ref = jax.jit(jax.value_and_grad(lambda p: plain(p, x, labels, state=state, train=True)))(
-        params)
-    for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
-        assert testing.rel_error(u, v) < 1e-10
+    _jit_grads_match(model, x, labels, state=model.init_state(x), train=True)
