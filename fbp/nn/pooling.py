@@ -126,9 +126,8 @@ class MaxPool2D(_Pool2D):
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> MaxPool2D(2).apply({}, jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0]
-      Array([[ 5.,  7.],
-             [13., 15.]], dtype=float32)
+      >>> MaxPool2D(2).apply({}, jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0].tolist()
+      [[5.0, 7.0], [13.0, 15.0]]
     """
 
     window: int | tuple[int, int] = 2
@@ -203,9 +202,8 @@ class AvgPool2D(_Pool2D):
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> AvgPool2D(2).apply({}, jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0]
-      Array([[ 2.5,  4.5],
-             [10.5, 12.5]], dtype=float32)
+      >>> AvgPool2D(2).apply({}, jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0].tolist()
+      [[2.5, 4.5], [10.5, 12.5]]
     """
 
     window: int | tuple[int, int] = 2
