@@ -67,7 +67,6 @@ CASES: list[LayerCase] = [
     # --- recurrent (fbp/nn/recurrent.py, fbp/nn/sequence.py); truncated BPTT is not the
     # true gradient (finite differences disagree), so tests/test_recurrent.py checks it.
     LayerCase("simple-rnn", lambda: nn.SimpleRNN(4), (3, 6, 2)),
-    LayerCase("lstm", lambda: nn.LSTM(4), (3, 6, 2)),
     LayerCase("lstm-stateful", lambda: nn.LSTM(3, stateful=True), (2, 5, 2), with_state=True),
     LayerCase("gru", lambda: nn.GRU(4), (3, 6, 2)),
     LayerCase("bidirectional-lstm", lambda: nn.Bidirectional(nn.LSTM(3)), (2, 5, 2)),

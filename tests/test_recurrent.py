@@ -117,7 +117,7 @@ def test_bptt_matches_jax_grad_of_own_forward_and_reference(kind, time):
     _assert_close((dp, dx), ref, what="vs jax.grad of reference scan ")
 
 
-@pytest.mark.parametrize("truncate", [1, 3, 5, 40])
+@pytest.mark.parametrize("truncate", [1, 4, 40])
 @pytest.mark.parametrize("kind", CELLS)
 def test_truncated_bptt_equals_stop_gradient_reference(kind, truncate):
     layer, params, x, dy = _setup(kind, batch=2, time=13, hidden=3, truncate=truncate)

@@ -165,12 +165,14 @@ class _Recurrent(Layer):
         """x: (batch, time, in) -> y: (batch, time, hidden); lengths: (batch,) or None."""
         check_ndim(self, "forward", "x", x, (3,), "(batch, time, in)")
         check_last_dim(self, "forward", "x", x, params["w_ih"].shape[0], "params['w_ih']")
-        batch, time = x.shape[0], x.shape[1]
         carry0 = self._carry0(state, x, "forward")
-        mask = None
         if lengths is not None:
-            check_lengths(self, "forward", lengths, batch)
-            mask = time_mask(lengths, time)
+            check_lengths(self, "forward", lengths, x.shape[0])
+        return _jit_forward(self, params, x, carry0, lengths)
+
+    def _forward(self, params, x, carry0, lengths):
+        time = x.shape[1]
+        mask = None if lengths is None else time_mask(lengths, time)
         p = self._step_params(params)
 
         def step(carry, xs):
@@ -202,6 +204,9 @@ class _Recurrent(Layer):
         the cell gives dx_t, the gradient reaching the previous state and dparams_t.
         Padded steps pass the carried gradient through unchanged and get none.
         """
+        return _jit_backward(self, params, res, dy)
+
+    def _backward(self, params, res, dy):
         dy_tm = jnp.swapaxes(dy, 0, 1)
         time, batch = dy_tm.shape[0], dy_tm.shape[1]
         p = self._step_params(params)
@@ -251,6 +256,11 @@ class _Recurrent(Layer):
 
     def _cell_backward(self, p, r, dcarry: dict) -> tuple[dict, Array, dict]:
         raise NotImplementedError
+
+
+# One compiled scan per layer and shapes, reused by eager calls; inlined under an outer jit.
+_jit_forward = jax.jit(lambda layer, *args: layer._forward(*args), static_argnums=0)
+_jit_backward = jax.jit(lambda layer, *args: layer._backward(*args), static_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True)
