@@ -39,8 +39,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         k: getattr(args, k)
         for k in ("epochs", "seed", "lr", "batch_size", "patience", "clip", "weight_decay",
                   "schedule", "nonfinite", "keep", "checkpoint_every", "chunk_steps",
-                  "data_file", "plateau_factor", "plateau_patience")
+                  "data_file", "plateau_factor", "plateau_patience", "devices")
     }
+    if args.devices:  # on a CPU-only machine, split the CPU before JAX starts
+        from fbp import parallel
+
+        parallel.request_cpu_devices(args.devices)
     try:
         runner.run(exp, out=out, resume=args.resume, overwrite=args.overwrite,
                    experiment_path=_experiment_path(args.experiment), **options)
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps per jitted call; signals are served between calls (128)")
     p.add_argument("--data", dest="data_file", metavar="FILE",
                    help="train on a CSV (last column the target) or NPZ (x, y) file")
+    p.add_argument("--devices", type=int,
+                   help="data-parallel over N devices, the batch split evenly (fbp.parallel)")
     p.set_defaults(func=_cmd_train)
 
     for name, helptext in (("eval", "evaluate a run's checkpoint on the test split"),

@@ -69,6 +69,7 @@ OPTIONS: dict[str, Any] = {
     "checkpoint_every": None,  # epochs between checkpoints (None: epochs // 10, at least 1)
     "chunk_steps": 128,  # steps per jitted call (signals are served between calls)
     "data_file": None,  # a CSV/NPZ file replacing the experiment's data
+    "devices": None,  # data-parallel over this many devices (fbp.parallel); None: one device
 }
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
@@ -345,7 +346,13 @@ def run(
     if bs > n:
         raise ValueError(f"run: batch_size={bs} is larger than the {n} training examples.")
     grad_fn = exp.grad_fn(model, ds) if getattr(exp, "grad_fn", None) else None
-    chunk_fn = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
+    if cfg["devices"]:  # data parallel: the batch split over a mesh, same steps
+        from fbp import parallel
+
+        chunk_fn = parallel.make_train_chunk(model, exp.loss, opt, mesh=cfg["devices"],
+                                             batch_size=bs, penalty=exp.penalty, grad_fn=grad_fn)
+    else:
+        chunk_fn = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
     probe = jax.jit(exp.probe(model, exp.loss, opt)) if getattr(exp, "probe", None) else None
     eval_fn = make_eval(model, exp.loss)
     has_val = len(ds.val.x) > 0

@@ -11,6 +11,7 @@ prints last. Modes:
   joined by ``fbp.parallel.initialize`` (or ``initialize_from_env`` without the
   three arguments); trains, evaluates, saves through
   ``fbp.parallel.save_checkpoint`` and reports its parameters' hash.
+* ``cli OUT_DIR EXPERIMENT``: ``fbp train --devices`` through ``fbp.cli.main``.
 * ``connect ADDRESS NUM_PROCESSES PROCESS_ID TIMEOUT``: only ``initialize``; reports
   the error it raised and how long it took (or is ended by the watchdog).
 """
@@ -23,6 +24,7 @@ import re
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +277,31 @@ def mode_multi(ckpt_dir: str, *how: str) -> dict:
     return out
 
 
+def mode_cli(out_dir: str, experiment: str) -> dict:
+    """``fbp train --devices``: 4 devices, an indivisible count, a resume on 2 devices.
+
+    Started without XLA_FLAGS: ``--devices`` itself splits the CPU.
+    """
+    import contextlib
+    import io
+
+    from fbp import cli
+
+    out: dict = {}
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        out["rc_4"] = cli.main(["train", experiment, "--devices", "4", "--out", out_dir])
+        out["devices_after_4"] = len(jax.devices())
+        out["summary_4"] = json.loads((Path(out_dir) / "summary.json").read_text())
+        out["rc_3"] = cli.main(["train", experiment, "--devices", "3", "--out", out_dir + "-3"])
+        out["rc_resume"] = cli.main(
+            ["train", experiment, "--devices", "2", "--resume", "--epochs", "6", "--out", out_dir]
+        )
+        out["summary_resume"] = json.loads((Path(out_dir) / "summary.json").read_text())
+    out["stderr"] = err.getvalue()
+    return out
+
+
 def mode_connect(address: str, num_processes: str, process_id: str, timeout: str) -> dict:
     t0 = time.perf_counter()
     try:
@@ -290,6 +317,7 @@ def main(argv: list[str]) -> None:
         "sweep": mode_sweep,
         "multi": mode_multi,
         "connect": mode_connect,
+        "cli": mode_cli,
     }
     out = modes[argv[0]](*argv[1:])
     print("RESULT " + json.dumps(out), flush=True)

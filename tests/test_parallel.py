@@ -28,20 +28,24 @@ from fbp import losses, nn, parallel, train
 WORKER = str(Path(__file__).with_name("parallel_worker.py"))
 
 
-def worker_env(devices: int) -> dict[str, str]:
+def worker_env(devices: int | None) -> dict[str, str]:
+    """The test's environment without cluster variables; ``devices`` CPU devices (None: unset)."""
     cluster = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
     env = {
         k: v
         for k, v in os.environ.items()
         if "proxy" not in k.lower() and not k.startswith(cluster)
     }
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("XLA_FLAGS", None)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env.pop("JAX_ENABLE_X64", None)
     return env
 
 
 def start(
-    args: list[str], devices: int, cwd: str | None = None, env: dict | None = None
+    args: list[str], devices: int | None, cwd: str | None = None, env: dict | None = None
 ) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, WORKER, *args],
@@ -81,6 +85,8 @@ def small_problem(dtype=jnp.float64):
 # ----------------------------------------------------------------------------- in this process
 
 
+# Default runs check this exactness in the 8-device worker (n=1, float32).
+@pytest.mark.slow
 def test_one_device_epoch_is_bitwise_train_make_epoch():
     model, loss, opt, x, y = small_problem()
     ts0 = train.init(model, opt, jax.random.key(1), x)
@@ -111,6 +117,7 @@ def test_epoch_sees_numpy_data_changed_in_place():
     assert not np.array_equal(loss1, m2["loss"])
 
 
+@pytest.mark.slow
 def test_step_api_on_one_device_matches_train_make_step():
     model, loss, opt, x, y = small_problem()
     ts0 = train.init(model, opt, jax.random.key(1), x)
@@ -121,6 +128,7 @@ def test_step_api_on_one_device_matches_train_make_step():
     assert set(metrics) == {"loss", "grad_norm", "skipped"}
 
 
+@pytest.mark.slow
 def test_train_chunk_on_one_device_is_bitwise_the_runners():
     from fbp import runner
 
@@ -184,8 +192,7 @@ def test_request_cpu_devices_before_and_after_jax_starts():
         "from fbp import parallel; import jax; print(parallel.request_cpu_devices(3), "
         "len(jax.devices()), parallel.request_cpu_devices(5))"
     )
-    env = worker_env(1)
-    env.pop("XLA_FLAGS")
+    env = worker_env(None)
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
@@ -520,3 +527,28 @@ def test_unresolvable_coordinator_host_times_out():
     assert result["error"] == "TimeoutError"
     assert "found no coordinator at no-such-host.invalid:1234 within 2 s" in result["message"]
     assert result["seconds"] < 10
+
+
+# ----------------------------------------------------------------------------- fbp train --devices
+
+TINY = str(Path(__file__).with_name("experiments") / "tiny.py")
+
+
+def test_fbp_train_devices_matches_one_device_and_resumes_on_fewer(tmp_path):
+    from fbp import experiment, runner
+
+    proc = start(["cli", str(tmp_path / "dp"), TINY], None)  # --devices splits the CPU itself
+    runner.run(experiment.get(TINY), out=tmp_path / "ref", print_fn=lambda s: None)
+    ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    rc, r, err = finish(proc, timeout=300)
+    assert rc == 0 and r is not None, err[-3000:]
+    assert r["rc_4"] == 0 and r["devices_after_4"] == 4
+    s4 = r["summary_4"]
+    assert s4["config"]["devices"] == 4 and s4["steps"] == ref_summary["steps"]
+    for k, v in ref_summary["test"].items():
+        assert abs(s4["test"][k] - v) <= 1e-5 * max(1.0, abs(v)), (k, s4["test"][k], v)
+    assert r["rc_3"] == 2
+    assert "global batch of 16 examples does not split evenly over 3 devices" in r["stderr"]
+    assert r["rc_resume"] == 0
+    assert r["summary_resume"]["config"]["devices"] == 2
+    assert r["summary_resume"]["epochs_completed"] == 6
