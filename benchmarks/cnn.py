@@ -37,10 +37,19 @@ BATCH, SIZE, CLASSES = 128, 28, 10
 
 
 def fbp_model() -> nn.Sequential:
-    return nn.Sequential([
-        nn.Conv2D(32, 3), nn.ReLU(), nn.Conv2D(64, 3), nn.ReLU(), nn.MaxPool2D(2),
-        nn.Flatten(), nn.Dense(128), nn.ReLU(), nn.Dense(CLASSES),
-    ])
+    return nn.Sequential(
+        [
+            nn.Conv2D(32, 3),
+            nn.ReLU(),
+            nn.Conv2D(64, 3),
+            nn.ReLU(),
+            nn.MaxPool2D(2),
+            nn.Flatten(),
+            nn.Dense(128),
+            nn.ReLU(),
+            nn.Dense(CLASSES),
+        ]
+    )
 
 
 def torch_step(params, x, y):
@@ -49,9 +58,14 @@ def torch_step(params, x, y):
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(64 * (SIZE // 2) ** 2, 128), torch.nn.ReLU(),
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64 * (SIZE // 2) ** 2, 128),
+        torch.nn.ReLU(),
         torch.nn.Linear(128, CLASSES),
     )
     with torch.no_grad():
@@ -104,8 +118,10 @@ def main() -> None:
     ours = jax.jit(fbp.value_and_grad(model, loss))
     ref = jax.jit(jax.value_and_grad(fbp.loss_fn(model, loss)))
     (v1, g1), (_, g2) = ours(params, x, y), ref(params, x, y)
-    err = max(fbp.testing.rel_error(a, b) for a, b in
-              zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True))
+    err = max(
+        fbp.testing.rel_error(a, b)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True)
+    )
     fns = {"fbp": lambda: ours(params, x, y), "jax.grad": lambda: ref(params, x, y)}
     if not args.no_torch:
         step = torch_step(params, x, y)
@@ -119,11 +135,15 @@ def main() -> None:
     print(f"fbp vs jax.grad: max relative gradient difference {err:.1e} (float32)")
     if "PyTorch" in fns:
         print(f"fbp vs PyTorch: relative loss difference {torch_err:.1e}")
-    rows = [[k, f"{1e3 * m:.1f}", common.spread(times[k]), f"{m / med['fbp']:.2f}"]
-            for k, m in med.items()]
+    rows = [
+        [k, f"{1e3 * m:.1f}", common.spread(times[k]), f"{m / med['fbp']:.2f}"]
+        for k, m in med.items()
+    ]
     print(common.table(["variant", "median ms", "IQR", "time / fbp"], rows))
-    print(f"fbp / jax.grad = {med['fbp'] / med['jax.grad']:.3f}"
-          + (f";  fbp / PyTorch = {med['fbp'] / med['PyTorch']:.3f}" if "PyTorch" in med else ""))
+    print(
+        f"fbp / jax.grad = {med['fbp'] / med['jax.grad']:.3f}"
+        + (f";  fbp / PyTorch = {med['fbp'] / med['PyTorch']:.3f}" if "PyTorch" in med else "")
+    )
     if args.hlo:
         for name, f in (("fbp", ours), ("jax.grad", ref)):
             print(f"\n## convolutions compiled for {name}")

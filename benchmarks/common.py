@@ -25,9 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-TUNABLES = (
-    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
-)
+TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295"
 
 
 def block(x: Any) -> Any:

@@ -35,18 +35,25 @@ LOSS = losses.softmax_cross_entropy
 
 def _batch(batch: int, features: int, classes: int):
     kx, ky = jax.random.split(jax.random.key(0))
-    return (jax.random.normal(kx, (batch, features), jnp.float32),
-            jax.random.randint(ky, (batch,), 0, classes))
+    return (
+        jax.random.normal(kx, (batch, features), jnp.float32),
+        jax.random.randint(ky, (batch,), 0, classes),
+    )
 
 
 def deltas_cost(quick: bool, rounds: int) -> str:
     batch = 32 if quick else 256
     models = {
-        "784-512-512-10 ReLU": (nn.Sequential([nn.Dense(512), nn.ReLU(), nn.Dense(512), nn.ReLU(),
-                                               nn.Dense(10)]), 784),
-        "10x64 sigmoid": (nn.Sequential([*[m for _ in range(10)
-                                           for m in (nn.Dense(64), nn.Sigmoid())], nn.Dense(10)]),
-                          64),
+        "784-512-512-10 ReLU": (
+            nn.Sequential([nn.Dense(512), nn.ReLU(), nn.Dense(512), nn.ReLU(), nn.Dense(10)]),
+            784,
+        ),
+        "10x64 sigmoid": (
+            nn.Sequential(
+                [*[m for _ in range(10) for m in (nn.Dense(64), nn.Sigmoid())], nn.Dense(10)]
+            ),
+            64,
+        ),
     }
     fns, flops = {}, {}
     for name, (model, features) in models.items():
@@ -61,8 +68,11 @@ def deltas_cost(quick: bool, rounds: int) -> str:
             return value, grads, diagnostics.layer_stats(p, grads, aux.deltas)
 
         everything = jax.jit(vg)
-        for how, f in (("grads only", plain), ("+ layer_stats", stats),
-                       ("+ all deltas out", everything)):
+        for how, f in (
+            ("grads only", plain),
+            ("+ layer_stats", stats),
+            ("+ all deltas out", everything),
+        ):
             fns[f"{name} | {how}"] = lambda f=f, p=params, x=x, y=y: f(p, x, y)
             flops[f"{name} | {how}"] = _flops(f, params, x, y)
     times = common.interleaved(fns, rounds=rounds, warmup=3)
@@ -70,10 +80,19 @@ def deltas_cost(quick: bool, rounds: int) -> str:
     for name, ts in times.items():
         model, _, how = name.partition(" | ")
         base = common.median(times[f"{model} | grads only"])
-        rows.append((model, how, f"{flops[name] / 1e6:.3f}", f"{common.median(ts) * 1e3:.3f}",
-                     common.spread(ts), f"{common.median(ts) / base:.3f}"))
-    return common.table(["model", "jitted value_and_grad", "XLA MFLOP", "ms (median)", "IQR",
-                         "vs grads only"], rows)
+        rows.append(
+            (
+                model,
+                how,
+                f"{flops[name] / 1e6:.3f}",
+                f"{common.median(ts) * 1e3:.3f}",
+                common.spread(ts),
+                f"{common.median(ts) / base:.3f}",
+            )
+        )
+    return common.table(
+        ["model", "jitted value_and_grad", "XLA MFLOP", "ms (median)", "IQR", "vs grads only"], rows
+    )
 
 
 def _flops(f, *args) -> float:
@@ -86,8 +105,7 @@ def _flops(f, *args) -> float:
 def _deep(depth: int, width: int, block: int) -> nn.Sequential:
     pairs = [nn.Sequential([nn.Dense(width), nn.GELU()]) for _ in range(depth)]
     if block:
-        pairs = [nn.Recompute(nn.Sequential(pairs[i:i + block]))
-                 for i in range(0, depth, block)]
+        pairs = [nn.Recompute(nn.Sequential(pairs[i : i + block])) for i in range(0, depth, block)]
     return nn.Sequential([*pairs, nn.Dense(10)])
 
 
@@ -124,20 +142,43 @@ def recompute_memory(quick: bool, rounds: int) -> str:
         params = model.init(jax.random.key(1), x)
         f = jax.jit(fbp.value_and_grad(model, LOSS))
         temp = f.lower(params, x, y).compile().memory_analysis().temp_size_in_bytes
-        mem[name] = (fbp.memory_report(model, params, x).total_bytes, temp,
-                     _checkpoint_temp(depth, width, block, x, y))
+        mem[name] = (
+            fbp.memory_report(model, params, x).total_bytes,
+            temp,
+            _checkpoint_temp(depth, width, block, x, y),
+        )
         fns[name] = lambda f=f, p=params: f(p, x, y)
     times = common.interleaved(fns, rounds=rounds, warmup=3)
     base = common.median(times["plain"])
-    rows = [(name, f"{mem[name][0] / 1e6:.2f}", f"{mem[name][1] / 1e6:.2f}",
-             f"{mem[name][2] / 1e6:.2f}",
-             f"{common.median(times[name]) * 1e3:.2f}", common.spread(times[name]),
-             f"{common.median(times[name]) / base:.2f}") for name in cases]
+    rows = [
+        (
+            name,
+            f"{mem[name][0] / 1e6:.2f}",
+            f"{mem[name][1] / 1e6:.2f}",
+            f"{mem[name][2] / 1e6:.2f}",
+            f"{common.median(times[name]) * 1e3:.2f}",
+            common.spread(times[name]),
+            f"{common.median(times[name]) / base:.2f}",
+        )
+        for name in cases
+    ]
     title = f"{depth}x{width} GELU MLP, batch {batch}"
-    return title + "\n" + common.table(
-        ["variant", "residual MB (memory_report)", "XLA temp MB",
-         "jax.grad + jax.checkpoint temp MB", "ms (median)", "IQR",
-         "time vs plain"], rows)
+    return (
+        title
+        + "\n"
+        + common.table(
+            [
+                "variant",
+                "residual MB (memory_report)",
+                "XLA temp MB",
+                "jax.grad + jax.checkpoint temp MB",
+                "ms (median)",
+                "IQR",
+                "time vs plain",
+            ],
+            rows,
+        )
+    )
 
 
 def main(argv=None) -> None:

@@ -65,8 +65,9 @@ def fbp_trainer(exp, ds, seed: int, epochs: int):
             ts, metrics = compiled(ts, x, y)
         common.block(ts)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        test = train.evaluate(model, exp.loss, ts.params, jnp.asarray(ds.test.x),
-                              jnp.asarray(ds.test.y))
+        test = train.evaluate(
+            model, exp.loss, ts.params, jnp.asarray(ds.test.x), jnp.asarray(ds.test.y)
+        )
         return seconds, cpu, test
 
     return first_call, run
@@ -74,9 +75,17 @@ def fbp_trainer(exp, ds, seed: int, epochs: int):
 
 def run_sklearn(exp, ds, seed: int, epochs: int) -> dict:
     clf = MLPClassifier(
-        hidden_layer_sizes=(128,), activation="relu", solver="adam", alpha=0.0,
-        batch_size=exp.batch_size, learning_rate_init=exp.lr, max_iter=epochs,
-        n_iter_no_change=epochs, tol=0.0, shuffle=True, random_state=seed,
+        hidden_layer_sizes=(128,),
+        activation="relu",
+        solver="adam",
+        alpha=0.0,
+        batch_size=exp.batch_size,
+        learning_rate_init=exp.lr,
+        max_iter=epochs,
+        n_iter_no_change=epochs,
+        tol=0.0,
+        shuffle=True,
+        random_state=seed,
     )
     c0, t0 = time.process_time(), time.perf_counter()
     with warnings.catch_warnings():
@@ -95,8 +104,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     exp = experiment.get(EXPERIMENT_FILE)
     if exp.penalty is not None or exp.weight_decay:
-        raise SystemExit("digits_vs_sklearn: the experiment has a weight penalty; "
-                         "this comparison assumes none (scikit-learn alpha=0).")
+        raise SystemExit(
+            "digits_vs_sklearn: the experiment has a weight penalty; "
+            "this comparison assumes none (scikit-learn alpha=0)."
+        )
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     epochs = 2 if args.quick else exp.epochs
     repeats = args.repeats or (1 if args.quick else 3)
@@ -116,15 +127,32 @@ def main(argv=None) -> None:
         speedups_cpu.append(common.median(s_c) / common.median(f_c))
         speedups.append(s_t / f_t)
         speedups_c.append(s_t / (f_t + first_call))
-        rows.append([
-            seed, f"{f_t:.3f}", f"{first_call:.2f}", f"{100 * test['accuracy']:.1f}%",
-            f"{s_t:.2f}", f"{100 * sk['acc']:.1f}%",
-            f"{speedups[-1]:.1f}x", f"{speedups_c[-1]:.1f}x", f"{speedups_cpu[-1]:.1f}x",
-        ])
-    rows.append([
-        "median", "", "", "", "", "", f"{np.median(speedups):.1f}x",
-        f"{np.median(speedups_c):.1f}x", f"{np.median(speedups_cpu):.1f}x",
-    ])
+        rows.append(
+            [
+                seed,
+                f"{f_t:.3f}",
+                f"{first_call:.2f}",
+                f"{100 * test['accuracy']:.1f}%",
+                f"{s_t:.2f}",
+                f"{100 * sk['acc']:.1f}%",
+                f"{speedups[-1]:.1f}x",
+                f"{speedups_c[-1]:.1f}x",
+                f"{speedups_cpu[-1]:.1f}x",
+            ]
+        )
+    rows.append(
+        [
+            "median",
+            "",
+            "",
+            "",
+            "",
+            "",
+            f"{np.median(speedups):.1f}x",
+            f"{np.median(speedups_c):.1f}x",
+            f"{np.median(speedups_cpu):.1f}x",
+        ]
+    )
     print(
         f"digits-mlp ({exp.description}); train split {ds.train.x.shape[0]} examples, "
         f"test {ds.test.x.shape[0]}; {epochs} epochs. fbp: make_epoch, float32; "
@@ -133,10 +161,22 @@ def main(argv=None) -> None:
         f"(trace + compile + one discarded epoch) is apart. The last column compares "
         f"process CPU seconds (all threads), steadier than wall time on a loaded machine.\n"
     )
-    print(common.table(
-        ["seed", "fbp train s", "fbp first call s", "fbp test acc", "sklearn train s",
-         "sklearn test acc", "speed-up", "speed-up incl. first call",
-         "speed-up by CPU time"], rows))
+    print(
+        common.table(
+            [
+                "seed",
+                "fbp train s",
+                "fbp first call s",
+                "fbp test acc",
+                "sklearn train s",
+                "sklearn test acc",
+                "speed-up",
+                "speed-up incl. first call",
+                "speed-up by CPU time",
+            ],
+            rows,
+        )
+    )
     import sklearn
 
     print(f"\n- machine: {common.machine()}; scikit-learn {sklearn.__version__}")

@@ -89,8 +89,14 @@ def report(rows) -> str:
         zero = next((r[2] for r in rows if r[0] == case and r[1] == "compute + zero"), None)
         saved = f"{100 * (1 - ms / zero):.0f}%" if zero and how == "nn.Frozen" else ""
         out.append((case, how, f"{ms:.2f}", spread, f"{ms / (base * 1e3):.2f}", saved))
-    headers = ["case", "how", "ms/step (median)", "IQR", "vs all trainable",
-               "saved vs compute + zero"]
+    headers = [
+        "case",
+        "how",
+        "ms/step (median)",
+        "IQR",
+        "vs all trainable",
+        "saved vs compute + zero",
+    ]
     return common.table(headers, out)
 
 

@@ -66,8 +66,11 @@ def jax_variants(params, x, target):
         "jax.grad (same forward)": jax.jit(jax.value_and_grad(fbp.loss_fn(model, losses.mse))),
         "jax.grad (textbook scan)": jax.jit(jax.value_and_grad(textbook_loss)),
     }
-    args = {"fbp": (p, x, target), "jax.grad (same forward)": (p, x, target),
-            "jax.grad (textbook scan)": (params, x, target)}
+    args = {
+        "fbp": (p, x, target),
+        "jax.grad (same forward)": (p, x, target),
+        "jax.grad (textbook scan)": (params, x, target),
+    }
     return fns, args
 
 
@@ -102,11 +105,14 @@ def child(rounds: int) -> None:
 
     ref_v, ref_g = fns["jax.grad (same forward)"](*args["jax.grad (same forward)"])
     v, g = fns["fbp"](*args["fbp"])
-    err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-              for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g), strict=True))
+    err = max(
+        float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g), strict=True)
+    )
 
-    temp = {n: f.lower(*args[n]).compile().memory_analysis().temp_size_in_bytes
-            for n, f in fns.items()}
+    temp = {
+        n: f.lower(*args[n]).compile().memory_analysis().temp_size_in_bytes for n, f in fns.items()
+    }
     calls = {n: (lambda f=f, a=args[n]: f(*a)) for n, f in fns.items()}
     calls["torch nn.LSTM"] = torch_variant(params, x, target)
     cpu: dict[str, list[float]] = {n: [] for n in calls}
@@ -119,8 +125,9 @@ def child(rounds: int) -> None:
 
         return run
 
-    times = common.interleaved({n: with_cpu(n, f) for n, f in calls.items()}, rounds=rounds,
-                               warmup=3)
+    times = common.interleaved(
+        {n: with_cpu(n, f) for n, f in calls.items()}, rounds=rounds, warmup=3
+    )
 
     ref = "jax.grad (textbook scan)"
     base, base_cpu = common.median(times[ref]), common.median(cpu[ref][3:])
@@ -128,14 +135,36 @@ def child(rounds: int) -> None:
     for name, ts in times.items():
         mem = f"{temp[name] / 2**20:.1f}" if name in temp else "–"
         c = common.median(cpu[name][3:])  # the first 3 are the warm-up calls
-        rows.append([name, f"{1e3 * common.median(ts):.1f}", common.spread(ts),
-                     f"{common.median(ts) / base:.2f}", f"{1e3 * c:.1f}", f"{c / base_cpu:.2f}",
-                     mem])
+        rows.append(
+            [
+                name,
+                f"{1e3 * common.median(ts):.1f}",
+                common.spread(ts),
+                f"{common.median(ts) / base:.2f}",
+                f"{1e3 * c:.1f}",
+                f"{c / base_cpu:.2f}",
+                mem,
+            ]
+        )
     print(common.machine())
-    print(f"LSTM B={B} T={T} in={IN} H={H} float32, loss + all grads, {rounds} rounds; "
-          f"fbp vs jax.grad max rel grad error {err:.1e}")
-    print(common.table(["variant", "wall ms", "IQR", "wall / textbook jax.grad", "CPU ms",
-                        "CPU / textbook jax.grad", "temp MiB"], rows))
+    print(
+        f"LSTM B={B} T={T} in={IN} H={H} float32, loss + all grads, {rounds} rounds; "
+        f"fbp vs jax.grad max rel grad error {err:.1e}"
+    )
+    print(
+        common.table(
+            [
+                "variant",
+                "wall ms",
+                "IQR",
+                "wall / textbook jax.grad",
+                "CPU ms",
+                "CPU / textbook jax.grad",
+                "temp MiB",
+            ],
+            rows,
+        )
+    )
 
 
 def main() -> None:
@@ -151,8 +180,9 @@ def main() -> None:
         if tunables:
             env["GLIBC_TUNABLES"] = common.TUNABLES
         print(f"\n## process {'with' if tunables else 'without'} glibc tunables", flush=True)
-        subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds)],
-                       env=env, check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--child", "--rounds", str(args.rounds)], env=env, check=True
+        )
 
 
 if __name__ == "__main__":

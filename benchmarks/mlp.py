@@ -163,8 +163,9 @@ def measure(quick: bool, rounds: int, steps: int) -> dict:
     mats = []
     for i, (m, k, n) in enumerate(shapes):
         ka, kb = jax.random.split(jax.random.key(i))
-        mats.append((jax.random.normal(ka, (m, k), jnp.float32),
-                     jax.random.normal(kb, (k, n), jnp.float32)))
+        mats.append(
+            (jax.random.normal(ka, (m, k), jnp.float32), jax.random.normal(kb, (k, n), jnp.float32))
+        )
     dot = jax.jit(jnp.dot)
     dots_one_call = jax.jit(lambda ps: [jnp.dot(a, b) for a, b in ps])
 
@@ -227,37 +228,90 @@ def report(results: list[dict]) -> str:
         tun = "on" if "tunables ON" in r["machine"] else "off"
         each, allin = ms["dots, one call each"], ms["dots, all in one call"]
         cpu = r["cpu_ms"]
-        for name in ("fbp make_step", "jax.grad make_step", "fbp vg + adam", "jax.grad + adam",
-                     "torch", "torch, 1 thread"):
-            rows.append([
-                tun, name, f"{ms[name]:.2f} {r['spread'][name]}", f"{cpu[name]:.2f}",
-                rate(ms[name]),
-                f"{100 * each / ms[name]:.0f}%", f"{100 * allin / ms[name]:.0f}%",
-            ])
-        rows.append([tun, "matmuls only, one call each", f"{each:.2f}",
-                     f"{cpu['dots, one call each']:.2f}", rate(each), "100%", ""])
-        rows.append([tun, "matmuls only, all in one call", f"{allin:.2f}",
-                     f"{cpu['dots, all in one call']:.2f}", rate(allin), "", "100%"])
-    out.append(common.table(
-        ["glibc tunables", "variant", "ms/step", "CPU ms/step", "GFLOP/s",
-         "% of matmuls one-by-one", "% of matmuls in one call"], rows))
+        for name in (
+            "fbp make_step",
+            "jax.grad make_step",
+            "fbp vg + adam",
+            "jax.grad + adam",
+            "torch",
+            "torch, 1 thread",
+        ):
+            rows.append(
+                [
+                    tun,
+                    name,
+                    f"{ms[name]:.2f} {r['spread'][name]}",
+                    f"{cpu[name]:.2f}",
+                    rate(ms[name]),
+                    f"{100 * each / ms[name]:.0f}%",
+                    f"{100 * allin / ms[name]:.0f}%",
+                ]
+            )
+        rows.append(
+            [
+                tun,
+                "matmuls only, one call each",
+                f"{each:.2f}",
+                f"{cpu['dots, one call each']:.2f}",
+                rate(each),
+                "100%",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                tun,
+                "matmuls only, all in one call",
+                f"{allin:.2f}",
+                f"{cpu['dots, all in one call']:.2f}",
+                rate(allin),
+                "",
+                "100%",
+            ]
+        )
+    out.append(
+        common.table(
+            [
+                "glibc tunables",
+                "variant",
+                "ms/step",
+                "CPU ms/step",
+                "GFLOP/s",
+                "% of matmuls one-by-one",
+                "% of matmuls in one call",
+            ],
+            rows,
+        )
+    )
     out.append("")
     rrows = []
     for r in results:
         ms = r["ms"]
         tun = "on" if "tunables ON" in r["machine"] else "off"
         cpu = r["cpu_ms"]
-        rrows.append([
-            tun,
-            f"{ms['fbp make_step'] / ms['jax.grad make_step']:.3f}",
-            f"{cpu['fbp make_step'] / cpu['jax.grad make_step']:.3f}",
-            f"{ms['fbp vg + adam'] / ms['jax.grad + adam']:.3f}",
-            f"{ms['fbp make_step'] / ms['torch']:.3f}",
-            f"{ms['fbp make_step'] / ms['torch, 1 thread']:.3f}",
-        ])
-    out.append(common.table(
-        ["glibc tunables", "fbp/jax.grad (make_step)", "same, CPU time", "fbp/jax.grad (bare)",
-         "fbp make_step/torch", "fbp make_step/torch 1 thread"], rrows))
+        rrows.append(
+            [
+                tun,
+                f"{ms['fbp make_step'] / ms['jax.grad make_step']:.3f}",
+                f"{cpu['fbp make_step'] / cpu['jax.grad make_step']:.3f}",
+                f"{ms['fbp vg + adam'] / ms['jax.grad + adam']:.3f}",
+                f"{ms['fbp make_step'] / ms['torch']:.3f}",
+                f"{ms['fbp make_step'] / ms['torch, 1 thread']:.3f}",
+            ]
+        )
+    out.append(
+        common.table(
+            [
+                "glibc tunables",
+                "fbp/jax.grad (make_step)",
+                "same, CPU time",
+                "fbp/jax.grad (bare)",
+                "fbp make_step/torch",
+                "fbp make_step/torch 1 thread",
+            ],
+            rrows,
+        )
+    )
     out.append("")
     for r in results:
         out.append(f"- machine: {r['machine']} (timed part {r['seconds']:.0f} s)")
@@ -283,8 +337,13 @@ def main(argv=None) -> None:
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
         if tunables:
             env["GLIBC_TUNABLES"] = common.TUNABLES
-        cmd = [sys.executable, os.path.abspath(__file__), "--json", f"--rounds={rounds}",
-               f"--steps={steps}"] + (["--quick"] if args.quick else [])
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--json",
+            f"--rounds={rounds}",
+            f"--steps={steps}",
+        ] + (["--quick"] if args.quick else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(report(results))

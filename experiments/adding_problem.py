@@ -48,8 +48,10 @@ def report(result) -> list[str]:
     lines = [f"baseline (always predict 1.0): test MSE {BASELINE:.4f}"]
     for name, r in runs.items():
         mse = r.test["loss"]
-        lines.append(f"{name}: test MSE {mse:.4f} ({mse / BASELINE:.3f} of baseline), "
-                     f"solved (< 0.01): {mse < 0.01}, {r.train_seconds:.0f} s")
+        lines.append(
+            f"{name}: test MSE {mse:.4f} ({mse / BASELINE:.3f} of baseline), "
+            f"solved (< 0.01): {mse < 0.01}, {r.train_seconds:.0f} s"
+        )
     return lines
 
 

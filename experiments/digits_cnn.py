@@ -8,23 +8,25 @@ from fbp.experiment import Experiment
 
 
 def model(ds) -> nn.Sequential:
-    return nn.Sequential([
-        nn.Reshape((8, 8, 1)),  # data.load gives (n, 64) standardised pixels
-        nn.Conv2D(32, 3, use_bias=False),  # batch norm's bias replaces the conv's
-        nn.BatchNorm(),
-        nn.ReLU(),
-        nn.Conv2D(32, 3, use_bias=False),
-        nn.BatchNorm(),
-        nn.ReLU(),
-        nn.MaxPool2D(2),  # (n, 4, 4, 32)
-        nn.Conv2D(64, 3, use_bias=False),
-        nn.BatchNorm(),
-        nn.ReLU(),
-        nn.MaxPool2D(2),  # (n, 2, 2, 64)
-        nn.Flatten(),
-        nn.Dropout(0.3),
-        nn.Dense(ds.classes),
-    ])
+    return nn.Sequential(
+        [
+            nn.Reshape((8, 8, 1)),  # data.load gives (n, 64) standardised pixels
+            nn.Conv2D(32, 3, use_bias=False),  # batch norm's bias replaces the conv's
+            nn.BatchNorm(),
+            nn.ReLU(),
+            nn.Conv2D(32, 3, use_bias=False),
+            nn.BatchNorm(),
+            nn.ReLU(),
+            nn.MaxPool2D(2),  # (n, 4, 4, 32)
+            nn.Conv2D(64, 3, use_bias=False),
+            nn.BatchNorm(),
+            nn.ReLU(),
+            nn.MaxPool2D(2),  # (n, 2, 2, 64)
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Dense(ds.classes),
+        ]
+    )
 
 
 EXPERIMENT = Experiment(

@@ -71,19 +71,23 @@ def report(result) -> list[str]:
     x = jnp.asarray(result.dataset.test.x[:N_PROBE])
     y = jnp.asarray(result.dataset.test.y[:N_PROBE])
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    lines = ["| variant | ‖∂L/∂x_0‖/‖∂L/∂x_T-1‖ at init | after training | test MSE |",
-             "| --- | --- | --- | --- |"]
+    lines = [
+        "| variant | ‖∂L/∂x_0‖/‖∂L/∂x_T-1‖ at init | after training | test MSE |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, r in runs.items():
         init = r.model.init(jax.random.key(r.config["seed"]), x)
         g0 = input_grad_norms(r.model, init, x, y)
         g1 = input_grad_norms(r.model, r.state.params, x, y)
         axes[0].semilogy(g0, label=name)
         axes[1].semilogy(g1, label=name)
-        axes[2].semilogy([h["epoch"] for h in r.history], [h["loss"] for h in r.history],
-                         marker="o", label=name)
+        axes[2].semilogy(
+            [h["epoch"] for h in r.history], [h["loss"] for h in r.history], marker="o", label=name
+        )
         lines.append(f"| {name} | {_ratio(g0)} | {_ratio(g1)} | {r.test['loss']:.4f} |")
-    for ax, title in zip(axes, ["‖∂L/∂x_t‖ at init", "‖∂L/∂x_t‖ after training",
-                                "training loss (MSE)"], strict=True):
+    for ax, title in zip(
+        axes, ["‖∂L/∂x_t‖ at init", "‖∂L/∂x_t‖ after training", "training loss (MSE)"], strict=True
+    ):
         ax.set_title(title)
         ax.set_xlabel("time step t" if "x_t" in title else "epoch")
         ax.legend(fontsize=8)

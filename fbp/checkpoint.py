@@ -337,8 +337,10 @@ def check_compatible(arrays: dict[str, np.ndarray], template: Any, where: str) -
             )
     for k in arrays:
         if k not in want:
-            problems.append(f"{k}: in the checkpoint but not in the model "
-                            f"({tuple(arrays[k].shape)} {arrays[k].dtype})")
+            problems.append(
+                f"{k}: in the checkpoint but not in the model "
+                f"({tuple(arrays[k].shape)} {arrays[k].dtype})"
+            )
     if problems:
         raise ArchitectureMismatch(
             f"checkpoint {where} does not fit this model ({len(problems)} mismatches): "

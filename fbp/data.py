@@ -139,7 +139,11 @@ def load(
     regression = name in REGRESSION
     y = np.asarray(y, np.float32).reshape(-1, 1) if regression else np.asarray(y, np.int32)
     tr, va, te = split(
-        x, y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+        x,
+        y,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
         stratify=not regression,
     )
     classes = None if regression else int(y.max()) + 1
@@ -231,7 +235,11 @@ def validate_dataset(ds: Dataset, *, features: int | None = None) -> Dataset:
     for split_name in ("train", "val", "test"):
         s = getattr(ds, split_name)
         validate_arrays(
-            s.x, s.y, name=f"{ds.name} {split_name}", features=features, classes=ds.classes,
+            s.x,
+            s.y,
+            name=f"{ds.name} {split_name}",
+            features=features,
+            classes=ds.classes,
             allow_empty=split_name == "val",
         )
     return ds

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from fbp.core import Array, Layer, Params, value_and_grad
+from fbp.runlog import save_figure
 
 STATS = ("delta_norm", "grad_norm", "w_norm", "update_ratio")
 
@@ -237,8 +238,7 @@ def plot_gradient_flow(
         ax1.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -287,8 +287,7 @@ def plot_layer_series(
     axes[0][0].set_ylabel(stat)
     fig.suptitle(title or stat)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -321,7 +320,6 @@ def plot_metric(
     ax.set(xlabel="epoch", ylabel=key)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path

@@ -177,6 +177,14 @@ def run(
     from fbp import runner
 
     return runner.run(
-        exp, out=out, resume=resume, overwrite=overwrite, print_fn=print_fn,
-        epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, **options,
+        exp,
+        out=out,
+        resume=resume,
+        overwrite=overwrite,
+        print_fn=print_fn,
+        epochs=epochs,
+        seed=seed,
+        lr=lr,
+        batch_size=batch_size,
+        **options,
     )

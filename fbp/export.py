@@ -31,14 +31,14 @@ import numpy as np
 from fbp import checkpoint as ckpt
 from fbp import train as fbp_train
 
-LOADER = '''import json, jax, numpy as np
+LOADER = """import json, jax, numpy as np
 from safetensors.numpy import load_file
 d = "{d}"
 fn = jax.export.deserialize(bytearray(open(f"{{d}}/model.jaxexport", "rb").read()))
 arrays = load_file(f"{{d}}/params.safetensors")
 names = json.load(open(f"{{d}}/export.json"))["inputs"]
 y = fn.call([arrays[k] for k in names], np.asarray(x, np.float32))  # x: raw features
-'''
+"""
 
 
 def run_config(run_dir: str | Path) -> dict[str, Any]:
@@ -84,25 +84,45 @@ def load_run(run_dir: str | Path, *, which: str = "best", warn=print) -> dict[st
     bs = cfg["batch_size"] or x.shape[0]
     opt, _ = runner.build_optimizer(exp, cfg, cfg["epochs"] * (x.shape[0] // bs))
     ts = fbp_train.init(model, opt, jax.random.key(cfg["seed"]), x)
-    template = {"state": ts, "best": {"params": ts.params, "model_state": ts.model_state},
-                "order_key": jax.random.key(0)}
+    template = {
+        "state": ts,
+        "best": {"params": ts.params, "model_state": ts.model_state},
+        "order_key": jax.random.key(0),
+    }
     found = ckpt.load_latest(Path(run_dir) / "checkpoints", template, warn=warn)
     if found is None:
         raise ValueError(f"{run_dir}: no checkpoint to load.")
     path, tree, _ = found
     src = tree["best"] if which == "best" else tree["state"]._asdict()
-    return {"exp": exp, "config": cfg, "dataset": ds, "model": model,
-            "params": src["params"], "model_state": src["model_state"], "checkpoint": path}
+    return {
+        "exp": exp,
+        "config": cfg,
+        "dataset": ds,
+        "model": model,
+        "params": src["params"],
+        "model_state": src["model_state"],
+        "checkpoint": path,
+    }
 
 
 def evaluate_dir(run_dir: str | Path, *, which: str = "best") -> dict[str, Any]:
     """Test metrics of a run's checkpoint; also written to ``DIR/eval.json``."""
     r = load_run(run_dir, which=which)
     ds = r["dataset"]
-    test = fbp_train.evaluate(r["model"], r["exp"].loss, r["params"], jnp.asarray(ds.test.x),
-                              jnp.asarray(ds.test.y), model_state=r["model_state"])
-    out = {"test": test, "params": which, "checkpoint": r["checkpoint"].name,
-           "params_sha256": _sha(r["params"])}
+    test = fbp_train.evaluate(
+        r["model"],
+        r["exp"].loss,
+        r["params"],
+        jnp.asarray(ds.test.x),
+        jnp.asarray(ds.test.y),
+        model_state=r["model_state"],
+    )
+    out = {
+        "test": test,
+        "params": which,
+        "checkpoint": r["checkpoint"].name,
+        "params_sha256": _sha(r["params"]),
+    }
     ckpt.atomic_write(Path(run_dir) / "eval.json", json.dumps(out, indent=1) + "\n")
     return out
 
@@ -143,8 +163,10 @@ def export_model(
     feat = tuple(np.shape(example_x)[1:])
     inputs = {"params": params, "model_state": model_state}
     if x_mean is not None:
-        inputs["input"] = {"mean": np.asarray(x_mean, np.float32),
-                           "std": np.asarray(x_std, np.float32)}
+        inputs["input"] = {
+            "mean": np.asarray(x_mean, np.float32),
+            "std": np.asarray(x_std, np.float32),
+        }
     arrays, _ = ckpt.flatten(inputs)
     names = list(arrays)
     leaves, treedef = jax.tree.flatten(inputs)
@@ -171,9 +193,15 @@ def export_model(
         ) from None
     ckpt.atomic_write(out / "model.jaxexport", blob)
     ckpt.atomic_write(out / "params.safetensors", st_save(arrays))
-    meta = {"inputs": names, "x_shape": ["batch", *feat], "x_dtype": "float32",
-            "standardized_inside": x_mean is not None, "params_sha256": _sha(params),
-            "platforms": list(exported.platforms), **(info or {})}
+    meta = {
+        "inputs": names,
+        "x_shape": ["batch", *feat],
+        "x_dtype": "float32",
+        "standardized_inside": x_mean is not None,
+        "params_sha256": _sha(params),
+        "platforms": list(exported.platforms),
+        **(info or {}),
+    }
     ckpt.atomic_write(out / "export.json", json.dumps(meta, indent=1) + "\n")
     ckpt.atomic_write(out / "README.txt", LOADER.format(d=out))
     return out
@@ -184,9 +212,16 @@ def export_dir(run_dir: str | Path, *, out: str | Path | None = None, which: str
     r = load_run(run_dir, which=which)
     ds = r["dataset"]
     return export_model(
-        r["model"], r["params"], r["model_state"], ds.train.x,
+        r["model"],
+        r["params"],
+        r["model_state"],
+        ds.train.x,
         out if out is not None else Path(run_dir) / "export",
-        x_mean=ds.x_mean, x_std=ds.x_std,
-        info={"experiment": r["exp"].name, "classes": ds.classes,
-              "checkpoint": r["checkpoint"].name},
+        x_mean=ds.x_mean,
+        x_std=ds.x_std,
+        info={
+            "experiment": r["exp"].name,
+            "classes": ds.classes,
+            "checkpoint": r["checkpoint"].name,
+        },
     )

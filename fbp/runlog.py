@@ -26,8 +26,15 @@ import optax
 
 from fbp import checkpoint as ckpt
 
-OWNED = ("metrics.jsonl", "summary.json", "eval.json", "loss.png", "metric.png", "checkpoints",
-         "export")
+OWNED = (
+    "metrics.jsonl",
+    "summary.json",
+    "eval.json",
+    "loss.png",
+    "metric.png",
+    "checkpoints",
+    "export",
+)
 
 
 def params_sha256(params: Any) -> str:
@@ -72,7 +79,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if i < len(lines) - 1 and any(s.strip() for s in lines[i + 1:]):
+            if i < len(lines) - 1 and any(s.strip() for s in lines[i + 1 :]):
                 raise ValueError(f"{p}: line {i + 1} is not JSON.") from None
     return rows
 
@@ -114,8 +121,9 @@ def write_plots(out: Path, history: list[dict[str, Any]]) -> list[Path]:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         for key, label in series:
-            pts = [(e, r[key]) for e, r in zip(epochs, history, strict=True)
-                   if r.get(key) is not None]
+            pts = [
+                (e, r[key]) for e, r in zip(epochs, history, strict=True) if r.get(key) is not None
+            ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), label=label)
         ax.set_xlabel("epoch")
@@ -124,14 +132,22 @@ def write_plots(out: Path, history: list[dict[str, Any]]) -> list[Path]:
             ax.set_yscale("log")
         ax.legend()
         ax.grid(alpha=0.3)
-        tmp = out / f".{fname}.tmp-{os.getpid()}.png"
-        fig.savefig(tmp, dpi=100)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / fname)
-        written.append(out / fname)
+        written.append(save_figure(fig, out / fname, sync_dir=False))
     ckpt.fsync_dir(out)
     return written
+
+
+def save_figure(fig: Any, path: str | Path, *, sync_dir: bool = True) -> Path:
+    """Write a matplotlib figure as PNG atomically (temporary name, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if sync_dir:
+        ckpt.fsync_dir(path.parent)
+    return path
 
 
 def prepare_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -201,7 +217,8 @@ class Printer:
     def epoch(self, row: dict[str, Any]) -> None:
         e = row["epoch"]
         text = "  ".join(
-            f"{k} {row[k]:.4g}" for k in ("loss", "val_loss", "val_accuracy", "lr")
+            f"{k} {row[k]:.4g}"
+            for k in ("loss", "val_loss", "val_accuracy", "lr")
             if row.get(k) is not None
         )
         if row.get("skipped"):

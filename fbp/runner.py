@@ -114,31 +114,48 @@ def resolve_config(exp: Any, **overrides: Any) -> dict[str, Any]:
 
 def check_config(cfg: dict[str, Any]) -> None:
     """Raise ValueError naming the first bad option."""
+
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise ValueError(f"run: {what}.")
 
-    need(isinstance(cfg["epochs"], int) and cfg["epochs"] >= 0,
-         f"epochs must be an int >= 0, got {cfg['epochs']!r}")
+    need(
+        isinstance(cfg["epochs"], int) and cfg["epochs"] >= 0,
+        f"epochs must be an int >= 0, got {cfg['epochs']!r}",
+    )
     bs = cfg["batch_size"]
-    need(bs is None or (isinstance(bs, int) and bs >= 1),
-         f"batch_size must be a positive int or None, got {cfg['batch_size']!r}")
+    need(
+        bs is None or (isinstance(bs, int) and bs >= 1),
+        f"batch_size must be a positive int or None, got {cfg['batch_size']!r}",
+    )
     need(cfg["lr"] > 0, f"lr must be > 0, got {cfg['lr']!r}")
-    need(cfg["patience"] is None or cfg["patience"] >= 1,
-         f"patience must be >= 1, got {cfg['patience']!r}")
+    need(
+        cfg["patience"] is None or cfg["patience"] >= 1,
+        f"patience must be >= 1, got {cfg['patience']!r}",
+    )
     need(cfg["clip"] is None or cfg["clip"] > 0, f"clip must be > 0, got {cfg['clip']!r}")
     need(cfg["weight_decay"] >= 0, f"weight_decay must be >= 0, got {cfg['weight_decay']!r}")
-    need(cfg["schedule"] in SCHEDULES,
-         f"schedule must be one of {SCHEDULES}, got {cfg['schedule']!r}")
-    need(0 < cfg["plateau_factor"] < 1,
-         f"plateau_factor must be in (0, 1), got {cfg['plateau_factor']!r}")
-    need(cfg["plateau_patience"] >= 1,
-         f"plateau_patience must be >= 1, got {cfg['plateau_patience']!r}")
-    need(cfg["nonfinite"] in NONFINITE,
-         f"nonfinite must be one of {NONFINITE}, got {cfg['nonfinite']!r}")
+    need(
+        cfg["schedule"] in SCHEDULES,
+        f"schedule must be one of {SCHEDULES}, got {cfg['schedule']!r}",
+    )
+    need(
+        0 < cfg["plateau_factor"] < 1,
+        f"plateau_factor must be in (0, 1), got {cfg['plateau_factor']!r}",
+    )
+    need(
+        cfg["plateau_patience"] >= 1,
+        f"plateau_patience must be >= 1, got {cfg['plateau_patience']!r}",
+    )
+    need(
+        cfg["nonfinite"] in NONFINITE,
+        f"nonfinite must be one of {NONFINITE}, got {cfg['nonfinite']!r}",
+    )
     need(cfg["keep"] >= 1, f"keep must be >= 1, got {cfg['keep']!r}")
-    need(cfg["checkpoint_every"] is None or cfg["checkpoint_every"] >= 1,
-         f"checkpoint_every must be >= 1, got {cfg['checkpoint_every']!r}")
+    need(
+        cfg["checkpoint_every"] is None or cfg["checkpoint_every"] >= 1,
+        f"checkpoint_every must be >= 1, got {cfg['checkpoint_every']!r}",
+    )
     need(cfg["chunk_steps"] >= 1, f"chunk_steps must be >= 1, got {cfg['chunk_steps']!r}")
 
 
@@ -153,8 +170,12 @@ def load_data(exp: Any, cfg: dict[str, Any]) -> fbp_data.Dataset:
     """The run's data set, validated on the host (DataError on anything wrong)."""
     features = getattr(exp, "features", None)
     if cfg.get("data_file"):
-        ds = fbp_data.load_file(cfg["data_file"], seed=cfg["seed"], features=features,
-                                regression=not is_classifier(exp.loss))
+        ds = fbp_data.load_file(
+            cfg["data_file"],
+            seed=cfg["seed"],
+            features=features,
+            regression=not is_classifier(exp.loss),
+        )
     else:
         ds = exp.data(cfg["seed"])
     return fbp_data.validate_dataset(ds, features=features)
@@ -206,8 +227,7 @@ def build_optimizer(exp: Any, cfg: dict[str, Any], total_steps: int):
 
 @functools.lru_cache(maxsize=16)
 def _plateau_fn(factor: float, patience: int) -> Callable:
-    plateau = optax.contrib.reduce_on_plateau(factor=factor, patience=patience,
-                                              accumulation_size=1)
+    plateau = optax.contrib.reduce_on_plateau(factor=factor, patience=patience, accumulation_size=1)
 
     @jax.jit
     def update(state, value):
@@ -229,8 +249,9 @@ def make_train_chunk(model, loss, optimizer, *, penalty=None, grad_fn=None) -> C
     ``fbp.train.step_fn`` (which drops non-finite updates and reports ``skipped``).
     A data-parallel runner replaces this function (same signature, sharded inputs).
     """
-    step = fbp_train.step_fn(model, loss, optimizer, penalty=penalty, skip_nonfinite=True,
-                             grad_fn=grad_fn)
+    step = fbp_train.step_fn(
+        model, loss, optimizer, penalty=penalty, skip_nonfinite=True, grad_fn=grad_fn
+    )
 
     @jax.jit
     def chunk(ts, x, y, order):
@@ -253,6 +274,7 @@ def _order(key, n: int, batch_size: int):
 
 def make_eval(model, loss) -> Callable:
     """Jitted ``(params, model_state, x, y) -> {'loss', ['accuracy']}`` over a whole split."""
+
     @jax.jit
     def ev(params, model_state, x, y):
         pred = model.apply(params, x, state=model_state or None, train=False)
@@ -268,8 +290,9 @@ def make_eval(model, loss) -> Callable:
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in metrics.items())
+    return "  ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )
 
 
 def _new_epoch_acc() -> dict[str, float]:
@@ -312,8 +335,16 @@ def run(
     if getattr(exp, "variants", None):
         from fbp import variants
 
-        return variants.run(exp, run, out=out, resume=resume, overwrite=overwrite,
-                            print_fn=print_fn, experiment_path=experiment_path, **overrides)
+        return variants.run(
+            exp,
+            run,
+            out=out,
+            resume=resume,
+            overwrite=overwrite,
+            print_fn=print_fn,
+            experiment_path=experiment_path,
+            **overrides,
+        )
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         prepare_dir(out_dir, resume=resume, overwrite=overwrite)
@@ -349,8 +380,15 @@ def run(
     if cfg["devices"]:  # data parallel: the batch split over a mesh, same steps
         from fbp import parallel
 
-        chunk_fn = parallel.make_train_chunk(model, exp.loss, opt, mesh=cfg["devices"],
-                                             batch_size=bs, penalty=exp.penalty, grad_fn=grad_fn)
+        chunk_fn = parallel.make_train_chunk(
+            model,
+            exp.loss,
+            opt,
+            mesh=cfg["devices"],
+            batch_size=bs,
+            penalty=exp.penalty,
+            grad_fn=grad_fn,
+        )
     else:
         chunk_fn = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
     probe = jax.jit(exp.probe(model, exp.loss, opt)) if getattr(exp, "probe", None) else None
@@ -360,9 +398,18 @@ def run(
     every = cfg["checkpoint_every"] or max(1, cfg["epochs"] // 10)
     chunk = cfg["chunk_steps"]
 
-    prog = {"epoch": 0, "pos": 0, "acc": _new_epoch_acc(), "best_val": math.inf,
-            "best_epoch": 0, "bad_epochs": 0, "skipped_total": 0, "train_seconds": 0.0,
-            "stopped_early": False, "steps_per_epoch": steps}
+    prog = {
+        "epoch": 0,
+        "pos": 0,
+        "acc": _new_epoch_acc(),
+        "best_val": math.inf,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "skipped_total": 0,
+        "train_seconds": 0.0,
+        "stopped_early": False,
+        "steps_per_epoch": steps,
+    }
     order_key = jax.random.key(0)
     best = {"params": ts.params, "model_state": ts.model_state}
     history: list[dict[str, Any]] = []
@@ -381,10 +428,10 @@ def run(
                     f"run: the checkpoint has {prog['steps_per_epoch']} steps per epoch but this "
                     f"config gives {steps}; resume with the same data and batch size."
                 )
-            history = [r for r in read_metrics(out_dir / "metrics.jsonl")
-                       if r["epoch"] <= prog["epoch"]]
-            print_fn(f"resuming from {last_ckpt.name}: epoch {prog['epoch']}, "
-                     f"step {int(ts.step)}")
+            history = [
+                r for r in read_metrics(out_dir / "metrics.jsonl") if r["epoch"] <= prog["epoch"]
+            ]
+            print_fn(f"resuming from {last_ckpt.name}: epoch {prog['epoch']}, step {int(ts.step)}")
     elif resume and out_dir is not None:
         print_fn(f"no checkpoint in {out_dir}; starting from scratch.")
 
@@ -407,12 +454,17 @@ def run(
                 f"checkpoint: {last_ckpt}."
             )
         log.sync()
-        meta = {"config": cfg, "progress": prog, "step": int(ts.step),
-                "val_loss": prog["best_val"] if math.isfinite(prog["best_val"]) else None,
-                "epoch_val_loss": history[-1].get("val_loss") if history else None}
+        meta = {
+            "config": cfg,
+            "progress": prog,
+            "step": int(ts.step),
+            "val_loss": prog["best_val"] if math.isfinite(prog["best_val"]) else None,
+            "epoch_val_loss": history[-1].get("val_loss") if history else None,
+        }
         tree = {"state": ts, "best": best, "order_key": order_key}
-        last_ckpt = ckpt.save(ckpt_dir, tree, meta=meta, keep=cfg["keep"],
-                              score=lambda m: m.get("epoch_val_loss"))
+        last_ckpt = ckpt.save(
+            ckpt_dir, tree, meta=meta, keep=cfg["keep"], score=lambda m: m.get("epoch_val_loss")
+        )
         return last_ckpt
 
     try:
@@ -438,8 +490,11 @@ def run(
                         raise NonFiniteError(
                             f"non-finite loss or gradient at step {bad} (epoch "
                             f"{prog['epoch'] + 1}, batch {lo + int(np.argmax(skipped))}); "
-                            + (f"the last good checkpoint {last_ckpt.name} is kept."
-                               if last_ckpt else "no checkpoint was saved.")
+                            + (
+                                f"the last good checkpoint {last_ckpt.name} is kept."
+                                if last_ckpt
+                                else "no checkpoint was saved."
+                            )
                         )
                     ts = new_ts
                     _accumulate(prog["acc"], m, dt)
@@ -458,15 +513,22 @@ def run(
                     "loss": acc["loss_sum"] / acc["loss_n"] if acc["loss_n"] else None,
                 }
                 if has_val:
-                    row.update({f"val_{k}": float(v) for k, v in
-                                jax.device_get(eval_fn(ts.params, ts.model_state, xv, yv)).items()})
+                    row.update(
+                        {
+                            f"val_{k}": float(v)
+                            for k, v in jax.device_get(
+                                eval_fn(ts.params, ts.model_state, xv, yv)
+                            ).items()
+                        }
+                    )
                 row["lr"] = _lr_now(cfg, schedule, ts)
                 row["grad_norm"] = acc["gn_sum"] / acc["loss_n"] if acc["loss_n"] else None
                 row["skipped"] = acc["skipped"]
                 row["seconds"] = acc["seconds"]
                 if probe is not None:  # Experiment.probe: e.g. per-layer gradient statistics
-                    row.update({k: float(v) for k, v in
-                                jax.device_get(probe(ts, x[:bs], y[:bs])).items()})
+                    row.update(
+                        {k: float(v) for k, v in jax.device_get(probe(ts, x[:bs], y[:bs])).items()}
+                    )
                 history.append(row)
                 if log is not None:
                     log.write(row)
@@ -484,16 +546,19 @@ def run(
                     prog["stopped_early"] = True
                 printer.epoch(row)
                 if acc["skipped"]:
-                    printer.line(f"epoch {prog['epoch']}: skipped {acc['skipped']} steps with a "
-                                 "non-finite loss or gradient")
+                    printer.line(
+                        f"epoch {prog['epoch']}: skipped {acc['skipped']} steps with a "
+                        "non-finite loss or gradient"
+                    )
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, save_checkpoint())
                 if prog["epoch"] % every == 0 and prog["epoch"] < cfg["epochs"]:
                     save_checkpoint()
             if printer.tty:
                 printer.line("")
-            if out_dir is not None and (last_ckpt is None or _ckpt_epoch(last_ckpt) !=
-                                        (prog["epoch"], int(ts.step))):
+            if out_dir is not None and (
+                last_ckpt is None or _ckpt_epoch(last_ckpt) != (prog["epoch"], int(ts.step))
+            ):
                 save_checkpoint()
     finally:
         if log is not None:
@@ -502,13 +567,20 @@ def run(
     # ---- final parameters, test metrics, summary, plots, report
     use_best = bool(cfg["patience"]) and has_val and prog["best_epoch"] > 0
     final = ts._replace(**best) if use_best else ts
-    test = fbp_train.evaluate(model, exp.loss, final.params, jnp.asarray(ds.test.x),
-                              jnp.asarray(ds.test.y), model_state=final.model_state)
-    result = RunResult(exp, cfg, model, ds, final, history, test, prog["train_seconds"],
-                       out_dir)
+    test = fbp_train.evaluate(
+        model,
+        exp.loss,
+        final.params,
+        jnp.asarray(ds.test.x),
+        jnp.asarray(ds.test.y),
+        model_state=final.model_state,
+    )
+    result = RunResult(exp, cfg, model, ds, final, history, test, prog["train_seconds"], out_dir)
     if prog["stopped_early"]:
-        print_fn(f"early stop at epoch {prog['epoch']}: best validation loss "
-                 f"{prog['best_val']:.4f} at epoch {prog['best_epoch']} (parameters restored)")
+        print_fn(
+            f"early stop at epoch {prog['epoch']}: best validation loss "
+            f"{prog['best_val']:.4f} at epoch {prog['best_epoch']} (parameters restored)"
+        )
     if out_dir is not None:
         summary = _summary(exp, cfg, prog, int(ts.step), final.params, test, history, last_ckpt)
         summary["restored_best"] = use_best
@@ -517,8 +589,10 @@ def run(
             write_plots(out_dir, history)
     print_fn(f"== {exp.name}: {exp.description}")
     print_fn(f"test {_fmt(test)}")
-    print_fn(f"training time {prog['train_seconds']:.2f} s for {prog['epoch']} epochs "
-             "(includes compilation)")
+    print_fn(
+        f"training time {prog['train_seconds']:.2f} s for {prog['epoch']} epochs "
+        "(includes compilation)"
+    )
     if out_dir is not None:
         print_fn(f"outputs in {out_dir}")
     for line in exp.report(result) if exp.report else []:
@@ -585,9 +659,12 @@ def _check_labels(model, ts, ds, loss) -> None:
         return
     out = jax.eval_shape(
         lambda p, s, xb: model.apply(p, xb, state=s or None, train=False),
-        ts.params, ts.model_state, jnp.asarray(ds.train.x[:1]),
+        ts.params,
+        ts.model_state,
+        jnp.asarray(ds.train.x[:1]),
     )
     for name in ("train", "val", "test"):
         s = getattr(ds, name)
-        fbp_data.validate_arrays(s.x, s.y, name=f"{ds.name} {name}", classes=out.shape[-1],
-                                 allow_empty=True)
+        fbp_data.validate_arrays(
+            s.x, s.y, name=f"{ds.name} {name}", classes=out.shape[-1], allow_empty=True
+        )

@@ -77,7 +77,9 @@ def _leaf_errors(prefix: str, got: Any, ref: Any) -> dict[str, float]:
     if got_s != ref_s:
         raise AssertionError(f"{prefix}: tree structure {got_s} differs from reference {ref_s}")
     out = {}
-    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref)):
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref), strict=True
+    ):
         out[prefix + jax.tree_util.keystr(path)] = rel_error(g, r)
     return out
 
@@ -90,17 +92,21 @@ def _random_like(key, tree):
             jax.random.normal(k, v.shape, v.dtype)
             if jnp.issubdtype(v.dtype, jnp.floating)
             else jnp.zeros(v.shape, v.dtype)
-            for k, v in zip(keys, leaves)
+            for k, v in zip(keys, leaves, strict=True)
         ]
     )
 
 
 def _vdot(a, b) -> float:
-    return float(sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+    return float(
+        sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    )
 
 
 def _axpy(t, a, b):
-    return jax.tree.map(lambda u, v: u + t * v if jnp.issubdtype(u.dtype, jnp.floating) else u, a, b)
+    return jax.tree.map(
+        lambda u, v: u + t * v if jnp.issubdtype(u.dtype, jnp.floating) else u, a, b
+    )
 
 
 def _fd_error(f: Callable, theta: Any, grad: Any, key, eps: float) -> float:
@@ -231,7 +237,9 @@ def check_loss(
     errors = {"dpred": rel_error(got, ref)}
     d = _default_tols(jnp.asarray(pred).dtype)
     fd = _fd_error(value, pred, got, jax.random.key(seed), d[2])
-    return ParityReport(getattr(loss, "name", repr(loss)), errors, fd, rtol or d[0], fd_rtol or d[1])
+    return ParityReport(
+        getattr(loss, "name", repr(loss)), errors, fd, rtol or d[0], fd_rtol or d[1]
+    )
 
 
 def assert_parity(report: ParityReport) -> ParityReport:

@@ -89,12 +89,14 @@ CASES: list[LayerCase] = [
     # (more zoo cases, parity only, run under -m slow: tests/test_zoo.py::EXTRA_CASES)
     LayerCase("conv2d-same", lambda: nn.Conv2D(4, 3), (2, 7, 6, 3)),
     LayerCase(
-        "conv2d-valid-stride2", lambda: nn.Conv2D(4, (3, 2), strides=2, padding="VALID"),
+        "conv2d-valid-stride2",
+        lambda: nn.Conv2D(4, (3, 2), strides=2, padding="VALID"),
         (2, 9, 8, 3),
     ),
     LayerCase("conv2d-dilation2", lambda: nn.Conv2D(3, 3, dilation=2), (2, 8, 8, 2)),
     LayerCase(
-        "conv2d-int-padding-stride", lambda: nn.Conv2D(3, (2, 3), strides=(2, 3), padding=1),
+        "conv2d-int-padding-stride",
+        lambda: nn.Conv2D(3, (2, 3), strides=(2, 3), padding=1),
         (2, 7, 9, 2),
     ),
     LayerCase(
@@ -105,15 +107,19 @@ CASES: list[LayerCase] = [
     LayerCase("conv1d-same", lambda: nn.Conv1D(4, 3), (2, 9, 3)),
     LayerCase(
         "conv1d-valid-stride-dilation",
-        lambda: nn.Conv1D(3, 3, strides=2, padding="VALID", dilation=2), (2, 13, 2),
+        lambda: nn.Conv1D(3, 3, strides=2, padding="VALID", dilation=2),
+        (2, 13, 2),
     ),
     LayerCase("maxpool2d-odd-valid", lambda: nn.MaxPool2D((2, 3)), (2, 7, 8, 2)),
-    LayerCase("maxpool2d-overlap-same", lambda: nn.MaxPool2D(3, strides=2, padding="SAME"),
-              (2, 7, 6, 2)),
-    LayerCase("maxpool2d-int-padding", lambda: nn.MaxPool2D(3, strides=(1, 2), padding=1),
-              (2, 5, 6, 2)),
-    LayerCase("avgpool2d-overlap-same", lambda: nn.AvgPool2D(3, strides=2, padding="SAME"),
-              (2, 7, 6, 2)),
+    LayerCase(
+        "maxpool2d-overlap-same", lambda: nn.MaxPool2D(3, strides=2, padding="SAME"), (2, 7, 6, 2)
+    ),
+    LayerCase(
+        "maxpool2d-int-padding", lambda: nn.MaxPool2D(3, strides=(1, 2), padding=1), (2, 5, 6, 2)
+    ),
+    LayerCase(
+        "avgpool2d-overlap-same", lambda: nn.AvgPool2D(3, strides=2, padding="SAME"), (2, 7, 6, 2)
+    ),
     LayerCase(
         "avgpool2d-exclude-pad",
         lambda: nn.AvgPool2D(3, strides=(2, 1), padding=1, count_include_pad=False),
@@ -122,8 +128,9 @@ CASES: list[LayerCase] = [
     LayerCase("global-avg-pool", lambda: nn.GlobalAvgPool(), (2, 4, 5, 3)),
     LayerCase("flatten", lambda: nn.Flatten(), (2, 4, 3, 2)),
     LayerCase("reshape", lambda: nn.Reshape((4, 4, 1)), (3, 16)),
-    LayerCase("batchnorm-train-nhwc", lambda: nn.BatchNorm(), (2, 3, 4, 3), train=True,
-              with_state=True),
+    LayerCase(
+        "batchnorm-train-nhwc", lambda: nn.BatchNorm(), (2, 3, 4, 3), train=True, with_state=True
+    ),
     LayerCase("batchnorm-train-no-state", lambda: nn.BatchNorm(), (6, 3), train=True),
     LayerCase("batchnorm-eval", lambda: nn.BatchNorm(), (2, 3, 4, 3), with_state=True),
     LayerCase("layernorm", lambda: nn.LayerNorm(), (4, 5)),
@@ -134,16 +141,28 @@ CASES: list[LayerCase] = [
         lambda: nn.Residual(
             nn.Sequential([nn.Conv2D(2, 3, use_bias=False), nn.BatchNorm(), nn.ReLU()])
         ),
-        (2, 5, 5, 2), train=True, with_state=True,
+        (2, 5, 5, 2),
+        train=True,
+        with_state=True,
     ),
     LayerCase(
         "sequential-cnn",
-        lambda: nn.Sequential([
-            nn.Conv2D(3, 3, use_bias=False), nn.BatchNorm(), nn.ReLU(), nn.MaxPool2D(2),
-            nn.Dropout(0.25),
-            nn.Conv2D(4, 2, padding="VALID"), nn.GlobalAvgPool(), nn.Dense(2),
-        ]),
-        (3, 6, 6, 2), train=True, with_state=True, needs_key=True,
+        lambda: nn.Sequential(
+            [
+                nn.Conv2D(3, 3, use_bias=False),
+                nn.BatchNorm(),
+                nn.ReLU(),
+                nn.MaxPool2D(2),
+                nn.Dropout(0.25),
+                nn.Conv2D(4, 2, padding="VALID"),
+                nn.GlobalAvgPool(),
+                nn.Dense(2),
+            ]
+        ),
+        (3, 6, 6, 2),
+        train=True,
+        with_state=True,
+        needs_key=True,
     ),
     # --- containers (fbp/core.py)
     LayerCase(

@@ -14,10 +14,17 @@ KEY = jax.random.key(0)
 
 
 def _cnn():
-    return nn.Sequential([
-        nn.Conv2D(3, 3, use_bias=False), nn.BatchNorm(), nn.ReLU(), nn.MaxPool2D(2),
-        nn.Dropout(0.3), nn.Flatten(), nn.Dense(2),
-    ])
+    return nn.Sequential(
+        [
+            nn.Conv2D(3, 3, use_bias=False),
+            nn.BatchNorm(),
+            nn.ReLU(),
+            nn.MaxPool2D(2),
+            nn.Dropout(0.3),
+            nn.Flatten(),
+            nn.Dense(2),
+        ]
+    )
 
 
 def _assert_trees_close(a, b, rtol=1e-10):
@@ -39,6 +46,7 @@ def test_grad_through_adapter_matches_jax_grad_of_the_plain_forward(jit):
         def loss(params, x, scale):
             y = apply(params, jnp.tanh(x) * scale)
             return jnp.sum(jnp.sin(y) ** 2) + 0.1 * jnp.sum(params["6"]["w"] ** 2)
+
         return loss
 
     ours = program(lambda p, v: f(p, v, **kw))
@@ -107,6 +115,7 @@ def test_autodiff_only_in_testing_and_adapter():
                 if isinstance(base, ast.Name) and base.id == "jax":
                     offenders.append(f"{path.name}: jax.{node.attr}")
             if isinstance(node, ast.ImportFrom) and node.module == "jax":
-                offenders += [f"{path.name}: from jax import {a.name}" for a in node.names
-                              if a.name in banned]
+                offenders += [
+                    f"{path.name}: from jax import {a.name}" for a in node.names if a.name in banned
+                ]
     assert not offenders, offenders

@@ -35,8 +35,14 @@ def test_mlp_quick_prints_every_variant(capsys):
     out = capsys.readouterr().out
     rows = _table_rows(out)
     variants = {r[1] for r in rows}
-    for name in ("fbp make_step", "jax.grad make_step", "fbp vg + adam", "jax.grad + adam",
-                 "torch", "matmuls only, one call each"):
+    for name in (
+        "fbp make_step",
+        "jax.grad make_step",
+        "fbp vg + adam",
+        "jax.grad + adam",
+        "torch",
+        "matmuls only, one call each",
+    ):
         assert name in variants
     timed = [r for r in rows if r[1] == "fbp make_step"]
     assert float(timed[0][2].split()[0]) > 0

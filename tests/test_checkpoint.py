@@ -51,15 +51,19 @@ def test_save_leaves_no_temporaries_and_numbers_checkpoints(tmp_path):
     for i in range(3):
         ckpt.save(tmp_path, {"a": np.full(2, i, np.float32)})
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
-        "ckpt-000001", "ckpt-000002", "ckpt-000003"]
+        "ckpt-000001",
+        "ckpt-000002",
+        "ckpt-000003",
+    ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_keep_last_n_and_the_best(tmp_path):
     losses_ = [0.5, 0.1, 0.4, 0.3, 0.2, 0.6]
     for v in losses_:
-        ckpt.save(tmp_path, {"a": np.zeros(1)}, meta={"val": v}, keep=2,
-                  score=lambda m: m.get("val"))
+        ckpt.save(
+            tmp_path, {"a": np.zeros(1)}, meta={"val": v}, keep=2, score=lambda m: m.get("val")
+        )
     names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
     assert names == ["ckpt-000002", "ckpt-000005", "ckpt-000006"]
 
@@ -101,8 +105,9 @@ def test_corrupt_newest_is_reported_and_previous_used(tmp_path, damage):
     else:
         f.unlink()
     warnings = []
-    path, tree, meta = ckpt.load_latest(tmp_path, {"w": np.zeros(6, np.float32)},
-                                        warn=warnings.append)
+    path, tree, meta = ckpt.load_latest(
+        tmp_path, {"w": np.zeros(6, np.float32)}, warn=warnings.append
+    )
     assert path == a and meta == {"n": 1}
     np.testing.assert_array_equal(tree["w"], np.arange(6, dtype=np.float32))
     assert len(warnings) == 1 and "ckpt-000002" in warnings[0]
@@ -152,8 +157,13 @@ def test_architecture_mismatch_lists_every_path_and_shape(tmp_path):
     with pytest.raises(ckpt.ArchitectureMismatch, match="mismatches") as e:
         ckpt.load_latest(tmp_path, {"state": _state(hidden=6)})
     msg = str(e.value)
-    for p in ("state/params/0/w", "state/params/0/b", "state/params/2/w",
-              "state/opt_state/0/mu/0/w", "state/opt_state/0/nu/2/w"):
+    for p in (
+        "state/params/0/w",
+        "state/params/0/b",
+        "state/params/2/w",
+        "state/opt_state/0/mu/0/w",
+        "state/opt_state/0/nu/2/w",
+    ):
         assert p in msg
     assert "checkpoint has (5, 4) float32, model has (5, 6) float32" in msg
     assert path.exists()

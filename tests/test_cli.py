@@ -44,8 +44,10 @@ def _summary(out):
     return json.loads((Path(out) / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"],
-                                  ["export", "--help"], ["list", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"], ["list", "--help"]],
+)
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -128,10 +130,14 @@ def test_resume_continues_to_total_epochs_bitwise(ref, tmp_path, capsys):
     assert _train(part, "--epochs", 3, "--resume") == 0
     assert "resuming from ckpt-000001: epoch 1, step 6" in capsys.readouterr().out
     assert _summary(part)["params_sha256"] == _summary(ref)["params_sha256"]
-    strip = [{k: v for k, v in r.items() if k != "seconds"}
-             for r in runner.read_metrics(part / "metrics.jsonl")]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"}
-                     for r in runner.read_metrics(ref / "metrics.jsonl")]
+    strip = [
+        {k: v for k, v in r.items() if k != "seconds"}
+        for r in runner.read_metrics(part / "metrics.jsonl")
+    ]
+    assert strip == [
+        {k: v for k, v in r.items() if k != "seconds"}
+        for r in runner.read_metrics(ref / "metrics.jsonl")
+    ]
 
 
 def test_sigterm_mid_epoch_saves_and_resume_is_bitwise(ref, tmp_path, monkeypatch, capsys):
@@ -186,14 +192,44 @@ def test_schedules_show_in_the_lr_column(tmp_path):
     assert _train(tmp_path / "c", "--epochs", 3, "--schedule", "cosine") == 0
     lrs = [r["lr"] for r in runner.read_metrics(tmp_path / "c" / "metrics.jsonl")]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.01 and lrs[-1] == pytest.approx(0)
-    assert _train(tmp_path / "p", "--epochs", 25, "--lr", 0.05, "--schedule", "plateau",
-                  "--plateau-patience", 1, "--plateau-factor", 0.5, "--checkpoint-every", 25) == 0
+    assert (
+        _train(
+            tmp_path / "p",
+            "--epochs",
+            25,
+            "--lr",
+            0.05,
+            "--schedule",
+            "plateau",
+            "--plateau-patience",
+            1,
+            "--plateau-factor",
+            0.5,
+            "--checkpoint-every",
+            25,
+        )
+        == 0
+    )
     lrs = [r["lr"] for r in runner.read_metrics(tmp_path / "p" / "metrics.jsonl")]
     assert lrs[0] == pytest.approx(0.05) and lrs == sorted(lrs, reverse=True)
-    assert any(math.isclose(b, a * 0.5, rel_tol=1e-6) for a, b in zip(lrs, lrs[1:], strict=False))
+    assert any(math.isclose(b, a * 0.5, rel_tol=1e-6) for a, b in zip(lrs, lrs[1:], strict=True))
     # the plateau state lives in the optimizer state, so it is checkpointed: resume is exact
-    assert _train(tmp_path / "q", "--epochs", 12, "--lr", 0.05, "--schedule", "plateau",
-                  "--plateau-patience", 1, "--plateau-factor", 0.5) == 0
+    assert (
+        _train(
+            tmp_path / "q",
+            "--epochs",
+            12,
+            "--lr",
+            0.05,
+            "--schedule",
+            "plateau",
+            "--plateau-patience",
+            1,
+            "--plateau-factor",
+            0.5,
+        )
+        == 0
+    )
     assert _train(tmp_path / "q", "--epochs", 25, "--resume") == 0
     assert _summary(tmp_path / "q")["params_sha256"] == _summary(tmp_path / "p")["params_sha256"]
     assert [r["lr"] for r in runner.read_metrics(tmp_path / "q" / "metrics.jsonl")] == lrs
@@ -202,8 +238,9 @@ def test_schedules_show_in_the_lr_column(tmp_path):
 def test_clip_and_weight_decay_build_into_the_optimizer():
     from fbp.experiment import get
 
-    exp = dataclasses.replace(get(os.path.join(EXPERIMENTS, "tiny.py")),
-                              optimizer=lambda lr, steps: optax.sgd(lr))
+    exp = dataclasses.replace(
+        get(os.path.join(EXPERIMENTS, "tiny.py")), optimizer=lambda lr, steps: optax.sgd(lr)
+    )
     params = {"w": np.full(4, 2.0, np.float32)}
     opt, _ = runner.build_optimizer(exp, runner.resolve_config(exp, clip=1.0, lr=1.0), 10)
     upd, _ = opt.update({"w": np.full(4, 100.0, np.float32)}, opt.init(params), params)
@@ -226,8 +263,9 @@ def test_nonfinite_skip_counts_and_keeps_params_finite(tmp_path, monkeypatch, ca
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(params))
 
 
-def test_nonfinite_halt_names_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch,
-                                                                      capsys):
+def test_nonfinite_halt_names_the_step_and_keeps_last_good_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     assert _train(out, "--epochs", 2, name="tiny-poison") == 0
     good = ckpt.list_checkpoints(out / "checkpoints")
@@ -278,8 +316,12 @@ def test_resume_with_another_architecture_lists_every_mismatch(ref, tmp_path, ca
     assert cli.main(["train", str(wide), "--out", str(ref), "--resume", "--epochs", "4"]) == 2
     err = capsys.readouterr().err
     assert "does not fit this model" in err and err.count("\n") == 1
-    for path in ("state/params/0/w: checkpoint has (4, 8) float32, model has (4, 16) float32",
-                 "state/params/2/w", "state/opt_state/0/mu/0/b", "best/params/0/b"):
+    for path in (
+        "state/params/0/w: checkpoint has (4, 8) float32, model has (4, 16) float32",
+        "state/params/2/w",
+        "state/opt_state/0/mu/0/b",
+        "best/params/0/b",
+    ):
         assert path in err
     assert sorted(p.name for p in (ref / "checkpoints").iterdir()) == before
 
@@ -299,7 +341,8 @@ def test_resume_refuses_a_planted_pickle_without_running_it(tmp_path, capsys):
     evil = out / "checkpoints" / "ckpt-000002"
     evil.mkdir()
     (evil / ckpt.MANIFEST).write_text(
-        (out / "checkpoints" / "ckpt-000001" / ckpt.MANIFEST).read_text())
+        (out / "checkpoints" / "ckpt-000001" / ckpt.MANIFEST).read_text()
+    )
     (evil / ckpt.TENSORS).write_bytes(pickle.dumps(_Evil(str(marker))))
     assert _train(out, "--epochs", 2, "--resume") == 2
     assert "looks like a Python pickle" in capsys.readouterr().err

@@ -10,7 +10,16 @@ from hypothesis import strategies as st
 import fbp
 from fbp import ShapeError, losses, nn, testing
 
-ACTIVATIONS = [nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.Softplus, nn.Identity]
+ACTIVATIONS = [
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.Softplus,
+    nn.Identity,
+]
 
 
 def test_readme_contract_shapes_and_parity():
@@ -18,7 +27,9 @@ def test_readme_contract_shapes_and_parity():
     labels = jnp.arange(32) % 10
     model = nn.Sequential([nn.Dense(64), nn.Tanh(), nn.Dense(10)])
     params = model.init(jax.random.key(0), x)
-    assert params["0"]["w"].shape == (20, 64) and params["1"] == {} and params["2"]["b"].shape == (10,)
+    assert (
+        params["0"]["w"].shape == (20, 64) and params["1"] == {} and params["2"]["b"].shape == (10,)
+    )
     y, res = model.forward(params, x)
     np.testing.assert_array_equal(y, model.apply(params, x))
     dparams, dx = model.backward(params, res, jnp.ones_like(y))
@@ -27,7 +38,7 @@ def test_readme_contract_shapes_and_parity():
     f = fbp.loss_fn(model, losses.softmax_cross_entropy)
     ref_value, ref = jax.value_and_grad(f)(params, x, labels)
     assert float(value) == pytest.approx(float(ref_value), rel=1e-14)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
         assert testing.rel_error(a, b) < 1e-10
 
 
@@ -65,7 +76,10 @@ def test_random_mlps_match_jax_grad(widths, batch, in_features, act, loss_name, 
     if loss_name == "ce":
         loss, target = losses.softmax_cross_entropy, jax.random.randint(kt, (batch,), 0, out)
     elif loss_name == "bce":
-        loss, target = losses.sigmoid_binary_cross_entropy, jax.random.uniform(kt, (batch, out), jnp.float64)
+        loss, target = (
+            losses.sigmoid_binary_cross_entropy,
+            jax.random.uniform(kt, (batch, out), jnp.float64),
+        )
     else:
         loss = losses.mse if loss_name == "mse" else losses.huber
         target = jax.random.normal(kt, (batch, out), jnp.float64)
@@ -99,18 +113,24 @@ def test_mismatched_params_fail_at_trace_time_inside_sequential():
     model = nn.Sequential([nn.Dense(4), nn.Dense(3)])
     params = model.init(jax.random.key(0), jnp.ones((2, 5)))
     params["1"]["w"] = jnp.ones((7, 3))
-    with pytest.raises(ShapeError, match=r"Sequential layer 1: Dense\(3\)\.forward: x has shape \(2, 4\)"):
+    with pytest.raises(
+        ShapeError, match=r"Sequential layer 1: Dense\(3\)\.forward: x has shape \(2, 4\)"
+    ):
         jax.jit(fbp.value_and_grad(model, losses.mse))(params, jnp.ones((2, 5)), jnp.ones((2, 3)))
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "8"])
 def test_dense_rejects_bad_out_features(bad):
-    with pytest.raises(ValueError, match=rf"Dense: out_features must be a positive int, got {bad!r}"):
+    with pytest.raises(
+        ValueError, match=rf"Dense: out_features must be a positive int, got {bad!r}"
+    ):
         nn.Dense(bad)
 
 
 def test_unknown_initializer_is_rejected_when_built():
-    with pytest.raises(ValueError, match=r"Dense: unknown initializer 'glorot'; expected one of \["):
+    with pytest.raises(
+        ValueError, match=r"Dense: unknown initializer 'glorot'; expected one of \["
+    ):
         nn.Dense(3, w_init="glorot")
 
 
@@ -127,7 +147,8 @@ def test_elu_and_normal_init_validate():
 
 
 @pytest.mark.parametrize(
-    "name", ["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal"]
+    "name",
+    ["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal"],
 )
 def test_initializer_variance_matches_its_rule(name):
     fan_in, fan_out = 400, 300
@@ -146,9 +167,13 @@ def test_harness_catches_a_wrong_backward():
         def _df(self, y):
             return 1 - y  # wrong: should be 1 - y²
 
-    report = testing.check_layer(BadTanh(), jax.random.normal(jax.random.key(0), (4, 3), jnp.float64))
+    report = testing.check_layer(
+        BadTanh(), jax.random.normal(jax.random.key(0), (4, 3), jnp.float64)
+    )
     assert not report.ok and report.errors["dx"] > 1e-3
-    with pytest.raises(AssertionError, match=r"(?s)gradient parity failed:\n.*  dx +[0-9.e+]+   <-- FAIL"):
+    with pytest.raises(
+        AssertionError, match=r"(?s)gradient parity failed:\n.*  dx +[0-9.e+]+   <-- FAIL"
+    ):
         testing.assert_parity(report)
 
 
@@ -164,7 +189,9 @@ def test_harness_catches_wrong_reference_with_finite_differences():
             y = jnp.tanh(x)
             return y + jax.lax.stop_gradient(y)  # reference sees half the slope
 
-    report = testing.check_layer(Sneaky(), jax.random.normal(jax.random.key(0), (4, 3), jnp.float64))
+    report = testing.check_layer(
+        Sneaky(), jax.random.normal(jax.random.key(0), (4, 3), jnp.float64)
+    )
     assert report.fd_error > 1e-2 and not report.ok
 
 
@@ -173,6 +200,10 @@ def test_harness_report_lists_every_leaf():
     x = jax.random.normal(jax.random.key(0), (4, 5), jnp.float64)
     report = testing.check_model(model, losses.mse, x, jnp.zeros((4, 2)))
     assert set(report.errors) == {
-        "loss", "grads['0']['b']", "grads['0']['w']", "grads['2']['b']", "grads['2']['w']"
+        "loss",
+        "grads['0']['b']",
+        "grads['0']['w']",
+        "grads['2']['b']",
+        "grads['2']['w']",
     }
     assert "finite differences" in str(report) and report.max_error < 1e-10

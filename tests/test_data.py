@@ -11,8 +11,13 @@ from fbp import data
 
 @pytest.mark.parametrize(
     "name, features, classes",
-    [("digits", 64, 10), ("iris", 4, 3), ("breast_cancer", 30, 2), ("wine", 13, 3),
-     ("diabetes", 10, None)],
+    [
+        ("digits", 64, 10),
+        ("iris", 4, 3),
+        ("breast_cancer", 30, 2),
+        ("wine", 13, 3),
+        ("diabetes", 10, None),
+    ],
 )
 def test_bundled_sets_split_and_standardise(name, features, classes):
     ds = data.load(name, seed=0)
@@ -24,8 +29,7 @@ def test_bundled_sets_split_and_standardise(name, features, classes):
     # statistics come from train only: val/test are transformed with the same ones
     assert ds.x_mean.shape == (features,) and ds.x_std.shape == (features,)
     raw = data.load(name, seed=0, standardize_x=False)
-    np.testing.assert_allclose((raw.test.x - ds.x_mean) / ds.x_std, ds.test.x, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose((raw.test.x - ds.x_mean) / ds.x_std, ds.test.x, rtol=1e-5, atol=1e-5)
     if classes is None:
         assert ds.train.y.shape[1] == 1 and ds.train.y.dtype == np.float32
     else:
@@ -62,10 +66,18 @@ Y = np.array([0, 1, 2, 1, 0])
 @pytest.mark.parametrize(
     "x, y, kwargs, match",
     [
-        (np.where(np.arange(15).reshape(5, 3) == 7, np.nan, X), Y, {},
-         r"data: x has nan \(not finite\) at row 2, column 1"),
-        (np.where(np.arange(15).reshape(5, 3) == 12, np.inf, X), Y, {},
-         r"x has inf \(not finite\) at row 4, column 0"),
+        (
+            np.where(np.arange(15).reshape(5, 3) == 7, np.nan, X),
+            Y,
+            {},
+            r"data: x has nan \(not finite\) at row 2, column 1",
+        ),
+        (
+            np.where(np.arange(15).reshape(5, 3) == 12, np.inf, X),
+            Y,
+            {},
+            r"x has inf \(not finite\) at row 4, column 0",
+        ),
         (X, Y[:4], {}, "x has 5 rows but y has 4"),
         (X, Y, {"features": 4}, r"x has shape \(5, 3\) but the model expects 4 features"),
         (X, np.array([0, 1, 3, 1, 0]), {"classes": 3}, r"label 3 at row 2 is outside \[0, 3\)"),

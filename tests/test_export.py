@@ -36,7 +36,11 @@ def test_export_files_and_manifest(exported):
     out, run = exported
     d = out / "export"
     assert sorted(p.name for p in d.iterdir()) == [
-        "README.txt", "export.json", "model.jaxexport", "params.safetensors"]
+        "README.txt",
+        "export.json",
+        "model.jaxexport",
+        "params.safetensors",
+    ]
     meta = json.loads((d / "export.json").read_text())
     assert meta["x_shape"] == ["batch", 4] and meta["classes"] == 3
     assert meta["standardized_inside"] and "input/mean" in meta["inputs"]
@@ -70,10 +74,16 @@ def test_readme_loader_runs_without_fbp(exported, tmp_path):
         + f"np.save({str(tmp_path / 'y.npy')!r}, np.asarray(y))\n"
         "assert not any(m == 'fbp' or m.startswith('fbp.') for m in sys.modules), 'fbp imported'\n"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=300,
-                   env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _in_process(run, raw), rtol=1e-5,
-                               atol=1e-6)
+    subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "y.npy"), _in_process(run, raw), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_export_of_a_non_run_dir_exits_2(tmp_path, capsys):

@@ -50,8 +50,11 @@ def _wait_for_epoch(proc, out, epoch, timeout=300.0):
     metrics = Path(out) / "metrics.jsonl"
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if (metrics.exists() and metrics.read_bytes().count(b"\n") >= epoch
-                and ckpt.list_checkpoints(Path(out) / "checkpoints")):
+        if (
+            metrics.exists()
+            and metrics.read_bytes().count(b"\n") >= epoch
+            and ckpt.list_checkpoints(Path(out) / "checkpoints")
+        ):
             return
         if proc.poll() is not None:
             raise AssertionError(f"fbp exited early with {proc.returncode}")
@@ -62,8 +65,9 @@ def _wait_for_epoch(proc, out, epoch, timeout=300.0):
 def _trial(tmp_path, sig, seed):
     """Interrupt one run at a seeded random moment; return (exit code, resumed sha)."""
     out = tmp_path / f"{signal.Signals(sig).name}-{seed}"
-    proc = subprocess.Popen(_fbp(out), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _fbp(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     rng = random.Random(seed)
     _wait_for_epoch(proc, out, rng.randint(1, 60))  # a random epoch of 120 ...
     time.sleep(rng.uniform(0.0, 0.02))  # ... and a random moment within it
@@ -76,8 +80,9 @@ def _trial(tmp_path, sig, seed):
     for p in ckpts:
         ckpt.read_arrays(p)
     runner.read_metrics(out / "metrics.jsonl")  # a torn last line is tolerated
-    resumed = subprocess.run(_fbp(out, "--resume"), env=_env(), capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        _fbp(out, "--resume"), env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, resumed.stderr
     return rc, err.decode(), _sha(out)
 
@@ -90,8 +95,9 @@ def _check(rc, err, sha, sig, reference):
     assert sha == reference
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
-                         ids=["SIGTERM", "SIGINT", "SIGKILL"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"]
+)
 def test_signal_then_resume_is_bitwise(tmp_path, reference, sig):
     rc, err, sha = _trial(tmp_path, sig, seed=int(sig))
     _check(rc, err, sha, sig, reference)

@@ -43,7 +43,7 @@ def test_jit_equals_eager(case):
     y_jit, res_jit = fwd(params, x, kw["key"], kw["state"])
     jitted = jax.jit(layer.backward)(params, res_jit, dy)
     np.testing.assert_allclose(np.asarray(y_jit), np.asarray(y), rtol=1e-12, atol=1e-12)
-    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
+    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
 
 
@@ -53,7 +53,7 @@ def test_dparams_tree_equals_params_tree_and_dx_shape(case):
     y, res = layer.forward(params, x, **kw)
     dparams, dx = layer.backward(params, res, jnp.ones_like(y))
     assert jax.tree.structure(dparams) == jax.tree.structure(params)
-    for d, p in zip(jax.tree.leaves(dparams), jax.tree.leaves(params)):
+    for d, p in zip(jax.tree.leaves(dparams), jax.tree.leaves(params), strict=True):
         assert d.shape == p.shape and d.dtype == p.dtype
     assert dx.shape == x.shape
 
@@ -82,7 +82,7 @@ def test_backward_is_linear_in_dy(case):
     ga, gb = layer.backward(params, res, a), layer.backward(params, res, b)
     rhs = jax.tree.map(lambda u, v: 2.0 * u - 3.0 * v, ga, gb)
     tol = 1e-9 if y.dtype == jnp.float64 else 1e-5  # float32 params of integer-input layers
-    for u, v in zip(jax.tree.leaves(lhs), jax.tree.leaves(rhs)):
+    for u, v in zip(jax.tree.leaves(lhs), jax.tree.leaves(rhs), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
 
 

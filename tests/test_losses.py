@@ -110,15 +110,20 @@ def test_label_out_of_range_under_jit_is_nan_not_wrapped():
 
 
 def test_shape_errors_name_the_loss_and_shapes():
-    with pytest.raises(ShapeError, match=r"mse: target has shape \(6, 3\) but pred has shape \(6, 4\)"):
+    with pytest.raises(
+        ShapeError, match=r"mse: target has shape \(6, 3\) but pred has shape \(6, 4\)"
+    ):
         losses.mse(PRED, jnp.zeros((6, 3)))
     with pytest.raises(
-        ShapeError, match=r"integer labels have shape \(5,\) but logits of shape \(6, 4\) need labels of shape \(6,\)"
+        ShapeError,
+        match=r"integer labels have shape \(5,\) but logits of shape \(6, 4\) need labels of shape \(6,\)",
     ):
         losses.softmax_cross_entropy(PRED, jnp.zeros((5,), jnp.int32))
     with pytest.raises(ShapeError, match=r"probability targets have shape \(6, 3\)"):
         losses.softmax_cross_entropy(PRED, jnp.zeros((6, 3)))
-    with pytest.raises(ShapeError, match=r"where has shape \(5,\) but the per-entry loss has shape \(6, 4\)"):
+    with pytest.raises(
+        ShapeError, match=r"where has shape \(5,\) but the per-entry loss has shape \(6, 4\)"
+    ):
         losses.mse(PRED, PRED, jnp.ones(5))
     with pytest.raises(ValueError, match=r"huber: delta must be > 0, got 0"):
         losses.Huber(0)
@@ -135,7 +140,7 @@ PARAMS = {
 def test_penalty_gradient_matches_jax_grad_and_skips_biases(penalty):
     got = penalty.backward(PARAMS)
     ref = jax.grad(penalty)(PARAMS)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     assert float(jnp.abs(got["0"]["b"]).max()) == 0.0
     assert float(jnp.abs(got["2"]["scale"]).max()) == 0.0

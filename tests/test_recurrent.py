@@ -68,8 +68,10 @@ def _setup(kind, batch=3, time=6, n_in=2, hidden=4, seed=0, dtype=jnp.float64, *
     x = jax.random.normal(kx, (batch, time, n_in), dtype)
     params = layer.init(kp, x)
     # Non-zero biases so every bias gradient path is exercised.
-    params = {k: v + 0.1 * jax.random.normal(jax.random.fold_in(kp, i), v.shape, dtype)
-              for i, (k, v) in enumerate(sorted(params.items()))}
+    params = {
+        k: v + 0.1 * jax.random.normal(jax.random.fold_in(kp, i), v.shape, dtype)
+        for i, (k, v) in enumerate(sorted(params.items()))
+    }
     dy = jax.random.normal(kd, (batch, time, hidden), dtype)
     return layer, params, x, dy
 
@@ -108,7 +110,8 @@ def test_bptt_matches_jax_grad_of_own_forward_and_reference(kind, time):
         ours = _fbp_grads(layer, params, x, dy)
         own = jax.grad(lambda p, v: jnp.vdot(layer.apply(p, v), dy), argnums=(0, 1))(params, x)
         ref = jax.grad(lambda p, v: jnp.vdot(ref_scan(kind, p, v)[0], dy), argnums=(0, 1))(
-            params, x)
+            params, x
+        )
         return ours, own, ref, ref_scan(kind, params, x)[0]
 
     (y, _, dp, dx), own, ref, y_ref = both(params, x, dy)
@@ -146,8 +149,10 @@ def _padded_and_unpadded(layer, params, x, dy, lengths):
     @jax.jit
     def run(params, x, dy):
         full = _grads(layer, params, x, dy, lengths=jnp.array(lengths))
-        each = [_grads(layer, params, x[b : b + 1, :n], dy[b : b + 1, :n])
-                for b, n in enumerate(lengths)]
+        each = [
+            _grads(layer, params, x[b : b + 1, :n], dy[b : b + 1, :n])
+            for b, n in enumerate(lengths)
+        ]
         return full, each
 
     return run(params, x, dy)
@@ -259,8 +264,9 @@ def test_windows_with_carried_state_equal_one_long_run(kind):
     assert all(float(jnp.max(jnp.abs(v))) == 0 for v in state.values())
     ys, dp_sum, dxs = [], jax.tree.map(jnp.zeros_like, params), []
     for t0 in range(0, 12, 4):
-        y, res, dp, dx = _fbp_grads(stateful, params, x[:, t0 : t0 + 4], dy[:, t0 : t0 + 4],
-                                    state=state)
+        y, res, dp, dx = _fbp_grads(
+            stateful, params, x[:, t0 : t0 + 4], dy[:, t0 : t0 + 4], state=state
+        )
         state = stateful.next_state(state, res)
         ys.append(y)
         dxs.append(dx)
@@ -304,8 +310,9 @@ def test_initial_state_changes_output_but_gets_no_gradient():
     y, _, dp, dx = _fbp_grads(layer, params, x, dy, state=state)
     y_ref, _ = ref_scan("lstm", params, x, carry0=state)
     _assert_close(y, y_ref)
-    ref = jax.grad(lambda p, v: jnp.vdot(ref_scan("lstm", p, v, carry0=state)[0], dy),
-                   argnums=(0, 1))(params, x)
+    ref = jax.grad(
+        lambda p, v: jnp.vdot(ref_scan("lstm", p, v, carry0=state)[0], dy), argnums=(0, 1)
+    )(params, x)
     _assert_close((dp, dx), ref)
 
 
@@ -327,25 +334,40 @@ def test_hyperparameter_errors(cls):
 def test_input_errors_name_layer_expected_and_got():
     layer = nn.LSTM(4)
     params = layer.init(jax.random.key(0), jnp.ones((2, 5, 3)))
-    with pytest.raises(nn.ShapeError, match=r"LSTM\(4\).forward: x has shape \(2, 3\) but expected "
-                       r"\(batch, time, in\)"):
+    with pytest.raises(
+        nn.ShapeError,
+        match=r"LSTM\(4\).forward: x has shape \(2, 3\) but expected "
+        r"\(batch, time, in\)",
+    ):
         layer.apply(params, jnp.ones((2, 3)))
-    with pytest.raises(nn.ShapeError, match=r"LSTM\(4\).forward: x has shape \(2, 5, 7\) but "
-                       r"params\['w_ih'\] expects \(\.\.\., 3\)"):
+    with pytest.raises(
+        nn.ShapeError,
+        match=r"LSTM\(4\).forward: x has shape \(2, 5, 7\) but "
+        r"params\['w_ih'\] expects \(\.\.\., 3\)",
+    ):
         layer.apply(params, jnp.ones((2, 5, 7)))
     with pytest.raises(nn.ShapeError, match=r"LSTM\(4\).init: x has shape \(5, 3\) but expected"):
         layer.init(jax.random.key(0), jnp.ones((5, 3)))
-    with pytest.raises(nn.ShapeError, match=r"lengths has shape \(3,\) .* expected integers of "
-                       r"shape \(batch,\) = \(2,\)"):
+    with pytest.raises(
+        nn.ShapeError,
+        match=r"lengths has shape \(3,\) .* expected integers of "
+        r"shape \(batch,\) = \(2,\)",
+    ):
         layer.apply(params, jnp.ones((2, 5, 3)), lengths=jnp.array([1, 2, 3]))
-    with pytest.raises(nn.ShapeError, match=r"state\['h'\] has shape \(3, 4\) but expected "
-                       r"\(batch, hidden\) = \(2, 4\)"):
+    with pytest.raises(
+        nn.ShapeError,
+        match=r"state\['h'\] has shape \(3, 4\) but expected "
+        r"\(batch, hidden\) = \(2, 4\)",
+    ):
         bad = {"h": jnp.ones((3, 4)), "c": jnp.ones((3, 4))}
         layer.apply(params, jnp.ones((2, 5, 3)), state=bad)
     with pytest.raises(nn.ShapeError, match=r"state has keys \['h'\] but expected \['c', 'h'\]"):
         layer.apply(params, jnp.ones((2, 5, 3)), state={"h": jnp.ones((2, 4))})
-    with pytest.raises(nn.ShapeError, match=r"Sequential layer 1: LastStep\(\).forward: x has "
-                       r"shape \(2, 4\)"):
+    with pytest.raises(
+        nn.ShapeError,
+        match=r"Sequential layer 1: LastStep\(\).forward: x has "
+        r"shape \(2, 4\)",
+    ):
         model = nn.Sequential([nn.Dense(4), nn.LastStep()])
         model.init(jax.random.key(0), jnp.ones((2, 3)))
 

@@ -51,14 +51,18 @@ def test_matches_torch_outputs_final_state_and_gradients(kind, with_state):
     kx, kp, kd, ks = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, (batch, time, n_in), jnp.float64)
     params = layer.init(kp, x)
-    params = {k: v + 0.1 * jax.random.normal(jax.random.fold_in(kp, i), v.shape, v.dtype)
-              for i, (k, v) in enumerate(sorted(params.items()))}
+    params = {
+        k: v + 0.1 * jax.random.normal(jax.random.fold_in(kp, i), v.shape, v.dtype)
+        for i, (k, v) in enumerate(sorted(params.items()))
+    }
     dy = jax.random.normal(kd, (batch, time, hidden), jnp.float64)
     names = ("h", "c") if kind == "lstm" else ("h",)
     state = None
     if with_state:
-        state = {k: 0.5 * jax.random.normal(jax.random.fold_in(ks, i), (batch, hidden))
-                 for i, k in enumerate(names)}
+        state = {
+            k: 0.5 * jax.random.normal(jax.random.fold_in(ks, i), (batch, hidden))
+            for i, k in enumerate(names)
+        }
 
     y, res = layer.forward(params, x, state=state)
     dparams, dx = layer.backward(params, res, dy)
@@ -88,8 +92,11 @@ def test_torch_lstm_weights_round_trip_by_transpose():
     """A torch LSTM's state_dict loads into our params by transposing and summing biases."""
     module = torch.nn.LSTM(3, 4, batch_first=True, dtype=torch.float64)
     sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-    params = {"w_ih": jnp.asarray(sd["weight_ih_l0"].T), "w_hh": jnp.asarray(sd["weight_hh_l0"].T),
-              "b": jnp.asarray(sd["bias_ih_l0"] + sd["bias_hh_l0"])}
+    params = {
+        "w_ih": jnp.asarray(sd["weight_ih_l0"].T),
+        "w_hh": jnp.asarray(sd["weight_hh_l0"].T),
+        "b": jnp.asarray(sd["bias_ih_l0"] + sd["bias_hh_l0"]),
+    }
     x = np.random.default_rng(0).normal(size=(2, 6, 3))
     y = nn.LSTM(4).apply(params, jnp.asarray(x))
     y_t, _ = module(torch.tensor(x))

@@ -51,15 +51,21 @@ def test_optimizer_converges_inside_jitted_epochs(name):
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(ts.params))
 
 
-def test_epoch_traces_the_step_once_across_epochs():
-    x, y = _problem()
-    traces = []
+def _counting_grad_fn(traces: list):
+    """fbp's value_and_grad that appends to ``traces`` each time it is traced."""
     inner = fbp.value_and_grad(MODEL, losses.mse, has_aux=True)
 
     def counted(*args, **kwargs):
         traces.append(1)
         return inner(*args, **kwargs)
 
+    return counted
+
+
+def test_epoch_traces_the_step_once_across_epochs():
+    x, y = _problem()
+    traces = []
+    counted = _counting_grad_fn(traces)
     opt = optax.adam(1e-2)
     ts = train.init(MODEL, opt, jax.random.key(1), x)
     epoch = train.make_epoch(MODEL, losses.mse, opt, batch_size=32, grad_fn=counted)
@@ -71,12 +77,7 @@ def test_epoch_traces_the_step_once_across_epochs():
 def test_jitted_step_traces_once():
     x, y = _problem()
     traces = []
-    inner = fbp.value_and_grad(MODEL, losses.mse, has_aux=True)
-
-    def counted(*args, **kwargs):
-        traces.append(1)
-        return inner(*args, **kwargs)
-
+    counted = _counting_grad_fn(traces)
     opt = optax.sgd(0.1)
     step = train.make_step(MODEL, losses.mse, opt, grad_fn=counted)
     ts = train.init(MODEL, opt, jax.random.key(1), x)
@@ -97,7 +98,7 @@ def test_same_seed_gives_bitwise_identical_parameters():
         return ts.params
 
     a, b = run(), run()
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
@@ -109,7 +110,7 @@ def test_nonfinite_step_is_skipped_and_never_reaches_params():
     bad_y = y.at[3, 0].set(jnp.nan)
     new, m = step(ts, x, bad_y)
     assert int(m["skipped"]) == 1 and int(new.step) == 0
-    for u, v in zip(jax.tree.leaves(new.params), jax.tree.leaves(ts.params)):
+    for u, v in zip(jax.tree.leaves(new.params), jax.tree.leaves(ts.params), strict=True):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
     assert not np.array_equal(jax.random.key_data(new.key), jax.random.key_data(ts.key))
     good, m = step(new, x, y)
@@ -125,7 +126,7 @@ def test_penalty_is_added_to_loss_and_gradient():
         params, x, y
     )
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -138,7 +139,9 @@ def test_evaluate_reports_loss_and_accuracy_over_batches():
     chunked = train.evaluate(model, losses.softmax_cross_entropy, params, x, labels, batch_size=16)
     logits = model.apply(params, x)
     assert full["accuracy"] == pytest.approx(float(losses.accuracy(logits, labels)))
-    assert full["loss"] == pytest.approx(float(losses.softmax_cross_entropy(logits, labels)), rel=1e-5)
+    assert full["loss"] == pytest.approx(
+        float(losses.softmax_cross_entropy(logits, labels)), rel=1e-5
+    )
     assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)
     assert chunked["accuracy"] == pytest.approx(full["accuracy"])
 

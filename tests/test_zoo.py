@@ -25,8 +25,9 @@ EXTRA_CASES = [
     LayerCase("batchnorm-train", lambda: nn.BatchNorm(), (6, 3), train=True, with_state=True),
     LayerCase("layernorm-3d", lambda: nn.LayerNorm(eps=1e-3), (2, 3, 5)),
     LayerCase("dropout-eval", lambda: nn.Dropout(0.3), (4, 5), needs_key=True),
-    LayerCase("residual-dense", lambda: nn.Residual(nn.Sequential([nn.Dense(3), nn.Tanh()])),
-              (4, 3)),
+    LayerCase(
+        "residual-dense", lambda: nn.Residual(nn.Sequential([nn.Dense(3), nn.Tanh()])), (4, 3)
+    ),
 ]
 
 
@@ -145,8 +146,11 @@ def test_conv2d_validates_hyperparameters(kwargs, match):
 def test_maxpool_ties_go_to_the_first_maximum_like_jax_grad():
     # Integer-valued input has many ties, as after a ReLU.
     x = jnp.round(_normal((2, 7, 6, 3)) * 0.7)
-    for layer in [nn.MaxPool2D(2), nn.MaxPool2D(3, strides=1, padding="SAME"),
-                  nn.MaxPool2D(3, strides=2, padding=1)]:
+    for layer in [
+        nn.MaxPool2D(2),
+        nn.MaxPool2D(3, strides=1, padding="SAME"),
+        nn.MaxPool2D(3, strides=2, padding=1),
+    ]:
         # Finite differences are meaningless at ties (max has a kink there): compare
         # with jax.vjp only.
         report = testing.check_layer(layer, x)
@@ -251,10 +255,16 @@ def test_batchnorm_shape_and_hyperparameter_errors():
 
 
 def test_value_and_grad_carries_batchnorm_state_and_matches_jax_grad():
-    model = nn.Sequential([
-        nn.Conv2D(4, 3, use_bias=False), nn.BatchNorm(), nn.ReLU(), nn.Dropout(0.2),
-        nn.GlobalAvgPool(), nn.Dense(3),
-    ])
+    model = nn.Sequential(
+        [
+            nn.Conv2D(4, 3, use_bias=False),
+            nn.BatchNorm(),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.GlobalAvgPool(),
+            nn.Dense(3),
+        ]
+    )
     x, labels = _normal((6, 5, 5, 2)), jnp.arange(6) % 3
     state = model.init_state(x)
     aux = _jit_grads_match(model, x, labels, key=jax.random.key(7), state=state, train=True)
@@ -344,8 +354,9 @@ def test_embedding_errors():
 
 
 def test_embedding_conv1d_model_grads_match_jax_grad():
-    model = nn.Sequential([nn.Embedding(7, 3), nn.Conv1D(4, 3), nn.LayerNorm(),
-                           nn.Flatten(), nn.Dense(2)])
+    model = nn.Sequential(
+        [nn.Embedding(7, 3), nn.Conv1D(4, 3), nn.LayerNorm(), nn.Flatten(), nn.Dense(2)]
+    )
     ids = jax.random.randint(KEY, (4, 6), 0, 7)
     _jit_grads_match(model, ids, jnp.arange(4) % 2, rtol=1e-5)  # float32 embedding table
 
@@ -379,7 +390,15 @@ def test_residual_errors():
 def test_maxpool_grad_under_jit_after_batchnorm_relu_matches_jax_grad():
     """Regression: under jit XLA may recompute a pool's input (BN + ReLU) in two fusions
     with different rounding; a backward that tests ``x == y`` then lost windows."""
-    model = nn.Sequential([nn.Conv2D(3, 3, use_bias=False), nn.BatchNorm(), nn.ReLU(),
-                           nn.MaxPool2D(2), nn.Flatten(), nn.Dense(2)])
+    model = nn.Sequential(
+        [
+            nn.Conv2D(3, 3, use_bias=False),
+            nn.BatchNorm(),
+            nn.ReLU(),
+            nn.MaxPool2D(2),
+            nn.Flatten(),
+            nn.Dense(2),
+        ]
+    )
     x, labels = _normal((4, 6, 6, 2)), jnp.array([0, 1, 1, 0])
     _jit_grads_match(model, x, labels, state=model.init_state(x), train=True)

@@ -2,7 +2,17 @@
 
 from fbp.core import Layer, Sequential, ShapeError
 from fbp.nn import initializers
-from fbp.nn.activations import ELU, GELU, Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Softplus, Tanh
+from fbp.nn.activations import (
+    ELU,
+    GELU,
+    Identity,
+    LeakyReLU,
+    ReLU,
+    Sigmoid,
+    Softmax,
+    Softplus,
+    Tanh,
+)
 from fbp.nn.combinators import Residual
 from fbp.nn.conv import Conv1D, Conv2D
 from fbp.nn.dense import Dense

@@ -178,7 +178,11 @@ class _Conv(Layer):
         """x: (batch, *spatial, in) -> y: (batch, *spatial_out, features)."""
         pads = self._check(params, x, "forward")
         y = lax.conv_general_dilated(
-            x, params["w"], self.strides, pads, rhs_dilation=self.dilation,
+            x,
+            params["w"],
+            self.strides,
+            pads,
+            rhs_dilation=self.dilation,
             dimension_numbers=_dim_numbers(self._n)["forward"],
         )
         if self.use_bias:
@@ -205,8 +209,13 @@ class _Conv(Layer):
             pad_dx.append((lo, hi))
         w_flip = lax.rev(w, tuple(spatial))
         return lax.conv_general_dilated(
-            dy, w_flip, (1,) * self._n, pad_dx, lhs_dilation=self.strides,
-            rhs_dilation=self.dilation, dimension_numbers=_dim_numbers(self._n)["dx"],
+            dy,
+            w_flip,
+            (1,) * self._n,
+            pad_dx,
+            lhs_dilation=self.strides,
+            rhs_dilation=self.dilation,
+            dimension_numbers=_dim_numbers(self._n)["dx"],
         )
 
     def _dw(self, x, dy, pads):
@@ -218,7 +227,11 @@ class _Conv(Layer):
             hi = dilated(dy.shape[1 + i], self.strides[i]) - x.shape[1 + i] + k - lo - 1
             pad_dw.append((lo, hi))
         return lax.conv_general_dilated(
-            x, dy, self.dilation, pad_dw, rhs_dilation=self.strides,
+            x,
+            dy,
+            self.dilation,
+            pad_dw,
+            rhs_dilation=self.strides,
             dimension_numbers=_dim_numbers(self._n)["dw"],
         )
 

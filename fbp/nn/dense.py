@@ -57,7 +57,9 @@ class Dense(Layer):
     def init(self, key, x):
         """x: example input, shape (..., in)."""
         if len(x.shape) < 1:
-            raise ShapeError(f"{layer_name(self)}.init: x has shape {tuple(x.shape)}; need (..., in).")
+            raise ShapeError(
+                f"{layer_name(self)}.init: x has shape {tuple(x.shape)}; need (..., in)."
+            )
         dtype = param_dtype(x)
         kw, kb = jax.random.split(key)
         params = {"w": initializers.get(self.w_init)(kw, (x.shape[-1], self.out_features), dtype)}

@@ -82,7 +82,11 @@ class _Pool2D(Layer):
     def _reduce(self, x: Array, init: float, op, pads) -> Array:
         """``reduce_window`` of x; ``init`` a Python scalar so that JAX sees the monoid."""
         return lax.reduce_window(
-            x, init, op, (1, *self.window, 1), (1, *self.strides, 1),
+            x,
+            init,
+            op,
+            (1, *self.window, 1),
+            (1, *self.strides, 1),
             ((0, 0), *pads, (0, 0)),
         )
 
@@ -330,4 +334,3 @@ class Reshape(Layer):
     def backward(self, params, res, dy):
         """dx = reshape(dy, x.shape)."""
         return {}, dy.reshape(res.x_shape)
-

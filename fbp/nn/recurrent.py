@@ -238,8 +238,10 @@ class _Recurrent(Layer):
 
     def _acc_zeros(self, params):
         n = params["w_ih"].shape[0] + self.hidden
-        return {"w": jnp.zeros((n, params["w_hh"].shape[1]), params["w_hh"].dtype),
-                "b": jnp.zeros_like(params["b"])}
+        return {
+            "w": jnp.zeros((n, params["w_hh"].shape[1]), params["w_hh"].dtype),
+            "b": jnp.zeros_like(params["b"]),
+        }
 
     def _finish(self, params, acc):
         n_in = params["w_ih"].shape[0]
@@ -335,8 +337,9 @@ class LSTM(_Recurrent):
     def _step_params(self, params):
         """Adds s, (4H,): ½ on the sigmoid gates, 1 on g; gate = s tanh(s z) + 1 - s."""
         h, dtype = self.hidden, params["w_hh"].dtype
-        s = jnp.concatenate([jnp.full((2 * h,), 0.5, dtype), jnp.ones((h,), dtype),
-                             jnp.full((h,), 0.5, dtype)])
+        s = jnp.concatenate(
+            [jnp.full((2 * h,), 0.5, dtype), jnp.ones((h,), dtype), jnp.full((h,), 0.5, dtype)]
+        )
         return {**super()._step_params(params), "s": s}
 
     def _cell(self, p, carry, x_t):
@@ -390,8 +393,10 @@ class GRU(_Recurrent):
     gates: ClassVar[int] = 3
 
     def _init_biases(self, dtype):
-        return {"b_ih": jnp.zeros((3 * self.hidden,), dtype),
-                "b_hh": jnp.zeros((3 * self.hidden,), dtype)}
+        return {
+            "b_ih": jnp.zeros((3 * self.hidden,), dtype),
+            "b_hh": jnp.zeros((3 * self.hidden,), dtype),
+        }
 
     def _step_params(self, params):
         return params
@@ -423,6 +428,10 @@ class GRU(_Recurrent):
         daz = dh * (r.h_prev - r.n) * r.z * (1 - r.z)
         dgh = jnp.concatenate([dar, daz, dan * r.r], axis=-1)
         dgx = jnp.concatenate([dar, daz, dan], axis=-1)
-        dp = {"w_ih": r.x.T @ dgx, "w_hh": r.h_prev.T @ dgh,
-              "b_ih": jnp.sum(dgx, axis=0), "b_hh": jnp.sum(dgh, axis=0)}
+        dp = {
+            "w_ih": r.x.T @ dgx,
+            "w_hh": r.h_prev.T @ dgh,
+            "b_ih": jnp.sum(dgx, axis=0),
+            "b_hh": jnp.sum(dgh, axis=0),
+        }
         return {"h": dh * r.z + dgh @ p["w_hh"].T}, dgx @ p["w_ih"].T, dp

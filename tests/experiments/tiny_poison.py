@@ -16,8 +16,9 @@ def data(seed: int) -> Dataset:
     y = (x @ np.array([[1.0], [-2.0], [0.5]], np.float32)).astype(np.float32)
     if os.environ.get("TINY_POISON") == "1":
         x[5] = 1e20  # finite, but its squared error overflows float32
-    return Dataset(Split(x[:32], y[:32]), Split(x[32:40], y[32:40]), Split(x[40:], y[40:]),
-                   None, "poison")
+    return Dataset(
+        Split(x[:32], y[:32]), Split(x[32:40], y[32:40]), Split(x[40:], y[40:]), None, "poison"
+    )
 
 
 EXPERIMENT = Experiment(
