@@ -145,3 +145,23 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_both_allocators(script: str, args: Sequence[str]) -> list[dict]:
+    """Run ``script --json ARGS`` twice, glibc tunables off then on, each its own process.
+
+    The child prints one JSON object as its last line; the two objects are returned.
+    """
+    import json
+    import subprocess
+    import sys
+
+    results = []
+    for tunables in (False, True):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if tunables:
+            env["GLIBC_TUNABLES"] = TUNABLES
+        cmd = [sys.executable, os.path.abspath(script), "--json", *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -332,20 +331,8 @@ def main(argv=None) -> None:
         res = measure(args.quick, rounds, steps)
         print(json.dumps(res) if args.json else report([res]))
         return
-    results = []
-    for tunables in (False, True):
-        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-        if tunables:
-            env["GLIBC_TUNABLES"] = common.TUNABLES
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--json",
-            f"--rounds={rounds}",
-            f"--steps={steps}",
-        ] + (["--quick"] if args.quick else [])
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    args_ = [f"--rounds={rounds}", f"--steps={steps}"] + (["--quick"] if args.quick else [])
+    results = common.run_both_allocators(__file__, args_)
     print(report(results))
     print("- each glibc setting ran as its own process, one after the other")
 
