@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import fbp
@@ -56,6 +56,7 @@ def test_value_and_grad_is_jit_safe_and_aux_carries_pred():
 
 
 @settings(max_examples=10)
+@example(widths=[1, 1], batch=1, in_features=1, act=nn.ReLU, loss_name="mse", seed=0)
 @given(
     widths=st.lists(st.integers(1, 9), min_size=1, max_size=4),
     batch=st.integers(1, 7),
@@ -69,7 +70,9 @@ def test_random_mlps_match_jax_grad(widths, batch, in_features, act, loss_name, 
     kx, kt = jax.random.split(jax.random.key(seed))
     layers = []
     for w in widths:
-        layers += [nn.Dense(w), act()]
+        # random biases keep pre-activations off kinks (ReLU at exactly 0), where
+        # finite differences see the mean of the two one-sided slopes
+        layers += [nn.Dense(w, b_init="normal"), act()]
     model = nn.Sequential(layers)
     x = jax.random.normal(kx, (batch, in_features), jnp.float64)
     out = widths[-1]
@@ -207,3 +210,14 @@ def test_harness_report_lists_every_leaf():
         "grads['2']['w']",
     }
     assert "finite differences" in str(report) and report.max_error < 1e-10
+
+
+def test_relu_derivative_at_exactly_zero_matches_jax_grad():
+    """Regression: a dead ReLU layer feeding Dense(1) with a zero bias puts z at exactly 0."""
+    x = jnp.array([[-1.0, 0.0, 2.0]])
+    layer = nn.ReLU()
+    y, res = layer.forward({}, x)
+    _, dx = layer.backward({}, res, jnp.ones_like(y))
+    ref = jax.grad(lambda v: jnp.sum(layer.apply({}, v)))(x)
+    np.testing.assert_array_equal(dx, ref)
+    np.testing.assert_array_equal(dx, [[0.0, 0.0, 1.0]])
