@@ -12,6 +12,7 @@ jax.config.update("jax_enable_x64", True)
 settings.register_profile(
     "fbp",
     max_examples=20,
+    derandomize=bool(os.environ.get("CI")),  # CI replays the same examples every run
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
