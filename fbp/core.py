@@ -26,6 +26,7 @@ Invariants, checked for every layer by the parity suite:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -210,15 +211,21 @@ class Sequential(Layer):
 
         return self._each(params, _as_struct(x), None, None, step)[0]
 
-    def apply(self, params, x, *, key=None, state=None, train=False):
+    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+        """``lengths`` (batch,), for padded sequences, reaches every layer that takes it."""
+
         def step(layer, p, v, k, s):
-            return layer.apply(p, v, key=k, state=s, train=train), None
+            kw = _lengths_kw(layer, lengths)
+            return layer.apply(p, v, key=k, state=s, train=train, **kw), None
 
         return self._each(params, x, key, state, step)[0]
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+        """``lengths`` (batch,), for padded sequences, reaches every layer that takes it."""
+
         def step(layer, p, v, k, s):
-            return layer.forward(p, v, key=k, state=s, train=train)
+            kw = _lengths_kw(layer, lengths)
+            return layer.forward(p, v, key=k, state=s, train=train, **kw)
 
         y, res = self._each(params, x, key, state, step)
         return y, tuple(res)
@@ -253,6 +260,15 @@ def _get(tree: Any, k: str) -> Any:
     return None if tree is None else tree[k]
 
 
+def _lengths_kw(layer: Layer, lengths: Any) -> dict:
+    """``{'lengths': lengths}`` for a layer whose forward takes it (recurrent, LastStep...)."""
+    if lengths is None:
+        return {}
+    if "lengths" not in inspect.signature(layer.forward).parameters:
+        return {}
+    return {"lengths": lengths}
+
+
 class Aux(NamedTuple):
     """Extra outputs of ``value_and_grad(..., has_aux=True)``."""
 
@@ -284,7 +300,7 @@ def value_and_grad(
         that output; for any other layer, ``(dL/dpred,)``. See ``fbp.diagnostics``.
 
     Returns:
-      ``f(params, x, target, *, key=None, state=None, train=True)`` returning
+      ``f(params, x, target, *, key=None, state=None, train=True, lengths=None)`` returning
       ``(loss, grads)``, or ``((loss, aux), grads)`` with ``has_aux``; ``grads`` has the
       tree structure of ``params``.
 
@@ -299,8 +315,9 @@ def value_and_grad(
       (2, 4)
     """
 
-    def f(params, x, target, *, key=None, state=None, train=True):
-        pred, res = model.forward(params, x, key=key, state=state, train=train)
+    def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
+        kw = {} if lengths is None else {"lengths": lengths}
+        pred, res = model.forward(params, x, key=key, state=state, train=train, **kw)
         value = loss(pred, target)
         dpred = loss.backward(pred, target)
         if with_deltas and isinstance(model, Sequential):
@@ -320,7 +337,7 @@ def value_and_grad(
 
 
 def loss_fn(model: Layer, loss: Callable, *, penalty: Callable | None = None) -> Callable:
-    """The plain loss ``f(params, x, target, *, key=None, state=None, train=True) -> scalar``.
+    """The plain loss ``f(params, x, target, *, key, state, train, lengths) -> scalar``.
 
     This is what ``jax.grad`` differentiates in the parity suite: the same forward,
     with no hand-written backward in it.
@@ -334,8 +351,9 @@ def loss_fn(model: Layer, loss: Callable, *, penalty: Callable | None = None) ->
       0.0
     """
 
-    def f(params, x, target, *, key=None, state=None, train=True):
-        value = loss(model.apply(params, x, key=key, state=state, train=train), target)
+    def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
+        kw = {} if lengths is None else {"lengths": lengths}
+        value = loss(model.apply(params, x, key=key, state=state, train=train, **kw), target)
         if penalty is not None:
             value = value + penalty(params)
         return value

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fbp
 from fbp import losses, nn
 from fbp.testing import rel_error
 
@@ -409,3 +410,29 @@ def test_experiment_rnn_gradient_flow_writes_its_plot(tmp_path):
     experiment.run(experiment.get("rnn-gradient-flow"), out=tmp_path, print_fn=lines.append)
     assert (tmp_path / "gradient_flow.png").stat().st_size > 10_000
     assert any("simple-rnn-gain2-clipped" in line for line in lines)
+
+
+def test_sequential_passes_lengths_to_recurrent_layers_and_matches_jax_grad():
+    """GRU -> LastStep -> Dense in a Sequential on a padded batch, through value_and_grad."""
+    model = nn.Sequential([nn.GRU(5), nn.LastStep(), nn.Dense(3)])
+    x = jax.random.normal(jax.random.key(0), (4, 6, 2), jnp.float64)
+    lengths = jnp.array([6, 3, 1, 4])
+    labels = jnp.array([0, 1, 2, 1])
+    params = model.init(jax.random.key(1), x)
+    value, grads = fbp.value_and_grad(model, losses.softmax_cross_entropy)(
+        params, x, labels, lengths=lengths
+    )
+    f = fbp.loss_fn(model, losses.softmax_cross_entropy)
+    ref_value, ref = jax.value_and_grad(f)(params, x, labels, lengths=lengths)
+    assert float(value) == pytest.approx(float(ref_value), rel=1e-12)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
+        assert rel_error(a, b) < 1e-10
+    # padding is ignored: changing padded steps changes nothing
+    x_pad = x.at[1, 3:].set(99.0).at[2, 1:].set(-7.0)
+    np.testing.assert_allclose(
+        model.apply(params, x_pad, lengths=lengths),
+        model.apply(params, x, lengths=lengths),
+        rtol=1e-12,
+    )
+    # and a Sequential without lengths still runs the full sequences
+    assert not np.allclose(model.apply(params, x), model.apply(params, x, lengths=lengths))
