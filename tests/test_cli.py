@@ -192,46 +192,16 @@ def test_schedules_show_in_the_lr_column(tmp_path):
     assert _train(tmp_path / "c", "--epochs", 3, "--schedule", "cosine") == 0
     lrs = [r["lr"] for r in runner.read_metrics(tmp_path / "c" / "metrics.jsonl")]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.01 and lrs[-1] == pytest.approx(0)
-    assert (
-        _train(
-            tmp_path / "p",
-            "--epochs",
-            25,
-            "--lr",
-            0.05,
-            "--schedule",
-            "plateau",
-            "--plateau-patience",
-            1,
-            "--plateau-factor",
-            0.5,
-            "--checkpoint-every",
-            25,
-        )
-        == 0
-    )
+    plateau = ("--lr", 0.05, "--schedule", "plateau", "--plateau-patience", 1)
+    plateau += ("--plateau-factor", 0.5)
+    assert _train(tmp_path / "p", "--epochs", 25, *plateau, "--checkpoint-every", 25) == 0
     lrs = [r["lr"] for r in runner.read_metrics(tmp_path / "p" / "metrics.jsonl")]
     assert lrs[0] == pytest.approx(0.05) and lrs == sorted(lrs, reverse=True)
     assert any(
         math.isclose(b, a * 0.5, rel_tol=1e-6) for a, b in zip(lrs[:-1], lrs[1:], strict=True)
     )
     # the plateau state lives in the optimizer state, so it is checkpointed: resume is exact
-    assert (
-        _train(
-            tmp_path / "q",
-            "--epochs",
-            12,
-            "--lr",
-            0.05,
-            "--schedule",
-            "plateau",
-            "--plateau-patience",
-            1,
-            "--plateau-factor",
-            0.5,
-        )
-        == 0
-    )
+    assert _train(tmp_path / "q", "--epochs", 12, *plateau) == 0
     assert _train(tmp_path / "q", "--epochs", 25, "--resume") == 0
     assert _summary(tmp_path / "q")["params_sha256"] == _summary(tmp_path / "p")["params_sha256"]
     assert [r["lr"] for r in runner.read_metrics(tmp_path / "q" / "metrics.jsonl")] == lrs
