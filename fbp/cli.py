@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from fbp import experiment
+from fbp import experiment, export, options, parallel, runner
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -31,34 +31,10 @@ def _experiment_path(name: str) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fbp import runner
-
     exp = experiment.get(args.experiment)
     out = args.out or f"runs/{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    options = {
-        k: getattr(args, k)
-        for k in (
-            "epochs",
-            "seed",
-            "lr",
-            "batch_size",
-            "patience",
-            "clip",
-            "weight_decay",
-            "schedule",
-            "nonfinite",
-            "keep",
-            "checkpoint_every",
-            "chunk_steps",
-            "data_file",
-            "plateau_factor",
-            "plateau_patience",
-            "devices",
-        )
-    }
+    given = options.from_namespace(args)
     if args.devices:  # on a CPU-only machine, split the CPU before JAX starts
-        from fbp import parallel
-
         parallel.request_cpu_devices(args.devices)
     try:
         runner.run(
@@ -67,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             experiment_path=_experiment_path(args.experiment),
-            **options,
+            **given,
         )
     except runner.Interrupted as e:
         print(f"fbp: {e}; continue with --resume.", file=sys.stderr)
@@ -79,8 +55,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from fbp import export
-
     metrics = export.evaluate_dir(args.dir, which=args.which)
     print(
         f"test {'  '.join(f'{k} {v:.4f}' for k, v in metrics['test'].items())} "
@@ -90,8 +64,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from fbp import export
-
     path = export.export_dir(args.dir, out=args.out, which=args.which)
     print(f"exported to {path} (load it with the snippet in {path / 'README.txt'})")
     return 0
@@ -111,51 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("experiment", help="experiment name (see `fbp list`) or path to a .py file")
     p.add_argument("--out", help="run directory (default runs/NAME-YYYYmmdd-HHMMSS)")
-    p.add_argument("--epochs", type=int, help="total epochs of the run, also when resuming")
-    p.add_argument("--seed", type=int, help="seed for init, data split and shuffling")
-    p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("--batch-size", type=int, help="minibatch size")
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest valid checkpoint in --out"
     )
     p.add_argument(
         "--overwrite", action="store_true", help="discard a previous run's files in --out"
     )
-    p.add_argument(
-        "--patience", type=int, help="early stopping: epochs without a better validation loss"
-    )
-    p.add_argument("--clip", type=float, help="clip gradients to this global norm")
-    p.add_argument("--weight-decay", type=float, help="weight decay added to the gradient")
-    p.add_argument(
-        "--schedule",
-        choices=["constant", "cosine", "warmup-cosine", "linear", "plateau"],
-        help="learning-rate schedule",
-    )
-    p.add_argument("--plateau-factor", type=float, help="reduce-on-plateau factor (0.5)")
-    p.add_argument("--plateau-patience", type=int, help="reduce-on-plateau patience (5)")
-    p.add_argument(
-        "--nonfinite",
-        choices=["skip", "halt"],
-        help="non-finite loss/gradient: skip the step (default) or halt",
-    )
-    p.add_argument("--keep", type=int, help="checkpoints to keep (plus the best)")
-    p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoints")
-    p.add_argument(
-        "--chunk-steps",
-        type=int,
-        help="steps per jitted call; signals are served between calls (128)",
-    )
-    p.add_argument(
-        "--data",
-        dest="data_file",
-        metavar="FILE",
-        help="train on a CSV (last column the target) or NPZ (x, y) file",
-    )
-    p.add_argument(
-        "--devices",
-        type=int,
-        help="data-parallel over N devices, the batch split evenly (fbp.parallel)",
-    )
+    options.add_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     for name, helptext in (

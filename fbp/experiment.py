@@ -1,8 +1,9 @@
-"""Experiments: a declarative spec, discovery of ``experiments/*.py``, and the runner.
+"""Experiments as data: the ``Experiment`` spec, a run's ``RunResult``, discovery of files.
 
 An experiment file defines ``EXPERIMENT = Experiment(...)``: what data, which
 model, loss and optimizer, for how long. It has no loop, logging or saving of its
-own: ``run`` (and ``fbp train NAME``) does that for every experiment alike.
+own: ``fbp.runner.run`` (and ``fbp train NAME``) does that for every experiment
+alike. This module is a leaf of types: it runs nothing.
 """
 
 from __future__ import annotations
@@ -19,11 +20,18 @@ import optax
 from fbp import train as fbp_train
 from fbp.core import Layer
 from fbp.data import Dataset
+from fbp.options import TrainingOptions
 
 
-@dataclasses.dataclass(frozen=True)
-class Experiment:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Experiment(TrainingOptions):
     """What to train: every field a value or a small function of the run's config.
+
+    Besides the fields below, an experiment has every training option of
+    ``fbp.options.TrainingOptions`` as a field (``epochs`` and ``lr`` required;
+    ``batch_size``, ``seed``, ``patience``, ``clip``, ``weight_decay``, ``schedule``,
+    ``plateau_factor``, ``plateau_patience``, ``nonfinite``, ``keep``,
+    ``checkpoint_every``): its defaults, which the command line overrides.
 
     Args:
       name: the name ``fbp train`` knows it by (``digits-mlp``).
@@ -32,22 +40,9 @@ class Experiment:
       model: ``Dataset -> Layer``.
       loss: an fbp loss.
       optimizer: ``(lr, total_steps) -> optax.GradientTransformation``.
-      epochs, lr, batch_size: defaults, overridable from the command line;
-        ``batch_size=None`` trains full-batch.
       penalty: optional weight penalty.
       log_every: epochs between printed progress lines.
       report: ``RunResult -> list[str]``: extra lines for the final report.
-      seed: default seed.
-      patience: early stopping after this many epochs without a better validation
-        loss; the best parameters are restored (None: no early stopping).
-      clip: clip gradients to this global norm (None: no clipping).
-      weight_decay: ``weight_decay * params`` added to the gradient before the optimizer.
-      schedule: ``constant``, ``cosine``, ``warmup-cosine``, ``linear`` (the optimizer
-        gets an optax schedule as its ``lr``) or ``plateau`` (reduce-on-plateau on the
-        validation loss).
-      nonfinite: ``skip`` (drop and count non-finite steps) or ``halt`` (stop with an error).
-      keep: checkpoints kept in a run's directory (plus the best by validation loss).
-      checkpoint_every: epochs between checkpoints (None: a tenth of the epochs).
       features: the feature count the model expects; data with another is refused.
       grad_fn: ``(model, dataset) -> grad_fn`` replacing hand-written backprop in the
         train step (same signature as ``fbp.value_and_grad(..., has_aux=True)``), e.g.
@@ -68,20 +63,9 @@ class Experiment:
     model: Callable[[Dataset], Layer]
     loss: Any
     optimizer: Callable[[float, int], optax.GradientTransformation]
-    epochs: int
-    lr: float
-    batch_size: int | None = None
     penalty: Any = None
     log_every: int = 1
     report: Callable[[RunResult], list[str]] | None = None
-    seed: int = 0
-    patience: int | None = None
-    clip: float | None = None
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    nonfinite: str = "skip"
-    keep: int = 3
-    checkpoint_every: int | None = None
     features: int | None = None
     grad_fn: Callable[[Layer, Dataset], Callable] | None = None
     probe: Callable[[Layer, Any, optax.GradientTransformation], Callable] | None = None
@@ -94,7 +78,7 @@ class RunResult:
     """What a run produced."""
 
     experiment: Experiment
-    config: dict[str, Any]
+    config: dict[str, Any]  # the saved config (``RunOptions.to_config`` plus the experiment)
     model: Layer
     dataset: Dataset
     state: fbp_train.TrainState
@@ -151,40 +135,3 @@ def get(name: str) -> Experiment:
         names = ", ".join(sorted(known)) or "none"
         raise ValueError(f"unknown experiment {name!r}; known: {names}.")
     return _load_file(known[name])
-
-
-# ----------------------------------------------------------------------------- running
-
-
-def run(
-    exp: Experiment,
-    *,
-    epochs: int | None = None,
-    seed: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    print_fn: Callable[[str], None] = print,
-    out: str | os.PathLike | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    **options: Any,
-) -> RunResult:
-    """Train ``exp`` and evaluate it on its test split; prints progress and a report.
-
-    With ``out`` the run writes metrics, checkpoints, a summary and plots there and
-    can be resumed; see ``fbp.runner.run`` for the options.
-    """
-    from fbp import runner
-
-    return runner.run(
-        exp,
-        out=out,
-        resume=resume,
-        overwrite=overwrite,
-        print_fn=print_fn,
-        epochs=epochs,
-        seed=seed,
-        lr=lr,
-        batch_size=batch_size,
-        **options,
-    )

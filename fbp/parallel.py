@@ -38,6 +38,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -53,6 +54,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fbp import checkpoint
 from fbp import train as fbp_train
 from fbp.core import Layer, value_and_grad
 
@@ -262,8 +264,6 @@ def save_checkpoint(
     Returns:
       The checkpoint's path in process 0, None in the others.
     """
-    from fbp import checkpoint
-
     local = jax.tree.map(_local_leaf, tree)
     path = checkpoint.save(directory, local, meta=meta, keep=keep) if is_main_process() else None
     if jax.process_count() > 1:
@@ -283,8 +283,6 @@ def load_checkpoint(
     Returns:
       (tree replicated on ``mesh``, meta).
     """
-    from fbp import checkpoint
-
     tree, meta = checkpoint.load(path, template)
     return replicate(tree, mesh), meta
 
@@ -430,7 +428,7 @@ def make_train_chunk(
     grad_fn: Callable | None = None,
     **kwargs,
 ) -> Callable:
-    """Data-parallel ``fbp.runner.make_train_chunk``: jitted ``(ts, x, y, order) -> (ts, metrics)``.
+    """Data-parallel ``fbp.train.make_chunk``: jitted ``(ts, x, y, order) -> (ts, metrics)``.
 
     ``order`` is (steps, batch) example indices into the replicated training set
     ``x``, ``y``; each step's batch ``x[order[i]]`` is split over the mesh's data
@@ -452,9 +450,7 @@ def make_train_chunk(
     vg = _sharded_grad_fn(model, loss, mesh, penalty, grad_fn)
     step = fbp_train.step_fn(model, loss, optimizer, grad_fn=vg, **kwargs)
 
-    def chunk(ts, x, y, order):
-        return jax.lax.scan(lambda t, idx: step(t, x[idx], y[idx]), ts, order)
-
+    chunk = functools.partial(fbp_train.scan_steps, step)
     rep = replicated(mesh)
     jitted = jax.jit(chunk, in_shardings=(rep,) * 4, out_shardings=(rep, rep))
 

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import optax
 
+import fbp
 from fbp import checkpoint as ckpt
 
 OWNED = (
@@ -47,8 +48,6 @@ def params_sha256(params: Any) -> str:
 
 def versions() -> dict[str, str]:
     import sklearn
-
-    import fbp
 
     return {
         "python": platform.python_version(),

@@ -4,6 +4,12 @@ The step is ``fbp.value_and_grad`` (hand-written backprop) followed by an optax
 update; an epoch is one ``lax.scan`` over minibatches drawn by an explicit
 shuffling key, so a whole epoch is one XLA call and the step traces once.
 
+The shuffle-and-scan core is three functions that every training loop of fbp
+shares (``make_epoch`` here, the runner's chunks, ``fbp.parallel``), so that they
+take bitwise the same steps: ``epoch_keys`` splits the train key at the start of
+an epoch, ``fbp.data.batch_order`` turns the order key into example indices, shape
+(steps, batch), and ``scan_steps`` runs the step over any slice of those rows.
+
 Examples:
   >>> import jax, jax.numpy as jnp, optax
   >>> from fbp import nn, losses, train
@@ -19,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from fbp.core import Array, Layer, Params, State, value_and_grad
+from fbp.data import batch_order
 from fbp.losses import SoftmaxCrossEntropy, accuracy
 
 
@@ -128,6 +136,50 @@ def make_step(model, loss, optimizer, **kwargs) -> Callable:
     return jax.jit(step_fn(model, loss, optimizer, **kwargs))
 
 
+def epoch_keys(key: Array) -> tuple[Array, Array]:
+    """Split the train key at the start of an epoch: (train key from now on, order key).
+
+    The order key draws the epoch's example order (``fbp.data.batch_order``); a
+    checkpoint taken inside an epoch stores it, so a resumed run finishes the same epoch.
+    """
+    key, order_key = jax.random.split(key)
+    return key, order_key
+
+
+def scan_steps(
+    step: Callable, ts: TrainState, x: Array, y: Array, order: Array
+) -> tuple[TrainState, dict[str, Array]]:
+    """Run ``step`` over minibatches ``x[order[i]], y[order[i]]`` in one ``lax.scan``.
+
+    Args:
+      step: ``(ts, xb, yb) -> (ts, metrics)`` (``step_fn``).
+      ts: the train state before the first row.
+      x: the training inputs, shape (n, ...); y: targets, shape (n, ...).
+      order: example indices, shape (steps, batch): an epoch's ``batch_order`` or a
+        slice of its rows.
+
+    Returns:
+      (train state after the last row, metrics of each step, shape (steps,)).
+    """
+    return jax.lax.scan(lambda t, idx: step(t, x[idx], y[idx]), ts, order)
+
+
+def make_chunk(
+    model: Layer, loss: Callable, optimizer: optax.GradientTransformation, **kwargs
+) -> Callable:
+    """Jitted ``(ts, x, y, order) -> (ts, metrics)``: ``scan_steps`` over rows of an order.
+
+    A run split into chunks of an epoch's ``batch_order`` takes the same steps as
+    ``make_epoch`` (the runner uses this; ``fbp.parallel.make_train_chunk`` is the
+    data-parallel form with the same signature).
+
+    Args:
+      **kwargs: passed to ``step_fn`` (penalty, skip_nonfinite, grad_fn).
+    """
+    step = step_fn(model, loss, optimizer, **kwargs)
+    return jax.jit(functools.partial(scan_steps, step))
+
+
 def make_epoch(
     model: Layer,
     loss: Callable,
@@ -138,9 +190,10 @@ def make_epoch(
 ) -> Callable:
     """One jitted epoch ``(ts, x, y) -> (ts, metrics)``: a ``lax.scan`` over shuffled batches.
 
-    The order is a permutation drawn from ``ts.key``; the last ``n % batch_size``
-    examples of that permutation are left out of this epoch (a fresh permutation
-    next epoch gives them their turn). Metrics are per step, shape (steps,).
+    The order is a permutation drawn from ``ts.key`` (``epoch_keys``,
+    ``fbp.data.batch_order``); the last ``n % batch_size`` examples of that
+    permutation are left out of this epoch (a fresh permutation next epoch gives
+    them their turn). Metrics are per step, shape (steps,).
 
     Args:
       batch_size: examples per step (1 <= batch_size <= n).
@@ -155,14 +208,9 @@ def make_epoch(
         n = x.shape[0]
         if n < batch_size:
             raise ValueError(f"make_epoch: {n} examples is fewer than batch_size={batch_size}.")
-        key, sub = jax.random.split(ts.key)
-        steps = n // batch_size
-        order = jax.random.permutation(sub, n)[: steps * batch_size].reshape(steps, batch_size)
-
-        def body(ts, idx):
-            return step(ts, x[idx], y[idx])
-
-        return jax.lax.scan(body, ts._replace(key=key), order)
+        key, order_key = epoch_keys(ts.key)
+        order = batch_order(order_key, n, batch_size)
+        return scan_steps(step, ts._replace(key=key), x, y, order)
 
     return epoch
 

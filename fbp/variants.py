@@ -12,12 +12,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from fbp import checkpoint
+from fbp.experiment import Experiment, RunResult
 
 
-def check(exp: Any) -> None:
+class RunOne(Protocol):
+    """How one variant is run: ``fbp.runner.run_single``."""
+
+    def __call__(
+        self,
+        exp: Experiment,
+        *,
+        out: str | os.PathLike | None,
+        print_fn: Callable[[str], None],
+        **kwargs: Any,
+    ) -> RunResult: ...
+
+
+def check(exp: Experiment) -> None:
     """Raise ValueError unless every variant names a dict of existing Experiment fields."""
     fields = {f.name for f in dataclasses.fields(exp)} - {"name", "variants"}
     for name, over in exp.variants.items():
@@ -38,12 +55,23 @@ def check(exp: Any) -> None:
             )
 
 
-def run(exp: Any, run_one: Callable, *, out=None, print_fn: Callable = print, **kwargs: Any):
-    """Run every variant of ``exp`` with ``run_one`` (the runner) and report the comparison.
+def run(
+    exp: Experiment,
+    run_one: RunOne,
+    *,
+    out: str | os.PathLike | None = None,
+    print_fn: Callable[[str], None] = print,
+    **kwargs: Any,
+) -> RunResult:
+    """Run every variant of ``exp`` with ``run_one`` and report the comparison.
+
+    ``fbp.runner.run`` calls this for an experiment with variants, handing it the
+    runner of one experiment (``fbp.runner.run_single``); this module drives that
+    runner and needs none of its internals.
 
     Args:
       exp: an Experiment with ``variants``.
-      run_one: ``fbp.runner.run``.
+      run_one: runs one experiment (``fbp.runner.run_single``).
       out: the parent directory (each variant gets ``out/<name>``), or None.
       print_fn: where progress and the report go.
       **kwargs: passed to ``run_one`` for every variant (resume, overwrite, epochs...).
@@ -53,9 +81,6 @@ def run(exp: Any, run_one: Callable, *, out=None, print_fn: Callable = print, **
       results; its model, data, state and config are the first variant's, its
       ``test`` is ``{'<variant>/<metric>': value}`` and ``train_seconds`` the sum.
     """
-    from fbp import checkpoint
-    from fbp.experiment import RunResult
-
     check(exp)
     out_dir = Path(out) if out is not None else None
     results = {}

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from fbp import experiment
+from fbp import experiment, runner
 
 
 def _run(name, tmp_path, **kwargs):
-    return experiment.run(
+    return runner.run(
         experiment.get(name), out=tmp_path / name, print_fn=lambda s: None, **kwargs
     )
 

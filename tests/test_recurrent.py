@@ -387,27 +387,27 @@ def test_bidirectional_refuses_stateful_layer():
 def test_experiment_adding_problem_lstm_solves_it():
     import dataclasses
 
-    from fbp import experiment
+    from fbp import experiment, runner
 
     exp = experiment.get("adding-problem")
-    result = experiment.run(dataclasses.replace(exp, variants=None), print_fn=lambda s: None)
+    result = runner.run(dataclasses.replace(exp, variants=None), print_fn=lambda s: None)
     assert result.test["loss"] < 0.01, result.test
 
 
 @pytest.mark.slow
 def test_experiment_digits_sequence_reaches_95_percent():
-    from fbp import experiment
+    from fbp import experiment, runner
 
-    result = experiment.run(experiment.get("digits-sequence"), print_fn=lambda s: None)
+    result = runner.run(experiment.get("digits-sequence"), print_fn=lambda s: None)
     assert result.test["accuracy"] >= 0.95, result.test
 
 
 @pytest.mark.slow
 def test_experiment_rnn_gradient_flow_writes_its_plot(tmp_path):
-    from fbp import experiment
+    from fbp import experiment, runner
 
     lines = []
-    experiment.run(experiment.get("rnn-gradient-flow"), out=tmp_path, print_fn=lines.append)
+    runner.run(experiment.get("rnn-gradient-flow"), out=tmp_path, print_fn=lines.append)
     assert (tmp_path / "gradient_flow.png").stat().st_size > 10_000
     assert any("simple-rnn-gain2-clipped" in line for line in lines)
 
