@@ -10,6 +10,8 @@ Without ``--out``, ``fbp train NAME`` writes to ``runs/NAME-YYYYmmdd-HHMMSS``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -30,12 +32,35 @@ def _experiment_path(name: str) -> str:
     return str(known[name].resolve()) if name in known else name
 
 
+def _new_run_dir(name: str) -> Path:
+    """``runs/NAME-YYYYmmdd-HHMMSS``, made now; ``-2``, ``-3``... when that one exists."""
+    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in itertools.count(1):
+        path = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     exp = experiment.get(args.experiment)
-    out = args.out or f"runs/{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     given = options.from_namespace(args)
     if args.devices:  # on a CPU-only machine, split the CPU before JAX starts
         parallel.request_cpu_devices(args.devices)
+    out = Path(args.out) if args.out else _new_run_dir(exp.name)
+    try:
+        return _train(exp, out, args, given)
+    finally:
+        if not args.out:  # the directory made for this run, if nothing was written to it
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+
+def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, given) -> int:
     try:
         runner.run(
             exp,

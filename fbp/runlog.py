@@ -7,6 +7,9 @@ metrics are appended a line per epoch and read back tolerating a torn last line.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -155,7 +158,7 @@ def prepare_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise ValueError("run: --resume and --overwrite exclude each other.")
     if out.exists() and not out.is_dir():
         raise ValueError(f"run: {out} exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not (resume or overwrite):
         raise ValueError(
             f"run: {out} already exists and is not empty; pass --resume to continue it or "
             "--overwrite to start again."
@@ -170,6 +173,69 @@ def clear_owned(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+
+
+# ----------------------------------------------------------------------------- locking
+
+LOCK = ".lock"  # in a run directory while a process trains there: that process's id
+
+
+class RunDirInUse(ValueError):
+    """Another live process is training in the run directory."""
+
+
+class RunLock:
+    """One process per run directory: ``flock`` on the directory, held while the run lives.
+
+    The operating system drops the lock when its process dies, however it dies, so
+    a killed run never blocks the next one. ``DIR/.lock`` names the holder's process
+    id for the refusal message; it is removed on release (a killed run leaves it, and
+    the next run overwrites it).
+
+    Args:
+      out: the run directory; created (with its parents) if missing.
+    """
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.created = not out.exists()
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"run: {out} exists and is not a directory.")
+        out.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunDirInUse(
+                f"run: {out} is in use by process {self._holder()} (another fbp train); wait "
+                "for it to end or choose another --out."
+            ) from None
+        atomic_write_text(out / LOCK, f"{os.getpid()}\n")
+
+    def _holder(self) -> str:
+        with contextlib.suppress(OSError, ValueError):
+            return str(int((self.out / LOCK).read_text().strip()))
+        return "(unknown id)"
+
+    def release(self, *, remove_dir: bool = False) -> None:
+        """Drop the lock; with ``remove_dir``, remove the directory if this run created it
+        and left it empty."""
+        with contextlib.suppress(OSError):
+            (self.out / LOCK).unlink()
+        if remove_dir and self.created:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+        os.close(self.fd)  # closing the last descriptor releases the flock
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``fbp.checkpoint.atomic_write`` without the directory fsync (small bookkeeping files)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- signals

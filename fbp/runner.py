@@ -59,8 +59,11 @@ from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
 from fbp.losses import SoftmaxCrossEntropy, accuracy
 from fbp.options import RunOptions
 from fbp.runlog import (  # noqa: F401  (re-exported: part of the runner's API)
+    LOCK,
     OWNED,
     MetricsLog,
+    RunDirInUse,
+    RunLock,
     clear_owned,
     params_sha256,
     prepare_dir,
@@ -245,8 +248,21 @@ def run_single(
     experiment_path: str | None = None,
     **overrides: Any,
 ) -> RunResult:
-    """``run`` for an experiment without variants (the arguments are ``run``'s)."""
-    out_dir = Path(out) if out is not None else None
+    """``run`` for an experiment without variants (the arguments are ``run``'s).
+
+    With ``out``, the directory is locked for the whole run (``fbp.runlog.RunLock``):
+    a second process on it is refused at once.
+    """
+    if out is None:
+        return _run_in(exp, None, resume, overwrite, print_fn, experiment_path, overrides)
+    lock = RunLock(Path(out))
+    try:
+        return _run_in(exp, Path(out), resume, overwrite, print_fn, experiment_path, overrides)
+    finally:
+        lock.release(remove_dir=True)  # only a directory this run made and left empty
+
+
+def _run_in(exp, out_dir, resume, overwrite, print_fn, experiment_path, overrides) -> RunResult:
     if out_dir is not None:
         prepare_dir(out_dir, resume=resume, overwrite=overwrite)
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
@@ -283,7 +299,6 @@ def run_single(
     # ---- from here on DIR is written
     log = None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
             clear_owned(out_dir)
         ckpt.clean_temporaries(ckpt_dir)

@@ -7,9 +7,7 @@ from fbp import experiment, runner
 
 
 def _run(name, tmp_path, **kwargs):
-    return runner.run(
-        experiment.get(name), out=tmp_path / name, print_fn=lambda s: None, **kwargs
-    )
+    return runner.run(experiment.get(name), out=tmp_path / name, print_fn=lambda s: None, **kwargs)
 
 
 def test_xor_learns_the_truth_table(tmp_path):
