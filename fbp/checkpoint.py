@@ -383,6 +383,19 @@ def load(path: str | os.PathLike, template: Any) -> tuple[Any, dict[str, Any]]:
     return restore(arrays, manifest, template), manifest.get("meta", {})
 
 
+def _reason(path: Path, error: CheckpointError) -> str:
+    """One line: the checkpoint's name and why it was refused."""
+    text = str(error).removeprefix(f"checkpoint {path}: ")
+    return f"  {path.name}: {text}"
+
+
+def refusal(directory: str | os.PathLike, refused: list[tuple[Path, CheckpointError]]) -> str:
+    """The message for a directory none of whose checkpoints can be used: a line for each."""
+    kind = "corrupt" if all(isinstance(e, CorruptCheckpoint) for _, e in refused) else "refused"
+    head = f"no usable checkpoint in {directory}: all {len(refused)} are {kind}; nothing changed:"
+    return "\n".join([head, *(_reason(p, e) for p, e in refused)])
+
+
 def load_latest(
     directory: str | os.PathLike,
     template: Any,
@@ -399,19 +412,30 @@ def load_latest(
       (path, tree, meta) or None when there is no checkpoint at all.
 
     Raises:
-      UnsafeCheckpoint, ArchitectureMismatch, CorruptCheckpoint (when checkpoints
-      exist but none verifies).
+      UnsafeCheckpoint: some checkpoint looks like a pickle (each refused one listed).
+      CorruptCheckpoint: checkpoints exist but none verifies (each listed with why).
+      ArchitectureMismatch: the newest verified checkpoint does not fit ``template``.
     """
     ckpts = list_checkpoints(directory)
+    refused: list[tuple[Path, CheckpointError]] = []
+    found = None
     for p in reversed(ckpts):
         try:
             tree, meta = load(p, template)
-        except CorruptCheckpoint as e:
-            warn(f"warning: {e} Skipping it.")
+        except (CorruptCheckpoint, UnsafeCheckpoint) as e:
+            refused.append((p, e))
             continue
-        return p, tree, meta
-    if ckpts:
-        raise CorruptCheckpoint(
-            f"no valid checkpoint in {directory}: all {len(ckpts)} are corrupt."
+        found = (p, tree, meta)
+        break
+    unsafe = [(p, e) for p, e in refused if isinstance(e, UnsafeCheckpoint)]
+    if found is None and refused:
+        raise (UnsafeCheckpoint if unsafe else CorruptCheckpoint)(refusal(directory, refused))
+    if unsafe:
+        raise UnsafeCheckpoint(
+            f"refusing to resume from {directory}: files that could run code when loaded "
+            "(fbp checkpoints are safetensors + JSON only); remove them:\n"
+            + "\n".join(_reason(p, e) for p, e in unsafe)
         )
-    return None
+    for _, e in refused:
+        warn(f"warning: {e} Skipping it.")
+    return found

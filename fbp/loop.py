@@ -147,11 +147,15 @@ def start_position(ts: fbp_train.TrainState, steps_per_epoch: int) -> ResumePosi
 
 def load_position(
     ckpt_dir: Path, template: ResumePosition, warn: Callable[[str], None]
-) -> tuple[Path, ResumePosition] | None:
-    """The newest checkpoint that verifies, as a position; None when there is none."""
+) -> tuple[Path, ResumePosition]:
+    """The newest checkpoint that verifies, as a position.
+
+    Raises:
+      CheckpointError: no checkpoint, none usable (each listed), or one of another model.
+    """
     found = ckpt.load_latest(ckpt_dir, template.arrays(), warn=warn)
     if found is None:
-        return None
+        raise ckpt.CheckpointError(f"no checkpoint in {ckpt_dir} to resume from.")
     path, tree, meta = found
     position = ResumePosition(
         tree["state"],

@@ -26,7 +26,6 @@ steps, so on CPU the final parameters are bitwise those of an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -268,7 +267,7 @@ def _run_in(exp, out_dir, resume, overwrite, print_fn, experiment_path, override
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
 
     # Resuming takes the saved config; explicit overrides still win (e.g. more epochs).
-    saved = _peek_config(ckpt_dir) if resume and ckpt_dir is not None else None
+    saved = _resume_config(ckpt_dir) if resume and ckpt_dir is not None else None
     cfg = resolve_config(exp, saved=saved, **overrides)
     if experiment_path is None and saved:
         experiment_path = saved.get("experiment_path")
@@ -279,22 +278,18 @@ def _run_in(exp, out_dir, resume, overwrite, print_fn, experiment_path, override
     position = start_position(ts, setup.steps_per_epoch)
     history: list[dict[str, Any]] = []
     resumed_from = None
-    if saved:
-        found = load_position(ckpt_dir, position, warn=print_fn)
-        if found is not None:
-            resumed_from, position = found
-            _check_resumable(position, setup)
-            history = [
-                r
-                for r in read_metrics(out_dir / "metrics.jsonl")
-                if r["epoch"] <= position.progress.epoch
-            ]
-            print_fn(
-                f"resuming from {resumed_from.name}: epoch {position.progress.epoch}, "
-                f"step {int(position.state.step)}"
-            )
-    elif resume and out_dir is not None:
-        print_fn(f"no checkpoint in {out_dir}; starting from scratch.")
+    if saved is not None:
+        resumed_from, position = load_position(ckpt_dir, position, warn=print_fn)
+        _check_resumable(position, setup)
+        history = [
+            r
+            for r in read_metrics(out_dir / "metrics.jsonl")
+            if r["epoch"] <= position.progress.epoch
+        ]
+        print_fn(
+            f"resuming from {resumed_from.name}: epoch {position.progress.epoch}, "
+            f"step {int(position.state.step)}"
+        )
 
     # ---- from here on DIR is written
     log = None
@@ -330,12 +325,30 @@ def _check_resumable(position: ResumePosition, setup: Setup) -> None:
         )
 
 
-def _peek_config(ckpt_dir: Path) -> dict[str, Any] | None:
-    """The config stored in the newest checkpoint whose manifest reads (tensors not read)."""
-    for p in reversed(ckpt.list_checkpoints(ckpt_dir)):
-        with contextlib.suppress(ckpt.CorruptCheckpoint):
-            return ckpt.read_manifest(p).get("meta", {}).get("config")
-    return None
+def _resume_config(ckpt_dir: Path) -> dict[str, Any]:
+    """The config in the newest checkpoint whose manifest reads (no tensor is read).
+
+    Raises:
+      ValueError: there is no checkpoint; CorruptCheckpoint: no manifest reads (each
+        checkpoint listed with why). A resume never quietly starts a new run.
+    """
+    ckpts = ckpt.list_checkpoints(ckpt_dir)
+    if not ckpts:
+        raise ValueError(
+            f"run: --resume: {ckpt_dir.parent} has no checkpoint to resume from; run without "
+            "--resume to start it."
+        )
+    refused: list[tuple[Path, ckpt.CheckpointError]] = []
+    for p in reversed(ckpts):
+        try:
+            config = ckpt.read_manifest(p).get("meta", {}).get("config")
+        except ckpt.CheckpointError as e:
+            refused.append((p, e))
+            continue
+        if isinstance(config, dict):
+            return config
+        refused.append((p, ckpt.CorruptCheckpoint("its manifest holds no run config.")))
+    raise ckpt.CorruptCheckpoint(ckpt.refusal(ckpt_dir, refused))
 
 
 # ----------------------------------------------------------------------------- report

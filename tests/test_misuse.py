@@ -4,6 +4,7 @@ Each test reproduces one row of README's "Runner: what is guaranteed" table.
 """
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -77,3 +78,51 @@ def test_default_out_names_made_in_the_same_second_differ(tmp_path, monkeypatch,
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["tiny-20250101-000000", "tiny-20250101-000000-2"]
     assert all((tmp_path / "runs" / r / "summary.json").exists() for r in runs)
+
+
+# ----------------------------------------------------------------------------- 3. --resume with nothing to resume from
+
+
+def _files(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}
+
+
+def _damage(path, how):
+    if how == "manifest":
+        (path / ckpt.MANIFEST).write_text("{not json")
+    elif how == "arrays":
+        blob = bytearray((path / ckpt.TENSORS).read_bytes())
+        blob[-1] ^= 0xFF
+        (path / ckpt.TENSORS).write_bytes(bytes(blob))
+    else:
+        (path / ckpt.TENSORS).write_bytes(pickle.dumps({"w": [1.0]}))
+
+
+@pytest.mark.parametrize("how", ["manifest", "arrays", "pickle"])
+def test_resume_with_no_usable_checkpoint_exits_2_one_line_each_and_changes_nothing(
+    tmp_path, capsys, how
+):
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", 2) == 0
+    ckpts = ckpt.list_checkpoints(out / "checkpoints")
+    assert len(ckpts) == 2
+    for p in ckpts:
+        _damage(p, how)
+    before = _files(out)
+    capsys.readouterr()
+    assert _train(out, "--epochs", 4, "--resume") == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("fbp: error: ") and "no usable checkpoint" in lines[0], lines
+    reason = {"manifest": "unreadable manifest.json", "arrays": "fails its SHA-256 check",
+              "pickle": "looks like a Python pickle"}[how]  # fmt: skip
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["ckpt-000002", "ckpt-000001"]
+    assert all(reason in line for line in lines[1:]), lines
+    assert "starting from scratch" not in captured.out
+    assert _files(out) == before
+
+
+def test_resume_without_any_checkpoint_exits_2_instead_of_starting_over(tmp_path, capsys):
+    assert _train(tmp_path / "none", "--resume") == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
