@@ -9,7 +9,8 @@ A checkpoint is a directory ``ckpt-NNNNNN`` (a sequence number, newest highest) 
   path, dtype, shape and SHA-256, and free-form JSON ``meta`` (step, epoch, config).
 
 Writing goes to a hidden temporary directory; both files are fsynced, the directory
-is fsynced, renamed to its final name and the parent fsynced. A kill at any moment
+is fsynced, renamed to its final name and the parent fsynced. A write that fails
+(a full disk) removes the temporary directory and raises the ``OSError``. A kill at any moment
 therefore leaves either the previous checkpoints alone or the new one whole. Old
 checkpoints are pruned only after the new one is committed. Nothing is ever
 unpickled: files are parsed as JSON and safetensors only, and a file that looks like
@@ -79,14 +80,18 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary name, fsync and rename."""
+    """Write ``data`` to ``path`` via a temporary name, fsync and rename.
+
+    On any error (a full disk) the temporary file is removed and ``path`` is untouched.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        _write_synced(tmp, data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -210,12 +215,16 @@ def save(
     name = _next_name(d)
     tmp = d / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write_synced(tmp / TENSORS, blob)
-    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-    fsync_dir(tmp)
     final = d / name
-    os.rename(tmp, final)
+    try:
+        tmp.mkdir()
+        _write_synced(tmp / TENSORS, blob)
+        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        fsync_dir(tmp)
+        os.rename(tmp, final)
+    except BaseException:  # a full disk, an I/O error: the previous checkpoints stay as they are
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_dir(d)
     if keep is not None:
         prune(d, keep=keep, score=score)

@@ -1,10 +1,13 @@
 """The ``fbp`` command: ``list``, ``train``, ``eval``, ``export``.
 
-Exit status: 0 done; 2 bad input (arguments, data, config, checkpoint), nothing
-written; 3 a non-finite loss/gradient under ``--nonfinite halt``; 130/143 stopped
-by SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues).
+Exit status: 0 done; 2 bad input (arguments, data, config, checkpoint, a run
+directory in use by another process), nothing written; 3 a non-finite loss/gradient
+under ``--nonfinite halt``; 4 writing failed (a full disk, an I/O error): the last
+checkpoint is intact and ``--resume`` continues once there is space; 130/143
+stopped by SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues).
 
-Without ``--out``, ``fbp train NAME`` writes to ``runs/NAME-YYYYmmdd-HHMMSS``.
+Without ``--out``, ``fbp train NAME`` writes to ``runs/NAME-YYYYmmdd-HHMMSS``
+(``-2``, ``-3``... when that exists).
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, give
     except runner.NonFiniteError as e:
         print(f"fbp: error: {e}", file=sys.stderr)
         return 3
+    except runner.WriteError as e:
+        print(f"fbp: error: {e}", file=sys.stderr)
+        return 4
     return 0
 
 

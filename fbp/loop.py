@@ -49,6 +49,20 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss, gradient or parameter under ``nonfinite='halt'``."""
 
 
+class WriteError(RuntimeError):
+    """Writing the run's files failed (a full disk, an I/O error); the last checkpoint stands."""
+
+    @classmethod
+    def of(cls, error: OSError, last: Path | None) -> WriteError:
+        what = f"{error.strerror}: {error.filename}" if error.strerror else str(error)
+        then = (
+            f"the last checkpoint {last.name} is intact; free space and continue with --resume."
+            if last
+            else "no checkpoint was written; free space and run again."
+        )
+        return cls(f"run: cannot write the run's files ({what}); {then}")
+
+
 # ----------------------------------------------------------------------------- records
 
 

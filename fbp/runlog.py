@@ -87,25 +87,37 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl: a line per epoch, flushed; fsynced on ``sync``."""
+    """Append-only metrics.jsonl: a line per epoch, flushed; fsynced on ``sync``.
+
+    The file is made by the first row (a run that fails before its first epoch leaves
+    none); given ``rows`` (a resumed run's, up to its checkpoint), it is rewritten
+    with them first, atomically.
+    """
 
     def __init__(self, path: Path, rows: list[dict[str, Any]]):
         self.path = path
-        ckpt.atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
-        self.f = open(path, "a")
+        self.f = None
+        if rows or path.exists():
+            ckpt.atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+            self.f = open(path, "a")
 
     def write(self, row: dict[str, Any]) -> None:
+        if self.f is None:
+            self.f = open(self.path, "a")
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
 
     def sync(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        if self.f is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())
 
     def close(self) -> None:
-        if not self.f.closed:
-            self.sync()
-            self.f.close()
+        if self.f is not None and not self.f.closed:
+            try:
+                self.sync()
+            finally:
+                self.f.close()
 
 
 def write_plots(out: Path, history: list[dict[str, Any]]) -> list[Path]:

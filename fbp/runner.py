@@ -26,12 +26,13 @@ steps, so on CPU the final parameters are bitwise those of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,7 @@ from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
     Progress,
     ResumePosition,
     Setup,
+    WriteError,
     load_position,
     start_position,
     train,
@@ -250,71 +252,127 @@ def run_single(
     """``run`` for an experiment without variants (the arguments are ``run``'s).
 
     With ``out``, the directory is locked for the whole run (``fbp.runlog.RunLock``):
-    a second process on it is refused at once.
+    a second process on it is refused at once. Everything that can fail on input
+    fails in ``plan``, before the directory is written.
     """
-    if out is None:
-        return _run_in(exp, None, resume, overwrite, print_fn, experiment_path, overrides)
-    lock = RunLock(Path(out))
+    out_dir = Path(out) if out is not None else None
+    lock = RunLock(out_dir) if out_dir is not None else None
     try:
-        return _run_in(exp, Path(out), resume, overwrite, print_fn, experiment_path, overrides)
+        if out_dir is not None:
+            prepare_dir(out_dir, resume=resume, overwrite=overwrite)
+        p = plan(
+            exp,
+            out_dir,
+            resume=resume,
+            overrides=overrides,
+            print_fn=print_fn,
+            experiment_path=experiment_path,
+        )
+        return execute(exp, p, out_dir, overwrite=overwrite, print_fn=print_fn)
     finally:
-        lock.release(remove_dir=True)  # only a directory this run made and left empty
+        if lock is not None:
+            lock.release(remove_dir=True)  # only a directory this run made and left empty
 
 
-def _run_in(exp, out_dir, resume, overwrite, print_fn, experiment_path, overrides) -> RunResult:
-    if out_dir is not None:
-        prepare_dir(out_dir, resume=resume, overwrite=overwrite)
+class Plan(NamedTuple):
+    """A run ready to start: its options, what it trains and where it starts from."""
+
+    cfg: RunOptions
+    config: dict[str, Any]  # the saved form (summary.json, checkpoints)
+    setup: Setup
+    position: ResumePosition
+    history: list[dict[str, Any]]  # metrics rows up to the position
+    resumed_from: Path | None  # the checkpoint it resumes from
+
+
+def plan(
+    exp: Experiment,
+    out_dir: Path | None,
+    *,
+    resume: bool,
+    overrides: Mapping[str, Any],
+    print_fn: Callable[[str], None],
+    experiment_path: str | None = None,
+) -> Plan:
+    """Options, data, model, optimizer and the resume position; reads, never writes.
+
+    Raises:
+      ValueError (DataError, CheckpointError): anything wrong with them.
+    """
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
-
     # Resuming takes the saved config; explicit overrides still win (e.g. more epochs).
     saved = _resume_config(ckpt_dir) if resume and ckpt_dir is not None else None
     cfg = resolve_config(exp, saved=saved, **overrides)
     if experiment_path is None and saved:
         experiment_path = saved.get("experiment_path")
     config = saved_config(exp, cfg, experiment_path)
-
-    # ---- everything that can fail on input, before DIR is touched
     setup, ts = build(exp, cfg)
     position = start_position(ts, setup.steps_per_epoch)
-    history: list[dict[str, Any]] = []
-    resumed_from = None
-    if saved is not None:
-        resumed_from, position = load_position(ckpt_dir, position, warn=print_fn)
-        _check_resumable(position, setup)
-        history = [
-            r
-            for r in read_metrics(out_dir / "metrics.jsonl")
-            if r["epoch"] <= position.progress.epoch
-        ]
-        print_fn(
-            f"resuming from {resumed_from.name}: epoch {position.progress.epoch}, "
-            f"step {int(position.state.step)}"
-        )
+    if saved is None:
+        return Plan(cfg, config, setup, position, [], None)
+    resumed_from, position = load_position(ckpt_dir, position, warn=print_fn)
+    _check_resumable(position, setup)
+    history = [
+        r for r in read_metrics(out_dir / "metrics.jsonl") if r["epoch"] <= position.progress.epoch
+    ]
+    print_fn(
+        f"resuming from {resumed_from.name}: epoch {position.progress.epoch}, "
+        f"step {int(position.state.step)}"
+    )
+    return Plan(cfg, config, setup, position, history, resumed_from)
 
-    # ---- from here on DIR is written
-    log = None
-    if out_dir is not None:
-        if overwrite:
-            clear_owned(out_dir)
-        ckpt.clean_temporaries(ckpt_dir)
-        log = MetricsLog(out_dir / "metrics.jsonl", history)
-    saver = Checkpointer(ckpt_dir, config, cfg.keep, log, last=resumed_from)
-    printer = _Printer(print_fn, cfg.epochs, exp.log_every)
+
+def execute(
+    exp: Experiment,
+    p: Plan,
+    out_dir: Path | None,
+    *,
+    overwrite: bool,
+    print_fn: Callable[[str], None],
+) -> RunResult:
+    """Train from the plan's position and report, writing ``out_dir``.
+
+    A fresh run that stops with an error before its first checkpoint removes what it
+    wrote, so nothing stands in the way of running it again.
+
+    Raises:
+      WriteError: writing failed (a full disk); NonFiniteError, Interrupted: ``run``'s.
+    """
+    ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
+    saver = Checkpointer(ckpt_dir, p.config, p.cfg.keep, None, last=p.resumed_from)
+    printer = _Printer(print_fn, p.cfg.epochs, exp.log_every)
+    history = list(p.history)
     try:
+        if out_dir is not None:
+            if overwrite:
+                clear_owned(out_dir)
+            ckpt.clean_temporaries(ckpt_dir)
+            saver.log = MetricsLog(out_dir / "metrics.jsonl", history)
         position = train(
-            setup,
-            cfg,
-            position,
+            p.setup,
+            p.cfg,
+            p.position,
             saver=saver,
-            log=log,
+            log=saver.log,
             printer=printer,
             history=history,
             handle_signals=out_dir is not None,
         )
-    finally:
-        if log is not None:
-            log.close()
-    return report(exp, cfg, config, setup, position, history, saver.last, out_dir, print_fn)
+        if saver.log is not None:
+            saver.log.close()
+        return report(
+            exp, p.cfg, p.config, p.setup, position, history, saver.last, out_dir, print_fn
+        )
+    except BaseException as e:
+        if saver.log is not None:
+            with contextlib.suppress(OSError):
+                saver.log.close()
+        if out_dir is not None and saver.last is None and not isinstance(e, Interrupted):
+            with contextlib.suppress(OSError):
+                clear_owned(out_dir)
+        if isinstance(e, OSError):
+            raise WriteError.of(e, saver.last) from e
+        raise
 
 
 def _check_resumable(position: ResumePosition, setup: Setup) -> None:

@@ -3,6 +3,7 @@
 Each test reproduces one row of README's "Runner: what is guaranteed" table.
 """
 
+import errno
 import os
 import pickle
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fbp import checkpoint as ckpt
-from fbp import cli, runner
+from fbp import cli, experiment, runner
 
 EXPERIMENTS = str(Path(__file__).parent / "experiments")
 
@@ -126,3 +127,71 @@ def test_resume_without_any_checkpoint_exits_2_instead_of_starting_over(tmp_path
     assert _train(tmp_path / "none", "--resume") == 2
     assert "no checkpoint to resume from" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+# ----------------------------------------------------------------------------- 5. disk full
+
+
+def _full_disk(monkeypatch, victim):
+    """Make writing ``victim`` (a file name) fail with ENOSPC after writing part of it."""
+    real = ckpt._write_synced
+
+    def write(path, data):
+        if Path(path).name == victim or Path(path).name.startswith(f".{victim}.tmp"):
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_synced", write)
+
+
+@pytest.mark.parametrize("victim", [ckpt.TENSORS, ckpt.MANIFEST, "summary.json", "metrics"])
+def test_disk_full_exits_4_in_one_line_leaving_no_temporaries_and_the_last_checkpoint(
+    tmp_path, monkeypatch, capsys, victim
+):
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", 2) == 0
+    good = ckpt.list_checkpoints(out / "checkpoints")
+    if victim == "metrics":
+
+        def full(self, row):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+        monkeypatch.setattr(runner.MetricsLog, "write", full)
+    else:
+        _full_disk(monkeypatch, victim)
+    capsys.readouterr()
+    assert _train(out, "--epochs", 3, "--resume", "--checkpoint-every", 1) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err, err
+    assert not [p for p in out.rglob(".*")], "temporaries left behind"
+    kept = ckpt.list_checkpoints(out / "checkpoints")
+    assert kept[: len(good)] == good and all(ckpt.read_arrays(p) for p in kept)
+    assert f"last checkpoint {kept[-1].name} is intact" in err
+    monkeypatch.undo()
+    monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
+    assert _train(out, "--epochs", 3, "--resume") == 0
+
+
+# ----------------------------------------------------------------------------- 8. failing before the first epoch
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_nothing_in_the_way(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        def chunk(*a):
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while allocating")
+
+        return chunk
+
+    monkeypatch.setattr(runner, "make_train_chunk", out_of_memory)
+    exp = experiment.get("tiny")
+    made, given = tmp_path / "made", tmp_path / "given"
+    given.mkdir()
+    for out in (made, given):
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+            runner.run(exp, out=out, print_fn=lambda s: None)
+    assert not made.exists() and list(given.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
+    assert _train(made, "--epochs", 1) == 0 and _train(given, "--epochs", 1) == 0
