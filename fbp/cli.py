@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,12 @@ from fbp import experiment, export, options, parallel, runner
 
 def _cmd_list(args: argparse.Namespace) -> int:
     for name, path in sorted(experiment.available().items()):
-        print(f"{name:<28} {experiment.get(str(path)).description}")
+        try:
+            exp = experiment.get(str(path))
+        except experiment.ExperimentFileError as e:
+            print(f"fbp: warning: skipping {e}", file=sys.stderr)
+            continue
+        print(f"{name:<28} {exp.description}")
     return 0
 
 
@@ -144,10 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except ValueError as e:
         print(f"fbp: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (fbp list | head -1): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,13 +107,34 @@ def experiment_dirs() -> list[Path]:
     return out
 
 
+class ExperimentFileError(ValueError):
+    """An experiment file that is missing, does not import, or defines no EXPERIMENT."""
+
+
+def _where(path: Path, error: BaseException) -> str:
+    """``path:LINE`` of the deepest frame of ``error``'s traceback inside ``path``."""
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    return f"{path}:{lines[-1]}" if lines else str(path)
+
+
 def _load_file(path: Path) -> Experiment:
+    """Import an experiment file; every failure is one ExperimentFileError naming the file."""
+    if not path.is_file():
+        raise ExperimentFileError(f"{path}: no such experiment file.")
     spec = importlib.util.spec_from_file_location(f"fbp_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ExperimentFileError(f"{path}:{e.lineno}: SyntaxError: {e.msg}") from None
+    except Exception as e:
+        text = " ".join(str(e).split())
+        raise ExperimentFileError(f"{_where(path, e)}: {type(e).__name__}: {text}") from e
     exp = getattr(module, "EXPERIMENT", None)
     if not isinstance(exp, Experiment):
-        raise ValueError(f"{path}: defines no EXPERIMENT = fbp.experiment.Experiment(...).")
+        raise ExperimentFileError(
+            f"{path}: defines no EXPERIMENT = fbp.experiment.Experiment(...)."
+        )
     return exp
 
 
@@ -127,7 +149,13 @@ def available() -> dict[str, Path]:
 
 
 def get(name: str) -> Experiment:
-    """An experiment by name (``digits-mlp``) or by path to its ``.py`` file."""
+    """An experiment by name (``digits-mlp``) or by path to its ``.py`` file.
+
+    Raises:
+      ExperimentFileError: the file is missing, fails to import (the message names
+        the file, its line and the error) or defines no EXPERIMENT.
+      ValueError: no experiment has that name.
+    """
     if name.endswith(".py"):
         return _load_file(Path(name))
     known = available()

@@ -6,6 +6,7 @@ Each test reproduces one row of README's "Runner: what is guaranteed" table.
 import errno
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -195,3 +196,53 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_nothing_in_the_way(tmp_p
     monkeypatch.undo()
     monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
     assert _train(made, "--epochs", 1) == 0 and _train(given, "--epochs", 1) == 0
+
+
+# ----------------------------------------------------------------------------- 6. broken experiment files
+
+BROKEN = {
+    "syntax_error.py": ("x = (1,\n", r"syntax_error\.py:1: SyntaxError: '\(' was never closed"),
+    "import_error.py": (
+        "import fbp\nimport no_such_module_here\n",
+        r"import_error\.py:2: ModuleNotFoundError: No module named 'no_such_module_here'",
+    ),
+    "no_spec.py": ("X = 1\n", r"no_spec\.py: defines no EXPERIMENT = "),
+}
+
+
+@pytest.mark.parametrize("name", [*BROKEN, "missing.py"])
+def test_a_broken_experiment_file_is_one_line_naming_it_and_exit_2(tmp_path, capsys, name):
+    path = tmp_path / name
+    if name in BROKEN:
+        path.write_text(BROKEN[name][0])
+    match = BROKEN[name][1] if name in BROKEN else r"missing\.py: no such experiment file"
+    assert cli.main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fbp: error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_list_skips_broken_files_with_a_warning(tmp_path, monkeypatch, capsys):
+    for name, (text, _) in BROKEN.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.setenv("FBP_EXPERIMENTS", os.pathsep.join([str(tmp_path), EXPERIMENTS]))
+    assert cli.main(["list"]) == 0
+    out, err = capsys.readouterr()
+    assert "tiny " in out and "syntax" not in out
+    assert err.count("fbp: warning: skipping ") == 3 and "ModuleNotFoundError" in err, err
+
+
+def test_list_into_a_pipe_closed_early_is_quiet():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fbp.cli", "list"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.readline()
+    proc.stdout.close()  # what `| head -1` does
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 0, err
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
