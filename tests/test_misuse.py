@@ -4,6 +4,7 @@ Each test reproduces one row of README's "Runner: what is guaranteed" table.
 """
 
 import errno
+import json
 import os
 import pickle
 import re
@@ -246,3 +247,17 @@ def test_list_into_a_pipe_closed_early_is_quiet():
     proc.stderr.close()
     assert proc.wait(timeout=60) == 0, err
     assert "BrokenPipeError" not in err and "Traceback" not in err, err
+
+
+# ----------------------------------------------------------------------------- 7. device count
+
+
+def test_a_run_saved_on_two_devices_resumes_with_plain_resume_on_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fbp.cli", "train", "tiny", "--out", str(out)]
+    done = subprocess.run([*cmd, "--devices", "2", "--epochs", "1"], env=_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "summary.json").read_text())["config"]["devices"] == 2
+    assert _train(out, "--resume", "--epochs", 2) == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["config"]["devices"] is None
