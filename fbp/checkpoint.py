@@ -64,7 +64,23 @@ class UnsafeCheckpoint(CheckpointError):
 
 
 class ArchitectureMismatch(CheckpointError):
-    """A checkpoint's tree paths or shapes differ from the model's."""
+    """A checkpoint's tree paths or shapes differ from the model's.
+
+    The message lists the first ``SHOWN`` mismatched paths (parameters first);
+    ``problems`` holds them all.
+    """
+
+    SHOWN = 4
+
+    def __init__(self, where: str, problems: list[str]):
+        self.where = where
+        ranked = sorted(problems, key=lambda p: not p.startswith("state/params/"))
+        self.problems = ranked
+        more = len(ranked) - self.SHOWN
+        listed = "; ".join(ranked[: self.SHOWN]) + (f"; and {more} more" if more > 0 else "")
+        super().__init__(
+            f"checkpoint {where} does not fit this model ({len(ranked)} mismatches): {listed}"
+        )
 
 
 # ----------------------------------------------------------------------------- files
@@ -351,10 +367,7 @@ def check_compatible(arrays: dict[str, np.ndarray], template: Any, where: str) -
                 f"({tuple(arrays[k].shape)} {arrays[k].dtype})"
             )
     if problems:
-        raise ArchitectureMismatch(
-            f"checkpoint {where} does not fit this model ({len(problems)} mismatches): "
-            + "; ".join(problems)
-        )
+        raise ArchitectureMismatch(where, problems)
 
 
 def restore(arrays: dict[str, np.ndarray], manifest: dict[str, Any], template: Any) -> Any:

@@ -310,8 +310,10 @@ def plan(
     position = start_position(ts, setup.steps_per_epoch)
     if saved is None:
         return Plan(cfg, config, setup, position, [], None)
-    resumed_from, position = load_position(ckpt_dir, position, warn=print_fn)
-    _check_resumable(position, setup)
+    resumed_from, position = _load_resumed(
+        exp, ckpt_dir, position, saved, experiment_path, print_fn
+    )
+    _check_resumable(position, cfg, setup)
     history = [
         r for r in read_metrics(out_dir / "metrics.jsonl") if r["epoch"] <= position.progress.epoch
     ]
@@ -375,7 +377,43 @@ def execute(
         raise
 
 
-def _check_resumable(position: ResumePosition, setup: Setup) -> None:
+def _load_resumed(
+    exp: Experiment,
+    ckpt_dir: Path,
+    template: ResumePosition,
+    saved: Mapping[str, Any],
+    experiment_path: str | None,
+    print_fn: Callable[[str], None],
+) -> tuple[Path, ResumePosition]:
+    """``load_position``, refusing a run of another experiment: that is said first."""
+    other = saved.get("experiment") != exp.name
+    moved = saved.get("experiment_path") not in (None, experiment_path)
+    first = f"run: {ckpt_dir.parent} holds a run of experiment {saved.get('experiment')!r}"
+    first += f", not {exp.name!r}" if other else f" from {saved.get('experiment_path')}"
+    try:
+        found = load_position(ckpt_dir, template, warn=print_fn)
+    except ckpt.ArchitectureMismatch as e:
+        if other or moved:
+            shown = str(e).split(" does not fit this model ", 1)[1]
+            raise ckpt.CheckpointError(
+                f"{first}; its checkpoint does not fit this model {shown}"
+            ) from None
+        raise
+    if other:
+        raise ValueError(
+            f"{first}; resume it with `fbp train {saved.get('experiment')} --resume`, or give "
+            "this experiment another --out."
+        )
+    return found
+
+
+def _check_resumable(position: ResumePosition, cfg: RunOptions, setup: Setup) -> None:
+    done = position.progress.epoch
+    if cfg.epochs < done:
+        raise ValueError(
+            f"run: --epochs {cfg.epochs} is below the {done} epochs this run has done; --epochs "
+            f"is the run's total: pass --epochs {done} or more."
+        )
     if position.progress.steps_per_epoch != setup.steps_per_epoch:
         raise ValueError(
             f"run: the checkpoint has {position.progress.steps_per_epoch} steps per epoch but "

@@ -229,14 +229,23 @@ def evaluate(
 
     Args:
       x: inputs, shape (n, ...); y: targets, shape (n, ...).
-      model_state: running statistics for layers that have them.
+      model_state: running statistics for layers that have them (``ts.model_state``);
+        required when the model has such layers.
       batch_size: examples per jitted call (bounds memory).
+
+    Raises:
+      ValueError: the model has running statistics and ``model_state`` is None.
 
     Returns:
       ``{'loss': ..., 'accuracy': ...}`` (accuracy for ``softmax_cross_entropy`` only).
     """
     classify = isinstance(loss, SoftmaxCrossEntropy) and jnp.issubdtype(y.dtype, jnp.integer)
     state = model_state or None
+    if state is None and jax.tree.leaves(jax.eval_shape(model.init_state, x[:1])):
+        raise ValueError(
+            f"evaluate: {type(model).__name__} has running statistics (e.g. BatchNorm) but "
+            "model_state is None; pass model_state=ts.model_state (the trained running state)."
+        )
 
     @jax.jit
     def sums(params, xb, yb):

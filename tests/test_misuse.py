@@ -261,3 +261,38 @@ def test_a_run_saved_on_two_devices_resumes_with_plain_resume_on_one(tmp_path, c
     assert json.loads((out / "summary.json").read_text())["config"]["devices"] == 2
     assert _train(out, "--resume", "--epochs", 2) == 0, capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["config"]["devices"] is None
+
+
+# ----------------------------------------------------------------------------- 9. messages
+
+
+def test_resuming_a_run_of_another_experiment_says_so_first_then_a_few_paths(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", 1) == 0
+    before = _files(out)
+    capsys.readouterr()
+    assert _train(out, "--resume", "--epochs", 2, name="tiny-poison") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(
+        f"fbp: error: run: {out} holds a run of experiment 'tiny', not 'tiny-poison'"
+    )
+    assert "does not fit this model (" in err and "mismatches" in err
+    assert err.count(": checkpoint has") + err.count("in the checkpoint but not") <= 4
+    assert _files(out) == before
+
+
+def test_evaluating_a_batchnorm_model_without_its_state_names_the_keyword():
+    import jax.numpy as jnp
+
+    from fbp import losses, nn, train
+
+    model = nn.Sequential([nn.Dense(4), nn.BatchNorm(), nn.Dense(3)])
+    x, y = jnp.ones((8, 5)), jnp.zeros((8,), jnp.int32)
+    params = model.init(__import__("jax").random.key(0), x)
+    with pytest.raises(ValueError, match=r"evaluate: .*running statistics.*pass model_state="):
+        train.evaluate(model, losses.softmax_cross_entropy, params, x, y)
+    state = model.init_state(x)
+    assert "loss" in train.evaluate(
+        model, losses.softmax_cross_entropy, params, x, y, model_state=state
+    )
