@@ -212,6 +212,37 @@ def test_harness_report_lists_every_leaf():
     assert "finite differences" in str(report) and report.max_error < 1e-10
 
 
+def test_harness_rtol_zero_asks_for_exact_agreement():
+    """rtol=0 is a tolerance, not "use the default": any rounding difference fails."""
+    model = nn.Sequential([nn.Dense(7), nn.Tanh(), nn.Dense(3)])
+    x = jax.random.normal(jax.random.key(0), (6, 5), jnp.float64)
+    default = testing.check_model(model, losses.mse, x, jnp.zeros((6, 3)))
+    assert default.rtol == 1e-10 and 0 < default.max_error < 1e-10  # rounding, not exact
+    exact = testing.check_model(model, losses.mse, x, jnp.zeros((6, 3)), rtol=0.0)
+    assert exact.rtol == 0.0 and not exact.ok
+    layer = testing.check_layer(nn.Tanh(), x, rtol=0.0, fd_rtol=0.0)
+    assert (layer.rtol, layer.fd_rtol) == (0.0, 0.0)
+    loss = testing.check_loss(losses.mse, x, jnp.zeros_like(x), rtol=0.0)
+    assert loss.rtol == 0.0
+
+
+def test_harness_frozen_wants_zero_dparams_and_the_true_dx():
+    x = jax.random.normal(jax.random.key(0), (4, 3), jnp.float64)
+    report = testing.check_layer(nn.Frozen(nn.Dense(5)), x, frozen=True)
+    assert report.ok and set(report.errors) == {
+        "y (forward vs apply)",
+        "dparams['b']",
+        "dparams['w']",
+        "dx",
+    }
+    assert report.errors["dparams['w']"] == 0.0 and report.errors["dx"] < 1e-12
+    # a layer that does learn fails the frozen check on its dparams
+    moving = testing.check_layer(nn.Dense(5), x, frozen=True)
+    assert not moving.ok and moving.errors["dparams['w']"] > 1.0
+    # and a Frozen layer fails the plain check: zero dparams are not the VJP
+    assert not testing.check_layer(nn.Frozen(nn.Dense(5)), x).ok
+
+
 def test_relu_derivative_at_exactly_zero_matches_jax_grad():
     """Regression: a dead ReLU layer feeding Dense(1) with a zero bias puts z at exactly 0."""
     x = jnp.array([[-1.0, 0.0, 2.0]])
