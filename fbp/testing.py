@@ -10,8 +10,9 @@ as the reference. Point it at your own layer, loss or model::
 
 Comparisons are leaf by leaf. The error of a leaf is
 ``max|fbp - ref| / max(max|ref|, floor)``, a relative error that does not blow up
-on entries that are zero. Run in float64 (``jax.config.update('jax_enable_x64',
-True)``) for the ~1e-10 tolerances; in float32 expect ~1e-5.
+on entries that are zero. Run in float64 for the ~1e-10 tolerances (inputs and
+params in float64 inside ``with jax.enable_x64(True):``, which leaves the rest of the
+process in float32); in float32 expect ~1e-5.
 
 Besides autodiff, each check also compares with central finite differences in a
 random direction ``v``: ``(f(θ+εv) - f(θ-εv)) / 2ε`` against ``<grad, v>``, which

@@ -1,5 +1,10 @@
 """Core contract: Sequential, value_and_grad vs jax.grad, errors with their messages, harness."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +45,25 @@ def test_readme_contract_shapes_and_parity():
     assert float(value) == pytest.approx(float(ref_value), rel=1e-14)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
         assert testing.rel_error(a, b) < 1e-10
+
+
+def test_readme_quickstart_prints_what_the_readme_says_and_leaves_float32_on():
+    """The quickstart runs in a fresh process (no conftest), with float64 only in its block."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    quick = readme[readme.index("## Quickstart") :]
+    code = quick.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = quick.split("prints\n\n```\n", 1)[1].split("```", 1)[0]
+    check = "\nassert not jax.config.jax_enable_x64 and x.dtype == jnp.float32\n"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code + check],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert out == printed
 
 
 def test_value_and_grad_is_jit_safe_and_aux_carries_pred():
