@@ -26,6 +26,13 @@ class Split(NamedTuple):
 
 
 class Dataset(NamedTuple):
+    """Three splits and what was done to their features.
+
+    ``x_mean``/``x_std`` are the standardisation the splits went through; ``fbp export``
+    bakes them into the exported function so it takes raw features. Derive a data set
+    from another with ``ds._replace(train=..., ...)`` or ``reshape`` so they travel along.
+    """
+
     train: Split
     val: Split
     test: Split
@@ -150,6 +157,57 @@ def load(
     return _finish(tr, va, te, classes, name, standardize_x)
 
 
+def preprocess(ds: Dataset, x: np.ndarray) -> np.ndarray:
+    """Raw features as the model sees them: ``(x - x_mean) / x_std``, or ``x`` unchanged.
+
+    What ``ds`` did to its own splits, for new raw inputs (``fbp export`` bakes the same
+    map into the exported function).
+
+    Args:
+      ds: the data set whose statistics apply (``x_mean``/``x_std`` None: raw features).
+      x: raw features, shape (n, features...).
+
+    Returns:
+      float32 array, shape of ``x``.
+
+    Examples:
+      >>> import numpy as np
+      >>> ds = load("iris", seed=0)
+      >>> raw = load("iris", seed=0, standardize_x=False)
+      >>> bool(np.allclose(preprocess(ds, raw.test.x), ds.test.x, atol=1e-6))
+      True
+    """
+    x = np.asarray(x, np.float32)
+    if ds.x_mean is None:
+        return x
+    return ((x - ds.x_mean) / ds.x_std).astype(np.float32)
+
+
+def reshape(ds: Dataset, shape: tuple[int, ...], *, name: str | None = None) -> Dataset:
+    """Every split's features reshaped to (n, *shape), statistics with them.
+
+    Args:
+      ds: a data set, features of shape (n, features...).
+      shape: the new per-example feature shape, e.g. (8, 8) for 64 pixels as 8 rows.
+      name: the new data set's name (default: unchanged).
+
+    Examples:
+      >>> rows = reshape(load("digits", seed=0), (8, 8))
+      >>> rows.train.x.shape[1:], rows.x_mean.shape
+      ((8, 8), (8, 8))
+    """
+
+    def r(s: Split) -> Split:
+        return Split(s.x.reshape(len(s.x), *shape), s.y)
+
+    stats = {}
+    if ds.x_mean is not None:
+        stats = {"x_mean": ds.x_mean.reshape(shape), "x_std": ds.x_std.reshape(shape)}
+    return ds._replace(
+        train=r(ds.train), val=r(ds.val), test=r(ds.test), name=name or ds.name, **stats
+    )
+
+
 def _finish(tr: Split, va: Split, te: Split, classes, name: str, standardize_x: bool) -> Dataset:
     mean = std = None
     if standardize_x:
@@ -231,7 +289,9 @@ def validate_arrays(
 
 
 def validate_dataset(ds: Dataset, *, features: int | None = None) -> Dataset:
-    """``validate_arrays`` on every split of ``ds`` (train and test must be non-empty)."""
+    """``validate_arrays`` on every split of ``ds`` (train and test must be non-empty),
+    and its standardisation statistics (both or neither, shaped like one example)."""
+    _check_stats(ds)
     for split_name in ("train", "val", "test"):
         s = getattr(ds, split_name)
         validate_arrays(
@@ -243,6 +303,21 @@ def validate_dataset(ds: Dataset, *, features: int | None = None) -> Dataset:
             allow_empty=split_name == "val",
         )
     return ds
+
+
+def _check_stats(ds: Dataset) -> None:
+    if (ds.x_mean is None) != (ds.x_std is None):
+        raise DataError(f"{ds.name}: x_mean and x_std must be given together (or neither).")
+    if ds.x_mean is None:
+        return
+    feat = tuple(np.shape(ds.train.x)[1:])
+    for what in ("x_mean", "x_std"):
+        got = tuple(np.shape(getattr(ds, what)))
+        if got != feat:
+            raise DataError(
+                f"{ds.name}: {what} has shape {got} but one example has shape {feat}; "
+                "reshape the statistics with the features (fbp.data.reshape does both)."
+            )
 
 
 # ----------------------------------------------------------------------------- files

@@ -36,6 +36,28 @@ def test_bundled_sets_split_and_standardise(name, features, classes):
         assert ds.train.y.dtype == np.int32
 
 
+def test_preprocess_maps_raw_features_as_the_data_set_did_and_reshape_keeps_statistics():
+    ds, raw = data.load("digits", seed=0), data.load("digits", seed=0, standardize_x=False)
+    np.testing.assert_allclose(data.preprocess(ds, raw.test.x), ds.test.x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(data.preprocess(raw, raw.test.x), raw.test.x)  # raw set
+    rows = data.reshape(ds, (8, 8), name="rows")
+    assert rows.name == "rows" and rows.test.x.shape[1:] == rows.x_mean.shape == (8, 8)
+    raw_rows = raw.test.x.reshape(-1, 8, 8)
+    np.testing.assert_allclose(data.preprocess(rows, raw_rows), rows.test.x, rtol=1e-6, atol=1e-6)
+    data.validate_dataset(rows)
+
+
+def test_validate_dataset_refuses_statistics_that_do_not_fit_the_features():
+    ds = data.load("digits", seed=0)
+    rows = [data.Split(s.x.reshape(-1, 8, 8), s.y) for s in (ds.train, ds.val, ds.test)]
+    stale = ds._replace(train=rows[0], val=rows[1], test=rows[2])  # stats still (64,)
+    msg = r"digits: x_mean has shape \(64,\) but one example has shape \(8, 8\); reshape"
+    with pytest.raises(data.DataError, match=msg):
+        data.validate_dataset(stale)
+    with pytest.raises(data.DataError, match="x_mean and x_std must be given together"):
+        data.validate_dataset(ds._replace(x_std=None))
+
+
 def test_splits_are_stratified_and_seeded():
     a, b, c = data.load("iris", seed=3), data.load("iris", seed=3), data.load("iris", seed=4)
     np.testing.assert_array_equal(a.train.x, b.train.x)
