@@ -92,9 +92,20 @@ CASES: list[LayerCase] = [
         lengths=(6, 2, 4),
         frozen=True,
     ),
-    LayerCase("residual-gru-lengths", lambda: nn.Residual(nn.GRU(3)), (3, 6, 3), lengths=(4, 6, 1)),
+    # (tests/test_wrappers.py checks by default that these equal the bare layer exactly)
     LayerCase(
-        "recompute-lstm-lengths", lambda: nn.Recompute(nn.LSTM(3)), (3, 5, 2), lengths=(5, 0, 3)
+        "residual-gru-lengths",
+        lambda: nn.Residual(nn.GRU(3)),
+        (3, 6, 3),
+        lengths=(4, 6, 1),
+        slow=True,
+    ),
+    LayerCase(
+        "recompute-lstm-lengths",
+        lambda: nn.Recompute(nn.LSTM(3)),
+        (3, 5, 2),
+        lengths=(5, 0, 3),
+        slow=True,
     ),
     # --- wrappers (fbp/nn/wrappers.py); Frozen's zero dparams are by design not the VJP:
     # its cases say frozen=True (dparams must be zeros, dx is checked as usual).
