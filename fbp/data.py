@@ -3,7 +3,8 @@
 Everything here runs on the host in NumPy, before anything is compiled. Bad data
 (NaN/Inf, wrong feature count, X/y length mismatch, labels outside [0, classes),
 non-numeric or object arrays, empty splits) raises ``DataError`` with a one-line
-message naming the first bad row and column.
+message naming the first bad row and column: for data read from a file, as the file
+shows it (a CSV's line, counting the header, and column from 1), also after the split.
 
 Examples:
   >>> from fbp import data
