@@ -33,9 +33,10 @@ def _classes(s: Split, lo: int, hi: int) -> Split:
 
 
 def pretrain_data(seed: int) -> Dataset:
+    """Digits 0-4 of the standardised digits (the statistics of all ten go along)."""
     ds = data.load("digits", seed=seed)
     tr, va, te = (_classes(s, 0, 4) for s in (ds.train, ds.val, ds.test))
-    return Dataset(tr, va, te, ds.classes, "digits-0-4")
+    return ds._replace(train=tr, val=va, test=te, name="digits-0-4")
 
 
 def finetune_data(seed: int) -> Dataset:
@@ -47,7 +48,8 @@ def finetune_data(seed: int) -> Dataset:
         [rng.choice(np.flatnonzero(tr.y == c), PER_CLASS, replace=False) for c in range(5, 10)]
     )
     val, test = _classes(ds.val, 5, 9), _classes(ds.test, 5, 9)
-    return Dataset(Split(tr.x[idx], tr.y[idx]), val, test, ds.classes, "digits-5-9-small")
+    small = Split(tr.x[idx], tr.y[idx])
+    return ds._replace(train=small, val=val, test=test, name="digits-5-9-small")
 
 
 def mlp(frozen: bool = False):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fbp import losses, nn
+from fbp import losses, nn, runlog
 from fbp.data import Dataset
 from fbp.experiment import Experiment
 
@@ -62,15 +62,11 @@ def _ratio(g: np.ndarray) -> str:
 
 
 def report(result) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = result.variants or {"run": result}
     x = jnp.asarray(result.dataset.test.x[:N_PROBE])
     y = jnp.asarray(result.dataset.test.y[:N_PROBE])
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig = runlog.new_figure(figsize=(16, 4.5))
+    axes = fig.subplots(1, 3)
     lines = [
         "| variant | ‖∂L/∂x_0‖/‖∂L/∂x_T-1‖ at init | after training | test MSE |",
         "| --- | --- | --- | --- |",
@@ -94,8 +90,7 @@ def report(result) -> list[str]:
     fig.tight_layout()
     out = Path(result.out) if result.out is not None else Path.cwd() / "runs" / "rnn-gradient-flow"
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "gradient_flow.png", dpi=100)
-    plt.close(fig)
+    runlog.save_figure(fig, out / "gradient_flow.png")
     lines.append(f"plot: {out / 'gradient_flow.png'}")
     return lines
 

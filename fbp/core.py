@@ -21,6 +21,20 @@ Invariants, checked for every layer by the parity suite:
   them ignores them. ``train`` is static: it selects code, it is never traced.
 * Shapes and hyperparameters are checked in Python, at trace time; nothing
   branches on array values.
+
+Padded sequences: ``lengths``, an int array of shape (batch,), is one more keyword
+of ``apply`` and ``forward`` (never of ``backward``: a layer that reads it keeps it
+in its residuals). The rule is one and the same everywhere:
+
+* a layer *takes* ``lengths`` when its ``forward`` has that keyword
+  (``takes_lengths``): the sequence layers (recurrent layers, ``LastStep``) and every
+  layer built around other layers (``Sequential``, ``Residual``, ``Bidirectional``,
+  ``Frozen``, ``Recompute``);
+* a layer built around others hands ``lengths`` unchanged to each inner layer that
+  takes it and to no other (``lengths_kw``), so ``Bidirectional(Frozen(GRU(8)))``
+  masks the GRU's padded steps and a ``Dense`` inside a ``Sequential`` never sees it
+  (it acts on each step alone);
+* ``value_and_grad`` and ``loss_fn`` hand it to the model, which must take it.
 """
 
 from __future__ import annotations
@@ -215,7 +229,7 @@ class Sequential(Layer):
         """``lengths`` (batch,), for padded sequences, reaches every layer that takes it."""
 
         def step(layer, p, v, k, s):
-            kw = _lengths_kw(layer, lengths)
+            kw = lengths_kw(layer, lengths)
             return layer.apply(p, v, key=k, state=s, train=train, **kw), None
 
         return self._each(params, x, key, state, step)[0]
@@ -224,7 +238,7 @@ class Sequential(Layer):
         """``lengths`` (batch,), for padded sequences, reaches every layer that takes it."""
 
         def step(layer, p, v, k, s):
-            kw = _lengths_kw(layer, lengths)
+            kw = lengths_kw(layer, lengths)
             return layer.forward(p, v, key=k, state=s, train=train, **kw)
 
         y, res = self._each(params, x, key, state, step)
@@ -260,13 +274,36 @@ def _get(tree: Any, k: str) -> Any:
     return None if tree is None else tree[k]
 
 
-def _lengths_kw(layer: Layer, lengths: Any) -> dict:
-    """``{'lengths': lengths}`` for a layer whose forward takes it (recurrent, LastStep...)."""
-    if lengths is None:
-        return {}
-    if "lengths" not in inspect.signature(layer.forward).parameters:
+def takes_lengths(layer: Layer) -> bool:
+    """Whether ``layer.forward`` has the ``lengths=`` keyword (see the module docstring)."""
+    return "lengths" in inspect.signature(layer.forward).parameters
+
+
+def lengths_kw(layer: Layer, lengths: Any) -> dict:
+    """``{'lengths': lengths}`` for a layer that takes it, else ``{}``.
+
+    What a layer built around ``layer`` passes on: ``layer.forward(..., **lengths_kw(layer,
+    lengths))``. Nothing when ``lengths`` is None.
+
+    Examples:
+      >>> from fbp import nn
+      >>> sorted(lengths_kw(nn.GRU(4), [3, 1])), lengths_kw(nn.Dense(4), [3, 1])
+      (['lengths'], {})
+    """
+    if lengths is None or not takes_lengths(layer):
         return {}
     return {"lengths": lengths}
+
+
+def _model_lengths_kw(owner: str, model: Layer, lengths: Any) -> dict:
+    """``lengths_kw`` for the model of ``value_and_grad``/``loss_fn``, which must take it."""
+    if lengths is not None and not takes_lengths(model):
+        raise TypeError(
+            f"{owner}: lengths= was given but {layer_name(model)}.forward takes no lengths; "
+            "only sequence layers and the layers built around them (Sequential, Residual, "
+            "Bidirectional, Frozen, Recompute) do."
+        )
+    return lengths_kw(model, lengths)
 
 
 class Aux(NamedTuple):
@@ -316,7 +353,7 @@ def value_and_grad(
     """
 
     def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
-        kw = {} if lengths is None else {"lengths": lengths}
+        kw = _model_lengths_kw("value_and_grad", model, lengths)
         pred, res = model.forward(params, x, key=key, state=state, train=train, **kw)
         value = loss(pred, target)
         dpred = loss.backward(pred, target)
@@ -352,7 +389,7 @@ def loss_fn(model: Layer, loss: Callable, *, penalty: Callable | None = None) ->
     """
 
     def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
-        kw = {} if lengths is None else {"lengths": lengths}
+        kw = _model_lengths_kw("loss_fn", model, lengths)
         value = loss(model.apply(params, x, key=key, state=state, train=train, **kw), target)
         if penalty is not None:
             value = value + penalty(params)

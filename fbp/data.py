@@ -3,7 +3,8 @@
 Everything here runs on the host in NumPy, before anything is compiled. Bad data
 (NaN/Inf, wrong feature count, X/y length mismatch, labels outside [0, classes),
 non-numeric or object arrays, empty splits) raises ``DataError`` with a one-line
-message naming the first bad row and column.
+message naming the first bad row and column: for data read from a file, as the file
+shows it (a CSV's line, counting the header, and column from 1), also after the split.
 
 Examples:
   >>> from fbp import data
@@ -26,6 +27,13 @@ class Split(NamedTuple):
 
 
 class Dataset(NamedTuple):
+    """Three splits and what was done to their features.
+
+    ``x_mean``/``x_std`` are the standardisation the splits went through; ``fbp export``
+    bakes them into the exported function so it takes raw features. Derive a data set
+    from another with ``ds._replace(train=..., ...)`` or ``reshape`` so they travel along.
+    """
+
     train: Split
     val: Split
     test: Split
@@ -33,6 +41,14 @@ class Dataset(NamedTuple):
     name: str
     x_mean: np.ndarray | None = None  # (features...) train mean used to standardise; None if raw
     x_std: np.ndarray | None = None  # (features...) train std (1 where constant); None if raw
+    origin: Origin | None = None  # where each example sits in the file it was read from
+
+
+class Origin(NamedTuple):
+    """Where the examples of a data set read from a file are in that file, for messages."""
+
+    lines: np.ndarray | None  # (n,) CSV: file line of each example (1-based, header counted)
+    index: dict[str, np.ndarray]  # split name -> (n_split,) positions in file order
 
 
 class DataError(ValueError):
@@ -70,7 +86,8 @@ def split(
       x: features, shape (n, ...); y: targets, shape (n,) or (n, targets).
       seed: the split's seed (the same seed gives the same split).
       val_fraction, test_fraction: shares of the whole set (the rest is train).
-      stratify: keep class proportions in every split (integer labels only).
+      stratify: keep class proportions in every split (integer labels only; where a
+        class is too small for that, the split is at random).
     """
     from sklearn.model_selection import train_test_split
 
@@ -79,17 +96,19 @@ def split(
             f"split: need 0 <= val_fraction, 0 < test_fraction and their sum < 1; got "
             f"val_fraction={val_fraction}, test_fraction={test_fraction}."
         )
-    strat = y if stratify else None
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=strat
-    )
+
+    def cut(x, y, size):
+        if stratify:
+            try:
+                return train_test_split(x, y, test_size=size, random_state=seed, stratify=y)
+            except ValueError:  # a class too small to spread over both parts: split at random
+                pass
+        return train_test_split(x, y, test_size=size, random_state=seed)
+
+    x_rest, x_test, y_rest, y_test = cut(x, y, test_fraction)
     if val_fraction == 0:
         return Split(x_rest, y_rest), Split(x_rest[:0], y_rest[:0]), Split(x_test, y_test)
-    val_share = val_fraction / (1 - test_fraction)
-    strat = y_rest if stratify else None
-    x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=val_share, random_state=seed, stratify=strat
-    )
+    x_train, x_val, y_train, y_val = cut(x_rest, y_rest, val_fraction / (1 - test_fraction))
     return Split(x_train, y_train), Split(x_val, y_val), Split(x_test, y_test)
 
 
@@ -150,6 +169,57 @@ def load(
     return _finish(tr, va, te, classes, name, standardize_x)
 
 
+def preprocess(ds: Dataset, x: np.ndarray) -> np.ndarray:
+    """Raw features as the model sees them: ``(x - x_mean) / x_std``, or ``x`` unchanged.
+
+    What ``ds`` did to its own splits, for new raw inputs (``fbp export`` bakes the same
+    map into the exported function).
+
+    Args:
+      ds: the data set whose statistics apply (``x_mean``/``x_std`` None: raw features).
+      x: raw features, shape (n, features...).
+
+    Returns:
+      float32 array, shape of ``x``.
+
+    Examples:
+      >>> import numpy as np
+      >>> ds = load("iris", seed=0)
+      >>> raw = load("iris", seed=0, standardize_x=False)
+      >>> bool(np.allclose(preprocess(ds, raw.test.x), ds.test.x, atol=1e-6))
+      True
+    """
+    x = np.asarray(x, np.float32)
+    if ds.x_mean is None:
+        return x
+    return ((x - ds.x_mean) / ds.x_std).astype(np.float32)
+
+
+def reshape(ds: Dataset, shape: tuple[int, ...], *, name: str | None = None) -> Dataset:
+    """Every split's features reshaped to (n, *shape), statistics with them.
+
+    Args:
+      ds: a data set, features of shape (n, features...).
+      shape: the new per-example feature shape, e.g. (8, 8) for 64 pixels as 8 rows.
+      name: the new data set's name (default: unchanged).
+
+    Examples:
+      >>> rows = reshape(load("digits", seed=0), (8, 8))
+      >>> rows.train.x.shape[1:], rows.x_mean.shape
+      ((8, 8), (8, 8))
+    """
+
+    def r(s: Split) -> Split:
+        return Split(s.x.reshape(len(s.x), *shape), s.y)
+
+    stats = {}
+    if ds.x_mean is not None:
+        stats = {"x_mean": ds.x_mean.reshape(shape), "x_std": ds.x_std.reshape(shape)}
+    return ds._replace(
+        train=r(ds.train), val=r(ds.val), test=r(ds.test), name=name or ds.name, **stats
+    )
+
+
 def _finish(tr: Split, va: Split, te: Split, classes, name: str, standardize_x: bool) -> Dataset:
     mean = std = None
     if standardize_x:
@@ -165,12 +235,42 @@ def _first_bad(mask: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.argwhere(mask)[0])
 
 
+Where = Callable[[tuple[int, ...]], str]  # an array index -> "row 3, column 1", "line 5"
+
+
 def _where(idx: tuple[int, ...]) -> str:
     cols = ", ".join(str(i) for i in idx[1:])
     return f"row {idx[0]}" + (f", column {cols}" if cols else "")
 
 
-def _check_array(a: object, what: str) -> np.ndarray:
+def _locator(lines: np.ndarray | None, positions: np.ndarray | None = None) -> Where:
+    """Messages' place for arrays whose row i is row ``positions[i]`` of a file.
+
+    A CSV's rows are named by file line (``lines``: 1-based, the header counted) and
+    columns from 1, as an editor shows them; an NPZ's (``lines`` None) by array index.
+    """
+
+    def where(idx: tuple[int, ...]) -> str:
+        row = int(positions[idx[0]]) if positions is not None else idx[0]
+        if lines is None:
+            return _where((row, *idx[1:]))
+        cols = ", ".join(str(j + 1) for j in idx[1:])
+        return f"line {int(lines[row])}" + (f", column {cols}" if cols else "")
+
+    return where
+
+
+def split_where(ds: Dataset, split_name: str) -> Where | None:
+    """How messages name the examples of split ``split_name`` (``train``, ``val``, ``test``):
+    by their place in the file for data read from one (``line 57``), else None (array rows).
+    """
+    o = ds.origin
+    if o is None or len(o.index[split_name]) != len(getattr(ds, split_name).x):
+        return None  # no file, or splits replaced after loading: array rows it is
+    return _locator(o.lines, o.index[split_name])
+
+
+def _check_array(a: object, what: str, where: Where = _where) -> np.ndarray:
     if isinstance(a, np.ndarray) and a.dtype == object:
         raise DataError(f"{what} is an object array; only numeric arrays are accepted.")
     try:
@@ -183,7 +283,7 @@ def _check_array(a: object, what: str) -> np.ndarray:
         raise DataError(f"{what} is a scalar; expected an array with a leading example axis.")
     if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         idx = _first_bad(~np.isfinite(arr))
-        raise DataError(f"{what} has {arr[idx]} (not finite) at {_where(idx)}.")
+        raise DataError(f"{what} has {arr[idx]} (not finite) at {where(idx)}.")
     return arr
 
 
@@ -195,6 +295,7 @@ def validate_arrays(
     features: int | None = None,
     classes: int | None = None,
     allow_empty: bool = False,
+    where: Where | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check one (x, y) pair on the host; return them as NumPy arrays.
 
@@ -204,13 +305,16 @@ def validate_arrays(
       features: required size of x's last axis, if known.
       classes: labels must be integers in [0, classes) (classification); None: any reals.
       allow_empty: accept n == 0 (e.g. an absent validation split).
+      where: how messages name an array index (default ``row i, column j``); see
+        ``split_where`` for the file line of a split's example.
 
     Raises:
       DataError: non-numeric/object arrays, NaN/Inf (first bad row and column), x/y
         length mismatch, wrong feature count, labels outside [0, classes), empty data.
     """
-    x = _check_array(x, f"{name}: x")
-    y = _check_array(y, f"{name}: y")
+    where = where or _where
+    x = _check_array(x, f"{name}: x", where)
+    y = _check_array(y, f"{name}: y", where)
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{name}: x has {x.shape[0]} rows but y has {y.shape[0]}; they must match.")
     if x.shape[0] == 0 and not allow_empty:
@@ -224,14 +328,16 @@ def validate_arrays(
         if np.any(bad):
             idx = _first_bad(bad)
             raise DataError(
-                f"{name}: label {y[idx]} at {_where(idx)} is outside [0, {classes}) "
+                f"{name}: label {y[idx]} at {where(idx)} is outside [0, {classes}) "
                 "(labels must be integers 0..classes-1)."
             )
     return x, y
 
 
 def validate_dataset(ds: Dataset, *, features: int | None = None) -> Dataset:
-    """``validate_arrays`` on every split of ``ds`` (train and test must be non-empty)."""
+    """``validate_arrays`` on every split of ``ds`` (train and test must be non-empty),
+    and its standardisation statistics (both or neither, shaped like one example)."""
+    _check_stats(ds)
     for split_name in ("train", "val", "test"):
         s = getattr(ds, split_name)
         validate_arrays(
@@ -241,46 +347,104 @@ def validate_dataset(ds: Dataset, *, features: int | None = None) -> Dataset:
             features=features,
             classes=ds.classes,
             allow_empty=split_name == "val",
+            where=split_where(ds, split_name),
         )
     return ds
+
+
+def _check_stats(ds: Dataset) -> None:
+    if (ds.x_mean is None) != (ds.x_std is None):
+        raise DataError(f"{ds.name}: x_mean and x_std must be given together (or neither).")
+    if ds.x_mean is None:
+        return
+    feat = tuple(np.shape(ds.train.x)[1:])
+    for what in ("x_mean", "x_std"):
+        got = tuple(np.shape(getattr(ds, what)))
+        if got != feat:
+            raise DataError(
+                f"{ds.name}: {what} has shape {got} but one example has shape {feat}; "
+                "reshape the statistics with the features (fbp.data.reshape does both)."
+            )
 
 
 # ----------------------------------------------------------------------------- files
 
 
-def _parse_cell(text: str, path: str, row: int, col: int) -> float:
+def _refuse_binary(path: str) -> None:
+    """DataError naming ``path`` unless its start reads as UTF-8 text without NUL bytes."""
+    import codecs
+
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    kinds = {b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive (.npz, .xlsx...)"}
+    kind = next((k for magic, k in kinds.items() if head.startswith(magic)), None)
+    if kind is None and b"\x00" in head:
+        kind = "binary (it has NUL bytes)"
+    if kind is None:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError as e:
+            kind = f"binary, or text not in UTF-8 (byte {head[e.start]:#04x} at offset {e.start})"
+    if kind is not None:
+        raise DataError(f"{path}: not a CSV text file: {kind}.")
+
+
+def _read_csv_rows(path: str) -> tuple[list[list[str]], list[int], list[str] | None]:
+    """The non-blank rows of a CSV, the file line of each (1-based), and the header if any."""
+    import csv
+
+    _refuse_binary(path)
+    rows, lines = [], []
     try:
-        return float(text)
-    except ValueError:
-        raise DataError(
-            f"{path}: row {row}, column {col}: {text.strip()!r} is not a number."
-        ) from None
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for r in reader:
+                if r and any(c.strip() for c in r):
+                    rows.append(r)
+                    lines.append(reader.line_num)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a readable CSV text file ({e}).") from None
+    header = None
+    if rows:
+        try:
+            [float(c) for c in rows[0]]
+        except ValueError:
+            header, rows, lines = rows[0], rows[1:], lines[1:]
+    return rows, lines, header
+
+
+def _parse_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(table, lines)``: the numbers of a CSV, float64 (rows, columns), and the file line
+    of each row (1-based, the header counted)."""
+    rows, lines, header = _read_csv_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no data rows.")
+    width = len(rows[0])
+    out = np.empty((len(rows), width), np.float64)
+    for i, (r, line) in enumerate(zip(rows, lines, strict=True)):
+        if len(r) != width:
+            raise DataError(
+                f"{path}: line {line} has {len(r)} columns but line {lines[0]} has {width}."
+            )
+        for j, cell in enumerate(r):
+            try:
+                out[i, j] = float(cell)
+            except ValueError:
+                named = f" ({header[j].strip()!r})" if header and j < len(header) else ""
+                raise DataError(
+                    f"{path}: line {line}, column {j + 1}{named}: {cell.strip()!r} is not a number."
+                ) from None
+    return out, np.asarray(lines)
 
 
 def read_csv(path: str) -> np.ndarray:
     """A numeric CSV as a float64 (rows, columns) array; a non-numeric first row is a header.
 
     Raises:
-      DataError: a non-numeric cell (row and column named), ragged rows, no rows.
+      DataError: a binary file, a non-numeric cell or ragged rows (file line and column
+        named, both counted from 1, the header line included), no rows.
     """
-    import csv
-
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    if rows:
-        try:
-            [float(c) for c in rows[0]]
-        except ValueError:
-            rows = rows[1:]  # header
-    if not rows:
-        raise DataError(f"{path}: no data rows.")
-    width = len(rows[0])
-    out = np.empty((len(rows), width), np.float64)
-    for i, r in enumerate(rows):
-        if len(r) != width:
-            raise DataError(f"{path}: row {i} has {len(r)} columns but row 0 has {width}.")
-        out[i] = [_parse_cell(c, path, i, j) for j, c in enumerate(r)]
-    return out
+    return _parse_csv(path)[0]
 
 
 def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -315,6 +479,68 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file ({e}).") from None
 
 
+def _read_file(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(x, y, lines)`` of a CSV (last column y; ``lines`` as ``_parse_csv``) or NPZ (None)."""
+    import os
+
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; expected a .csv or .npz file.")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file.")
+    if path.endswith(".npz"):
+        return (*read_npz(path), None)
+    if not path.endswith(".csv"):
+        raise DataError(f"{path}: unknown file type; expected .csv or .npz.")
+    table, lines = _parse_csv(path)
+    if table.shape[1] < 2:
+        raise DataError(f"{path}: needs at least one feature column and a target column.")
+    return table[:, :-1], table[:, -1], lines
+
+
+def _labels(path: str, y: np.ndarray, classes: int | None, where: Where) -> tuple[np.ndarray, int]:
+    """Integer labels and the number of classes: ``classes`` if given, else the labels
+    must be 0..K-1 with every class present (a typo such as 1000000 is named, not
+    turned into a million-class model)."""
+    bad = (y != np.round(y)) | (y < 0)
+    if np.any(bad):
+        idx = _first_bad(bad)
+        raise DataError(f"{path}: label {y[idx]:g} at {where(idx)} is not an integer >= 0.")
+    if classes is not None:
+        if np.any(y >= classes):
+            idx = _first_bad(y >= classes)
+            raise DataError(
+                f"{path}: label {y[idx]:.0f} at {where(idx)} is outside [0, {classes}) "
+                f"(the stated number of classes is {classes})."
+            )
+        return y.astype(np.int32), classes
+    present = np.unique(y)
+    k = len(present)
+    if present[-1] != k - 1:
+        gap = int(np.argmax(present != np.arange(k)))  # the first class with no example
+        idx = (int(np.argmax(y == present[gap])),)
+        raise DataError(
+            f"{path}: label {present[gap]:.0f} at {where(idx)} is not one of 0..K-1: labels "
+            f"must be 0..K-1 with every class present, and no line has label {gap} ({k} "
+            f"distinct labels, {present[0]:.0f} to {present[-1]:.0f}). Correct the label, or "
+            "state the number of classes (fbp.data.load_file(..., classes=K))."
+        )
+    return y.astype(np.int32), k
+
+
+def _check_train_classes(path: str, y: np.ndarray, train: np.ndarray, k: int, where: Where):
+    """DataError unless every class 0..k-1 has an example in the training split."""
+    missing = np.flatnonzero(np.bincount(y[train], minlength=k) == 0)
+    if missing.size:
+        c = int(missing[0])
+        rows = np.flatnonzero(y == c)
+        at = ", ".join(where((int(r),)) for r in rows[:3]) + (", ..." if len(rows) > 3 else "")
+        raise DataError(
+            f"{path}: class {c} has {len(rows)} example(s) ({at}) and none in the training "
+            "split; give every class at least 2 examples, or state the number of classes "
+            "(fbp.data.load_file(..., classes=K))."
+        )
+
+
 def load_file(
     path: str,
     *,
@@ -331,44 +557,52 @@ def load_file(
     Args:
       path: ``.csv`` or ``.npz`` file.
       seed: split seed.
-      classes: number of classes (default: max label + 1); ignored for regression.
+      classes: number of classes K; labels must then be in [0, K), and a class may have
+        no example. Default: the labels must be 0..K-1 with every class present, also
+        in the training split. Ignored for regression.
       regression: float targets of shape (n, 1) instead of integer labels.
       features: required feature count (checked before anything compiles).
       val_fraction, test_fraction, standardize_x: as in ``load``.
 
+    Returns:
+      A Dataset whose ``origin`` records where each example is in the file, so later
+      messages (``validate_dataset``, ``split_where``) name file lines, not split rows.
+
     Raises:
-      DataError: any problem ``validate_arrays`` finds, with the file's row numbers.
+      DataError: a directory, a missing, binary or unknown file, and any problem
+        ``validate_arrays`` finds, named by the file's line (a CSV's, counting the header
+        line, columns from 1) or array row (an NPZ's).
     """
     import os
 
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file.")
-    if path.endswith(".npz"):
-        x, y = read_npz(path)
-    elif path.endswith(".csv"):
-        table = read_csv(path)
-        if table.shape[1] < 2:
-            raise DataError(f"{path}: needs at least one feature column and a target column.")
-        x, y = table[:, :-1], table[:, -1]
+    x, y, lines = _read_file(path)
+    where = _locator(lines)
+    x, y = validate_arrays(x, y, name=path, features=features, where=where)
+    if regression:
+        y, classes = y.astype(np.float32).reshape(len(y), -1), None
     else:
-        raise DataError(f"{path}: unknown file type; expected .csv or .npz.")
-    if not regression and classes is None:
-        x, y = validate_arrays(x, y, name=path, features=features)
-        if np.any(y != np.round(y)) or np.any(y < 0):
-            idx = _first_bad((y != np.round(y)) | (y < 0))
-            raise DataError(f"{path}: label {y[idx]} at {_where(idx)} is not an integer >= 0.")
-        classes = int(y.max()) + 1
-    x, y = validate_arrays(
-        x, y, name=path, features=features, classes=None if regression else classes
+        if y.ndim > 1 and y.shape[1:] != (1,):
+            raise DataError(
+                f"{path}: y has shape {y.shape}; classification takes one label per row "
+                "(regression=True for several float targets)."
+            )
+        stated = classes is not None
+        y, classes = _labels(path, y.reshape(len(y)), classes, where)
+    pos = split(
+        np.arange(len(y)),
+        y,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        stratify=not regression,
     )
+    if not regression and not stated:
+        _check_train_classes(path, y, pos[0].x, classes, where)
     x = x.astype(np.float32)
-    y = y.astype(np.float32).reshape(len(y), -1) if regression else y.astype(np.int32)
-    stratify = not regression and np.bincount(y).min() >= 2
-    tr, va, te = split(
-        x, y, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, stratify=stratify
-    )
-    name = os.path.basename(path)
-    return _finish(tr, va, te, None if regression else classes, name, standardize_x)
+    tr, va, te = (Split(x[p.x], y[p.x]) for p in pos)
+    ds = _finish(tr, va, te, classes, os.path.basename(path), standardize_x)
+    index = {"train": pos[0].x, "val": pos[1].x, "test": pos[2].x}
+    return ds._replace(origin=Origin(lines, index))
 
 
 # ----------------------------------------------------------------------------- batching

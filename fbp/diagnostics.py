@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from fbp.core import Array, Layer, Params, value_and_grad
-from fbp.runlog import save_figure
+from fbp.runlog import new_figure, save_figure
 
 STATS = ("delta_norm", "grad_norm", "w_norm", "update_ratio")
 
@@ -210,17 +210,15 @@ def plot_gradient_flow(
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     grads, deltas = _series(history, "grad_norm"), _series(history, "delta_norm")
     if not grads and not deltas:
         raise ValueError(
             "plot_gradient_flow: history has no 'grad_norm/<i>' or 'delta_norm/<i>' entries; "
             "run with the layer-statistics probe (diagnostics.probe)."
         )
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
-    cmap = plt.get_cmap("viridis")
+    fig = new_figure(figsize=(11, 4))
+    ax0, ax1 = fig.subplots(1, 2)
+    cmap = matplotlib.colormaps["viridis"]
     for n, (i, (xs, ys)) in enumerate(grads.items()):
         ax0.plot(xs, ys, color=cmap(n / max(len(grads) - 1, 1)), label=f"layer {i}")
     ax0.set(yscale="log", xlabel="epoch", ylabel="||dL/dW||", title="weight-gradient norm")
@@ -238,9 +236,7 @@ def plot_gradient_flow(
         ax1.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path = save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_layer_series(
@@ -268,17 +264,13 @@ def plot_layer_series(
     """
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = {name: _series(h, stat) for name, h in histories.items()}
     series = {name: s for name, s in series.items() if s}
     if not series:
         raise ValueError(f"plot_layer_series: no run has '{stat}/<i>' entries.")
-    fig, axes = plt.subplots(
-        1, len(series), figsize=(3.6 * len(series), 3.4), sharey=True, squeeze=False
-    )
-    cmap = plt.get_cmap("viridis")
+    fig = new_figure(figsize=(3.6 * len(series), 3.4))
+    axes = fig.subplots(1, len(series), sharey=True, squeeze=False)
+    cmap = matplotlib.colormaps["viridis"]
     for ax, (name, s) in zip(axes[0], series.items(), strict=True):
         for n, (i, (xs, ys)) in enumerate(s.items()):
             ax.plot(xs, ys, color=cmap(n / max(len(s) - 1, 1)), label=f"layer {i}")
@@ -287,9 +279,7 @@ def plot_layer_series(
     axes[0][0].set_ylabel(stat)
     fig.suptitle(title or stat)
     fig.tight_layout()
-    path = save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_metric(
@@ -302,12 +292,8 @@ def plot_metric(
     Raises:
       ValueError: no run logged ``key``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure(figsize=(6, 4))
+    ax = fig.subplots()
     drawn = 0
     for name, h in histories.items():
         pts = [(r.get("epoch", i), r[key]) for i, r in enumerate(h) if r.get(key) is not None]
@@ -315,11 +301,8 @@ def plot_metric(
             ax.plot(*zip(*pts, strict=True), label=name)
             drawn += 1
     if not drawn:
-        plt.close(fig)
         raise ValueError(f"plot_metric: no run logged {key!r}.")
     ax.set(xlabel="epoch", ylabel=key)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -3,8 +3,10 @@
 ``fbp export DIR`` writes ``DIR/export/``:
 
 * ``model.jaxexport``: the inference function ``(arrays, x) -> outputs`` serialized
-  with ``jax.export`` (StableHLO; the batch axis is symbolic), standardisation included,
-  so ``x`` is raw features, shape (batch, features...), float32;
+  with ``jax.export`` (StableHLO; the batch axis is symbolic), the data set's
+  preprocessing included (``fbp.data.preprocess``: the train split's mean and std for
+  every experiment whose data is standardised), so ``x`` is raw features, shape
+  (batch, features...), float32, and ``y`` what the trained model predicts for them;
 * ``params.safetensors``: its arrays (parameters, running state, input statistics);
 * ``export.json``: the order of the arrays, the input shape, classes, ``params_sha256``;
 * ``README.txt``: the loader below, which needs only jax, numpy and safetensors::
@@ -20,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,13 @@ def run_config(run_dir: str | Path) -> dict[str, Any]:
     d = Path(run_dir)
     if not d.is_dir():
         raise ValueError(f"{d}: no such run directory.")
+    if (d / "comparison.json").exists() and not (d / "summary.json").exists():
+        runs = sorted(p.name for p in d.iterdir() if (p / "summary.json").exists())
+        raise ValueError(
+            f"{d}: a run of several variants; name one of them: "
+            + ", ".join(str(d / r) for r in runs)
+            + "."
+        )
     summary = d / "summary.json"
     if summary.exists():
         try:
@@ -71,13 +81,12 @@ def load_run(run_dir: str | Path, *, which: str = "best", warn=print) -> dict[st
     Returns:
       dict with ``exp, config, dataset, model, params, model_state, checkpoint``.
     """
-    from fbp import experiment, runner
+    from fbp import runner
 
     if which not in ("best", "last"):
         raise ValueError(f"load_run: which must be 'best' or 'last', got {which!r}.")
     cfg = run_config(run_dir)
-    path = cfg.get("experiment_path")
-    exp = experiment.get(path if path and Path(path).is_file() else cfg["experiment"])
+    exp = _experiment_of(run_dir, cfg)
     ds = runner.load_data(exp, cfg)
     model = exp.model(ds)
     x = jnp.asarray(ds.train.x)
@@ -103,6 +112,24 @@ def load_run(run_dir: str | Path, *, which: str = "best", warn=print) -> dict[st
         "model_state": src["model_state"],
         "checkpoint": path,
     }
+
+
+def _experiment_of(run_dir: str | Path, cfg: dict[str, Any]) -> Any:
+    """The run's experiment; for a variant's run (``NAME/VARIANT``), that variant's spec."""
+    from fbp import experiment
+
+    base, _, variant = cfg["experiment"].partition("/")
+    path = cfg.get("experiment_path")
+    exp = experiment.get(path if path and Path(path).is_file() else base)
+    if not variant:
+        return exp
+    if variant not in (exp.variants or {}):
+        raise ValueError(
+            f"{run_dir}: a run of variant {variant!r}, which {exp.name} no longer defines "
+            f"(variants: {sorted(exp.variants or {})})."
+        )
+    over = {"report": None, **exp.variants[variant], "variants": None, "name": cfg["experiment"]}
+    return dataclasses.replace(exp, **over)
 
 
 def evaluate_dir(run_dir: str | Path, *, which: str = "best") -> dict[str, Any]:
@@ -152,7 +179,8 @@ def export_model(
       example_x: inputs shaped like the model's, shape (batch, features...); only the
         feature shape is used (the batch axis is exported symbolic).
       out: directory to write (created).
-      x_mean, x_std: standardisation statistics, shape (features...), baked in.
+      x_mean, x_std: standardisation statistics, shape (features...), baked in
+        (``fbp.data.preprocess``'s map); None: the model takes raw features as they are.
       info: extra JSON fields for ``export.json``.
 
     Returns:

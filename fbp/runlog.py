@@ -122,17 +122,13 @@ class MetricsLog:
 
 def write_plots(out: Path, history: list[dict[str, Any]]) -> list[Path]:
     """loss.png (train/validation loss) and metric.png (validation accuracy), atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     written = []
     epochs = [r["epoch"] for r in history]
     panels = [("loss.png", "loss", [("loss", "train"), ("val_loss", "validation")])]
     if any("val_accuracy" in r for r in history):
         panels.append(("metric.png", "accuracy", [("val_accuracy", "validation")]))
     for fname, ylabel, series in panels:
-        fig = Figure(figsize=(6, 4))
-        FigureCanvasAgg(fig)
+        fig = new_figure(figsize=(6, 4))
         ax = fig.add_subplot()
         for key, label in series:
             pts = [
@@ -151,8 +147,28 @@ def write_plots(out: Path, history: list[dict[str, Any]]) -> list[Path]:
     return written
 
 
+def new_figure(**kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` drawn by the Agg canvas, outside pyplot.
+
+    Library code draws on these and never touches pyplot or ``matplotlib.use``: the
+    caller's backend and open figures stay as they were, and nothing needs closing.
+
+    Args:
+      **kwargs: ``matplotlib.figure.Figure``'s (``figsize``, ``dpi``...).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def save_figure(fig: Any, path: str | Path, *, sync_dir: bool = True) -> Path:
-    """Write a matplotlib figure as PNG atomically (temporary name, fsync, rename)."""
+    """Write a matplotlib figure as PNG atomically (temporary name, fsync, rename).
+
+    ``fig`` is best a ``new_figure()``; a pyplot figure works too.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)

@@ -195,7 +195,12 @@ def _check_labels(model, ts, ds, loss) -> None:
     for name in ("train", "val", "test"):
         s = getattr(ds, name)
         fbp_data.validate_arrays(
-            s.x, s.y, name=f"{ds.name} {name}", classes=out.shape[-1], allow_empty=True
+            s.x,
+            s.y,
+            name=f"{ds.name} {name}",
+            classes=out.shape[-1],
+            allow_empty=True,
+            where=fbp_data.split_where(ds, name),  # file lines for data read from a file
         )
 
 

@@ -10,8 +10,9 @@ as the reference. Point it at your own layer, loss or model::
 
 Comparisons are leaf by leaf. The error of a leaf is
 ``max|fbp - ref| / max(max|ref|, floor)``, a relative error that does not blow up
-on entries that are zero. Run in float64 (``jax.config.update('jax_enable_x64',
-True)``) for the ~1e-10 tolerances; in float32 expect ~1e-5.
+on entries that are zero. Run in float64 for the ~1e-10 tolerances (inputs and
+params in float64 inside ``with jax.enable_x64(True):``, which leaves the rest of the
+process in float32); in float32 expect ~1e-5.
 
 Besides autodiff, each check also compares with central finite differences in a
 random direction ``v``: ``(f(θ+εv) - f(θ-εv)) / 2ε`` against ``<grad, v>``, which
@@ -124,6 +125,12 @@ def _default_tols(dtype) -> tuple[float, float, float]:
     return 1e-4, 5e-2, 1e-2
 
 
+def _tols(dtype, rtol: float | None, fd_rtol: float | None) -> tuple[float, float, float]:
+    """The given tolerances (0 included: exact agreement), else the dtype's defaults."""
+    d_rtol, d_fd, eps = _default_tols(dtype)
+    return (d_rtol if rtol is None else rtol), (d_fd if fd_rtol is None else fd_rtol), eps
+
+
 def check_layer(
     layer: Layer,
     x: Any,
@@ -132,6 +139,8 @@ def check_layer(
     key: Any = None,
     state: Any = None,
     train: bool = False,
+    lengths: Any = None,
+    frozen: bool = False,
     seed: int = 0,
     rtol: float | None = None,
     fd_rtol: float | None = None,
@@ -143,8 +152,14 @@ def check_layer(
       x: input, shape what the layer takes; integer inputs get no dx check.
       params: parameters (default ``layer.init(PRNGKey(seed), x)``).
       key, state, train: passed to forward/apply (same key => same dropout mask).
+      lengths: (batch,) valid steps of padded sequences, passed to forward/apply
+        (the layer must take it); None: not passed.
+      frozen: the layer holds its parameters fixed (``nn.Frozen``, or a layer built
+        around frozen ones only): its dparams must be exactly zero, and dx alone is
+        compared with autodiff and with finite differences.
       seed: seeds the parameters, dy and the finite-difference direction.
-      rtol, fd_rtol: tolerances (defaults by dtype: 1e-10/1e-5 in float64).
+      rtol, fd_rtol: tolerances (defaults by dtype: 1e-10/1e-5 in float64; 0 asks
+        for exact agreement).
 
     Returns:
       A ParityReport with one error per leaf of dparams and for dx.
@@ -152,6 +167,9 @@ def check_layer(
     k_init, k_dy, k_fd = jax.random.split(jax.random.key(seed), 3)
     params = layer.init(k_init, x) if params is None else params
     kw = dict(key=key, state=state, train=train)
+    if lengths is not None:
+        kw["lengths"] = lengths
+    ref_params = jax.lax.stop_gradient if frozen else (lambda p: p)
     diff_x = jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
     y_shape = jax.eval_shape(lambda p, v: layer.forward(p, v, **kw)[0], params, x)
     dy = _random_like(k_dy, y_shape)
@@ -164,9 +182,9 @@ def check_layer(
     @jax.jit
     def reference(params, x, dy):
         if diff_x:
-            y, vjp = jax.vjp(lambda p, v: layer.apply(p, v, **kw), params, x)
+            y, vjp = jax.vjp(lambda p, v: layer.apply(ref_params(p), v, **kw), params, x)
             return (y, *vjp(dy))
-        y, vjp = jax.vjp(lambda p: layer.apply(p, x, **kw), params)
+        y, vjp = jax.vjp(lambda p: layer.apply(ref_params(p), x, **kw), params)
         return (y, *vjp(dy), None)
 
     y, dparams, dx = hand(params, x, dy)
@@ -176,14 +194,24 @@ def check_layer(
     if diff_x:
         errors["dx"] = rel_error(dx, ref_dx)
 
-    @jax.jit
-    def f(theta):
-        p, v = theta
-        return jnp.vdot(layer.apply(p, v, **kw), dy)
+    rtol, fd_rtol, eps = _tols(jnp.asarray(y).dtype, rtol, fd_rtol)
+    dx_or_zero = dx if diff_x else jnp.zeros_like(x)
+    if frozen:  # finite differences along x only: the params are not being differentiated
 
-    d = _default_tols(jnp.asarray(y).dtype)
-    fd = _fd_error(f, (params, x), (dparams, dx if diff_x else jnp.zeros_like(x)), k_fd, d[2])
-    return ParityReport(layer_repr(layer), errors, fd, rtol or d[0], fd_rtol or d[1])
+        @jax.jit
+        def f_x(v):
+            return jnp.vdot(layer.apply(params, v, **kw), dy)
+
+        fd = _fd_error(f_x, x, dx_or_zero, k_fd, eps) if diff_x else 0.0
+    else:
+
+        @jax.jit
+        def f(theta):
+            p, v = theta
+            return jnp.vdot(layer.apply(p, v, **kw), dy)
+
+        fd = _fd_error(f, (params, x), (dparams, dx_or_zero), k_fd, eps)
+    return ParityReport(layer_repr(layer), errors, fd, rtol, fd_rtol)
 
 
 def check_model(
@@ -203,7 +231,8 @@ def check_model(
     Args:
       model, loss: what to check; ``x``, ``target``: a batch.
       params: parameters (default ``model.init(PRNGKey(seed), x)``).
-      **kwargs: ``key``, ``state``, ``train``, passed to both.
+      **kwargs: ``key``, ``state``, ``train``, ``lengths``, passed to both.
+      rtol, fd_rtol: tolerances (defaults by dtype; 0 asks for exact agreement).
     """
     from fbp.core import loss_fn
 
@@ -214,10 +243,10 @@ def check_model(
     ref_value, ref_grads = jax.jit(jax.value_and_grad(lambda p: f(p, x, target, **kwargs)))(params)
     errors = {"loss": rel_error(value, ref_value)}
     errors.update(_leaf_errors("grads", grads, ref_grads))
-    d = _default_tols(jnp.asarray(value).dtype)
-    fd = _fd_error(jax.jit(lambda p: f(p, x, target, **kwargs)), params, grads, k_fd, d[2])
+    rtol, fd_rtol, eps = _tols(jnp.asarray(value).dtype, rtol, fd_rtol)
+    fd = _fd_error(jax.jit(lambda p: f(p, x, target, **kwargs)), params, grads, k_fd, eps)
     name = f"{layer_repr(model)} + {getattr(loss, 'name', loss)}"
-    return ParityReport(name, errors, fd, rtol or d[0], fd_rtol or d[1])
+    return ParityReport(name, errors, fd, rtol, fd_rtol)
 
 
 def check_loss(
@@ -235,11 +264,9 @@ def check_loss(
     got = jax.jit(lambda p: loss.backward(p, target, where))(pred)
     ref = jax.jit(jax.grad(value))(pred)
     errors = {"dpred": rel_error(got, ref)}
-    d = _default_tols(jnp.asarray(pred).dtype)
-    fd = _fd_error(value, pred, got, jax.random.key(seed), d[2])
-    return ParityReport(
-        getattr(loss, "name", repr(loss)), errors, fd, rtol or d[0], fd_rtol or d[1]
-    )
+    rtol, fd_rtol, eps = _tols(jnp.asarray(pred).dtype, rtol, fd_rtol)
+    fd = _fd_error(value, pred, got, jax.random.key(seed), eps)
+    return ParityReport(getattr(loss, "name", repr(loss)), errors, fd, rtol, fd_rtol)
 
 
 def assert_parity(report: ParityReport) -> ParityReport:

@@ -1,8 +1,9 @@
 """THE registry of layer cases: every generic layer test is driven by ``CASES``.
 
 A case names a layer, the input it is checked on, and how it is called (key,
-state, train). ``test_layers.py::test_every_public_layer_is_registered`` fails when
-a public layer of ``fbp.nn`` has no case here. Keep one section per layer family.
+state, train, lengths). ``test_layers.py::test_every_public_layer_is_registered`` fails
+when a public layer of ``fbp.nn`` has no case here. Keep one section per layer family.
+A case with ``slow=True`` runs only under ``-m slow`` (``PARAMS`` marks it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from fbp import nn
 
@@ -26,6 +28,9 @@ class LayerCase:
     needs_key: bool = False  # pass a PRNG key (dropout)
     with_state: bool = False  # pass model.init_state(x) (batch norm)
     rtol: float = 1e-10  # float64 parity tolerance
+    lengths: tuple[int, ...] | None = None  # valid steps per example of a padded batch
+    frozen: bool = False  # params held fixed (nn.Frozen): dparams must be zeros
+    slow: bool = False  # run under -m slow only (more of a family the default run covers)
 
     def __str__(self) -> str:
         return self.id
@@ -39,12 +44,15 @@ class LayerCase:
         return jnp.abs(x) + 0.1 if self.input == "positive" else x
 
     def call_kwargs(self, layer: nn.Layer, x: jax.Array) -> dict:
-        """The key/state/train keywords forward, apply and the parity harness get."""
-        return dict(
+        """The key/state/train(/lengths) keywords forward, apply and the parity harness get."""
+        kw = dict(
             key=jax.random.key(42) if self.needs_key else None,
             state=layer.init_state(x) if self.with_state else None,
             train=self.train,
         )
+        if self.lengths is not None:
+            kw["lengths"] = jnp.array(self.lengths)
+        return kw
 
 
 CASES: list[LayerCase] = [
@@ -76,9 +84,33 @@ CASES: list[LayerCase] = [
         lambda: nn.Sequential([nn.GRU(4), nn.LastStep(), nn.Dense(2)]),
         (3, 5, 2),
     ),
-    # --- wrappers (fbp/nn/wrappers.py); Frozen's zero dparams are by design not the VJP,
-    # so its registry case has no params; tests/test_wrappers.py checks Frozen(Dense).
+    # padded batches through the layers built around recurrent ones (lengths pass through)
+    LayerCase(
+        "bidirectional-frozen-gru-lengths",
+        lambda: nn.Bidirectional(nn.Frozen(nn.GRU(3))),
+        (3, 6, 2),
+        lengths=(6, 2, 4),
+        frozen=True,
+    ),
+    # (tests/test_wrappers.py checks by default that these equal the bare layer exactly)
+    LayerCase(
+        "residual-gru-lengths",
+        lambda: nn.Residual(nn.GRU(3)),
+        (3, 6, 3),
+        lengths=(4, 6, 1),
+        slow=True,
+    ),
+    LayerCase(
+        "recompute-lstm-lengths",
+        lambda: nn.Recompute(nn.LSTM(3)),
+        (3, 5, 2),
+        lengths=(5, 0, 3),
+        slow=True,
+    ),
+    # --- wrappers (fbp/nn/wrappers.py); Frozen's zero dparams are by design not the VJP:
+    # its cases say frozen=True (dparams must be zeros, dx is checked as usual).
     LayerCase("frozen-tanh", lambda: nn.Frozen(nn.Tanh()), (4, 3)),
+    LayerCase("frozen-dense", lambda: nn.Frozen(nn.Dense(5)), (4, 3), frozen=True),
     LayerCase("recompute-dense", lambda: nn.Recompute(nn.Dense(5)), (4, 3)),
     LayerCase(
         "recompute-block",
@@ -86,7 +118,6 @@ CASES: list[LayerCase] = [
         (5, 3),
     ),
     # --- zoo (fbp/nn/conv.py, pooling.py, norm.py, dropout.py, embedding.py, combinators.py)
-    # (more zoo cases, parity only, run under -m slow: tests/test_zoo.py::EXTRA_CASES)
     LayerCase("conv2d-same", lambda: nn.Conv2D(4, 3), (2, 7, 6, 3)),
     LayerCase(
         "conv2d-valid-stride2",
@@ -136,6 +167,33 @@ CASES: list[LayerCase] = [
     LayerCase("layernorm", lambda: nn.LayerNorm(), (4, 5)),
     LayerCase("dropout-train", lambda: nn.Dropout(0.3), (4, 5), train=True, needs_key=True),
     LayerCase("embedding", lambda: nn.Embedding(11, 4), (3, 5), input="int:11"),
+    # more of the zoo, under -m slow (the default run covers the same layers above)
+    LayerCase("conv2d-nobias", lambda: nn.Conv2D(2, 3, use_bias=False), (2, 5, 5, 2), slow=True),
+    LayerCase(
+        "conv2d-same-stride2-even", lambda: nn.Conv2D(3, 4, strides=2), (2, 8, 7, 2), slow=True
+    ),
+    LayerCase(
+        "conv1d-causal-pairs", lambda: nn.Conv1D(2, 4, padding=((3, 0),)), (2, 7, 3), slow=True
+    ),
+    LayerCase("maxpool2d", lambda: nn.MaxPool2D(2), (2, 6, 6, 3), slow=True),
+    LayerCase("avgpool2d", lambda: nn.AvgPool2D(2), (2, 6, 6, 3), slow=True),
+    LayerCase("global-avg-pool-1d", lambda: nn.GlobalAvgPool(), (2, 6, 3), slow=True),
+    LayerCase(
+        "batchnorm-train",
+        lambda: nn.BatchNorm(),
+        (6, 3),
+        train=True,
+        with_state=True,
+        slow=True,
+    ),
+    LayerCase("layernorm-3d", lambda: nn.LayerNorm(eps=1e-3), (2, 3, 5), slow=True),
+    LayerCase("dropout-eval", lambda: nn.Dropout(0.3), (4, 5), needs_key=True, slow=True),
+    LayerCase(
+        "residual-dense",
+        lambda: nn.Residual(nn.Sequential([nn.Dense(3), nn.Tanh()])),
+        (4, 3),
+        slow=True,
+    ),
     LayerCase(
         "residual-conv-bn",
         lambda: nn.Residual(
@@ -171,4 +229,9 @@ CASES: list[LayerCase] = [
         (5, 3),
     ),
     LayerCase("sequential-empty-params", lambda: nn.Sequential([nn.Tanh(), nn.Sigmoid()]), (5, 3)),
+]
+
+# CASES as pytest parameters: ids are the case ids; slow cases carry the slow mark.
+PARAMS = [
+    pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.slow else []) for case in CASES
 ]

@@ -100,9 +100,9 @@ def test_existing_dir_is_not_overwritten(tmp_path, capsys):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("a,b,c,d,y\n" + "1,2,3,nan,0\n" * 3, r"row 0, column 3"),
+        ("a,b,c,d,y\n" + "1,2,3,nan,0\n" * 3, r"line 2, column 4"),
         ("a,b,c,y\n" + "1,2,3,0\n1,2,3,1\n" * 10, "expects 4 features"),
-        ("a,b,c,d,y\n" + "1,2,3,4,0\n1,2,3,4,7\n" * 10, r"label 7 at row \d+ is outside \[0, 3\)"),
+        ("a,b,c,d,y\n" + "1,2,3,4,0\n1,2,3,4,7\n" * 10, r"label 7 at line 3 is not one of 0"),
         ("a,b,c,d,y\n1,2,3,x,0\n", "'x' is not a number"),
     ],
 )

@@ -1,5 +1,10 @@
 """Core contract: Sequential, value_and_grad vs jax.grad, errors with their messages, harness."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +45,25 @@ def test_readme_contract_shapes_and_parity():
     assert float(value) == pytest.approx(float(ref_value), rel=1e-14)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
         assert testing.rel_error(a, b) < 1e-10
+
+
+def test_readme_quickstart_prints_what_the_readme_says_and_leaves_float32_on():
+    """The quickstart runs in a fresh process (no conftest), with float64 only in its block."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    quick = readme[readme.index("## Quickstart") :]
+    code = quick.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = quick.split("prints\n\n```\n", 1)[1].split("```", 1)[0]
+    check = "\nassert not jax.config.jax_enable_x64 and x.dtype == jnp.float32\n"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", code + check],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert out == printed
 
 
 def test_value_and_grad_is_jit_safe_and_aux_carries_pred():
@@ -210,6 +234,37 @@ def test_harness_report_lists_every_leaf():
         "grads['2']['w']",
     }
     assert "finite differences" in str(report) and report.max_error < 1e-10
+
+
+def test_harness_rtol_zero_asks_for_exact_agreement():
+    """rtol=0 is a tolerance, not "use the default": any rounding difference fails."""
+    model = nn.Sequential([nn.Dense(7), nn.Tanh(), nn.Dense(3)])
+    x = jax.random.normal(jax.random.key(0), (6, 5), jnp.float64)
+    default = testing.check_model(model, losses.mse, x, jnp.zeros((6, 3)))
+    assert default.rtol == 1e-10 and 0 < default.max_error < 1e-10  # rounding, not exact
+    exact = testing.check_model(model, losses.mse, x, jnp.zeros((6, 3)), rtol=0.0)
+    assert exact.rtol == 0.0 and not exact.ok
+    layer = testing.check_layer(nn.Tanh(), x, rtol=0.0, fd_rtol=0.0)
+    assert (layer.rtol, layer.fd_rtol) == (0.0, 0.0)
+    loss = testing.check_loss(losses.mse, x, jnp.zeros_like(x), rtol=0.0)
+    assert loss.rtol == 0.0
+
+
+def test_harness_frozen_wants_zero_dparams_and_the_true_dx():
+    x = jax.random.normal(jax.random.key(0), (4, 3), jnp.float64)
+    report = testing.check_layer(nn.Frozen(nn.Dense(5)), x, frozen=True)
+    assert report.ok and set(report.errors) == {
+        "y (forward vs apply)",
+        "dparams['b']",
+        "dparams['w']",
+        "dx",
+    }
+    assert report.errors["dparams['w']"] == 0.0 and report.errors["dx"] < 1e-12
+    # a layer that does learn fails the frozen check on its dparams
+    moving = testing.check_layer(nn.Dense(5), x, frozen=True)
+    assert not moving.ok and moving.errors["dparams['w']"] > 1.0
+    # and a Frozen layer fails the plain check: zero dparams are not the VJP
+    assert not testing.check_layer(nn.Frozen(nn.Dense(5)), x).ok
 
 
 def test_relu_derivative_at_exactly_zero_matches_jax_grad():

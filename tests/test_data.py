@@ -1,12 +1,18 @@
 """fbp.data: bundled sets, user files, stratified splits, standardisation, validation."""
 
+import gzip
+import os
 import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from fbp import data
+from fbp import cli, data
 
 
 @pytest.mark.parametrize(
@@ -34,6 +40,28 @@ def test_bundled_sets_split_and_standardise(name, features, classes):
         assert ds.train.y.shape[1] == 1 and ds.train.y.dtype == np.float32
     else:
         assert ds.train.y.dtype == np.int32
+
+
+def test_preprocess_maps_raw_features_as_the_data_set_did_and_reshape_keeps_statistics():
+    ds, raw = data.load("digits", seed=0), data.load("digits", seed=0, standardize_x=False)
+    np.testing.assert_allclose(data.preprocess(ds, raw.test.x), ds.test.x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(data.preprocess(raw, raw.test.x), raw.test.x)  # raw set
+    rows = data.reshape(ds, (8, 8), name="rows")
+    assert rows.name == "rows" and rows.test.x.shape[1:] == rows.x_mean.shape == (8, 8)
+    raw_rows = raw.test.x.reshape(-1, 8, 8)
+    np.testing.assert_allclose(data.preprocess(rows, raw_rows), rows.test.x, rtol=1e-6, atol=1e-6)
+    data.validate_dataset(rows)
+
+
+def test_validate_dataset_refuses_statistics_that_do_not_fit_the_features():
+    ds = data.load("digits", seed=0)
+    rows = [data.Split(s.x.reshape(-1, 8, 8), s.y) for s in (ds.train, ds.val, ds.test)]
+    stale = ds._replace(train=rows[0], val=rows[1], test=rows[2])  # stats still (64,)
+    msg = r"digits: x_mean has shape \(64,\) but one example has shape \(8, 8\); reshape"
+    with pytest.raises(data.DataError, match=msg):
+        data.validate_dataset(stale)
+    with pytest.raises(data.DataError, match="x_mean and x_std must be given together"):
+        data.validate_dataset(ds._replace(x_std=None))
 
 
 def test_splits_are_stratified_and_seeded():
@@ -120,16 +148,154 @@ def test_csv_with_header_is_loaded_and_split(tmp_path):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("1,2,0\n3,x,1\n", r"row 1, column 1: 'x' is not a number"),
-        ("1,2,0\n3,4\n", "row 1 has 2 columns but row 0 has 3"),
-        ("1,nan,0\n3,4,1\n", r"has nan \(not finite\) at row 0, column 1"),
+        ("1,2,0\n3,x,1\n", r"d\.csv: line 2, column 2: 'x' is not a number"),
+        ("a,b,y\n1,2,0\n3,x,1\n", r"line 3, column 2 \('b'\): 'x' is not a number"),
+        ("a,b,y\n\n1,2,0\n\n3,4,1\n5,6,x\n", r"line 6, column 3 \('y'\): 'x' is not"),
+        ("1,2,0\n3,4\n", "line 2 has 2 columns but line 1 has 3"),
+        ("a,b,y\n1,nan,0\n3,4,1\n", r"x has nan \(not finite\) at line 2, column 2"),
         ("a,b\n", "no data rows"),
-        ("1,2,0\n3,4,1.5\n", r"label 1.5 at row 1 is not an integer"),
+        ("a,b,y\n1,2,0\n3,4,1.5\n", r"label 1.5 at line 3 is not an integer >= 0"),
+        ("1,2,0\n3,4,-1\n", r"label -1 at line 2 is not an integer >= 0"),
     ],
 )
-def test_bad_csv_is_refused_naming_row_and_column(tmp_path, text, match):
+def test_bad_csv_is_refused_naming_file_line_and_column(tmp_path, text, match):
+    """Lines and columns as an editor shows them: from 1, the header and blank lines counted."""
     with pytest.raises(data.DataError, match=match):
         data.load_file(_csv(tmp_path, text), seed=0)
+
+
+def _labelled_csv(tmp_path, labels, name="d.csv"):
+    """A CSV with a header, four features (the first is the line's number) and ``labels``."""
+    rows = [f"{i + 2},{i % 3},{i % 5},{i % 7},{y}" for i, y in enumerate(labels)]
+    p = tmp_path / name
+    p.write_text("line,b,c,d,label\n" + "\n".join(rows) + "\n")
+    return str(p)
+
+
+def test_a_label_typo_is_named_by_line_not_made_a_million_classes(tmp_path):
+    labels = [0, 1, 2] * 10
+    labels[20] = 1000000  # line 22 of the file
+    msg = (
+        r"d\.csv: label 1000000 at line 22 is not one of 0\.\.K-1: labels must be 0\.\.K-1 "
+        r"with every class present, and no line has label 3 \(4 distinct labels, 0 to 1000000\)"
+    )
+    with pytest.raises(data.DataError, match=msg):
+        data.load_file(_labelled_csv(tmp_path, labels))
+
+
+def test_labels_must_start_at_zero_and_leave_no_class_out(tmp_path):
+    with pytest.raises(data.DataError, match=r"label 1 at line 2 .* no line has label 0"):
+        data.load_file(_labelled_csv(tmp_path, [1, 2, 3] * 10))
+    with pytest.raises(data.DataError, match=r"label 3 at line 4 .* no line has label 2 "):
+        data.load_file(_labelled_csv(tmp_path, [0, 1, 3] * 10))
+
+
+def test_stated_classes_allow_absent_classes_and_bound_the_labels(tmp_path):
+    ds = data.load_file(_labelled_csv(tmp_path, [0, 2] * 15), classes=5)
+    assert ds.classes == 5 and set(ds.train.y.tolist()) == {0, 2}
+    msg = r"label 7 at line 5 is outside \[0, 5\) \(the stated number of classes is 5\)"
+    with pytest.raises(data.DataError, match=msg):
+        data.load_file(_labelled_csv(tmp_path, [0, 2, 1, 7] * 5), classes=5)
+
+
+def test_every_class_needs_an_example_in_the_training_split(tmp_path):
+    """A class seen once (line 42) is refused exactly when the split leaves it out of train."""
+    path = _labelled_csv(tmp_path, [0, 1] * 20 + [2])
+    outcomes = set()
+    for seed in range(12):
+        try:
+            ds = data.load_file(path, seed=seed)
+        except data.DataError as e:
+            msg = r"class 2 has 1 example\(s\) \(line 42\) and none in the training split"
+            assert re.search(msg, str(e)), e
+            outcomes.add("refused")
+        else:
+            assert 2 in ds.train.y.tolist() and ds.classes == 3
+            outcomes.add("loaded")
+    assert outcomes == {"refused", "loaded"}
+
+
+def test_split_examples_are_named_by_their_file_line(tmp_path):
+    """After the shuffled split, a message names the example's line in the file."""
+    ds = data.load_file(_labelled_csv(tmp_path, [0, 1, 2] * 10), seed=3, standardize_x=False)
+    for name in ("train", "val", "test"):
+        s = getattr(ds, name)
+        first_line = int(s.x[0, 0])  # the first feature is the example's line
+        bad = ds._replace(**{name: data.Split(s.x, np.where(np.arange(len(s.y)) == 0, 9, s.y))})
+        msg = rf"d\.csv {name}: label 9 at line {first_line} is outside \[0, 3\)"
+        with pytest.raises(data.DataError, match=msg):
+            data.validate_dataset(bad)
+    # a split replaced after loading is named by its rows again
+    moved = ds._replace(train=data.Split(ds.train.x[:5], ds.train.y[:5] + 7))
+    with pytest.raises(data.DataError, match=r"d\.csv train: label \d+ at row 0 is outside"):
+        data.validate_dataset(moved)
+
+
+def test_a_directory_or_a_binary_file_is_named_as_such(tmp_path):
+    with pytest.raises(data.DataError, match=r"/d\.csv: is a directory; expected a \.csv or \.npz"):
+        (tmp_path / "d.csv").mkdir()
+        data.load_file(str(tmp_path / "d.csv"))
+    cases = {
+        "gz.csv": (gzip.compress(b"a,b,y\n1,2,0\n"), "gzip-compressed"),
+        "nul.csv": (b"a,b,y\n1,2,0\n\x00\x00\x01", r"binary \(it has NUL bytes\)"),
+        "latin.csv": (
+            "a,caf\u00e9,y\n1,2,0\n".encode("latin-1"),
+            r"binary, or text not in UTF-8 \(byte 0xe9 at offset 5\)",
+        ),
+        "zip.csv": (b"PK\x03\x04rest", r"a zip archive"),
+    }
+    for name, (blob, what) in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(data.DataError, match=rf"/{name}: not a CSV text file: {what}"):
+            data.load_file(str(tmp_path / name))
+
+
+def test_a_utf8_bom_from_a_spreadsheet_is_not_a_header_cell(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("\ufeffx,y\n".encode() + b"1,0\n2,1\n" * 10)
+    assert data.load_file(str(tmp_path / "bom.csv")).classes == 2
+
+
+def _fbp_env():
+    root = str(Path(__file__).parents[1])
+    experiments = str(Path(__file__).parent / "experiments")
+    return {
+        **os.environ,
+        "PYTHONPATH": root,
+        "FBP_EXPERIMENTS": experiments,
+        "JAX_PLATFORMS": "cpu",
+    }
+
+
+def test_fbp_train_with_a_label_typo_exits_2_naming_file_line_and_value(tmp_path):
+    labels = [0, 1, 2] * 10
+    labels[20] = 1000000
+    path = _labelled_csv(tmp_path, labels, "bad.csv")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fbp.cli", "train", "tiny", "--data", path, "--out", str(out)]
+    r = subprocess.run(cmd, env=_fbp_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"fbp: error: {path}: label 1000000 at line 22 is not one of")
+    assert r.stderr.count("\n") == 1 and not out.exists()
+
+
+def test_fbp_train_names_the_file_line_of_a_label_the_model_cannot_output(tmp_path, capsys):
+    """tiny's model has 3 outputs; a file with labels 0..4 is refused at its first bad line
+    in the training split (not at a row of the shuffled split)."""
+    path = _labelled_csv(tmp_path, [0, 1, 2, 3, 4] * 8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FBP_EXPERIMENTS", str(Path(__file__).parent / "experiments"))
+        assert cli.main(["train", "tiny", "--data", path, "--out", str(tmp_path / "r")]) == 2
+        assert (
+            cli.main(["train", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+        )
+    err = capsys.readouterr().err.splitlines()
+    m = re.fullmatch(
+        r"fbp: error: d\.csv train: label (\d) at line (\d+) is outside \[0, 3\) .*", err[0]
+    )
+    assert m, err[0]
+    line = Path(path).read_text().splitlines()[int(m[2]) - 1]  # that line of the file
+    assert line.split(",")[-1] == m[1] and int(m[1]) >= 3
+    assert err[1] == f"fbp: error: {tmp_path}: is a directory; expected a .csv or .npz file."
 
 
 def test_npz_loads_numeric_arrays(tmp_path):

@@ -1,5 +1,10 @@
 """Deltas and per-layer gradient statistics (fbp/diagnostics.py, value_and_grad(with_deltas))."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +146,28 @@ def test_plot_gradient_flow_writes_a_png(tmp_path):
     ]
     path = diagnostics.plot_gradient_flow(history, tmp_path / "flow.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_leave_the_callers_matplotlib_backend_and_pyplot_alone(tmp_path):
+    """Library plots draw on Agg figures of their own: no matplotlib.use, no pyplot."""
+    script = f"""
+import sys, matplotlib
+from pathlib import Path
+matplotlib.use("svg")
+from fbp import diagnostics, runlog
+h = [{{"epoch": 1, "grad_norm/0": 1.0, "delta_norm/0": 0.5, "loss": 1.0, "val_accuracy": 0.5}}]
+out = {str(tmp_path)!r}
+diagnostics.plot_gradient_flow(h, out + "/a.png")
+diagnostics.plot_layer_series({{"run": h}}, out + "/b.png")
+diagnostics.plot_metric({{"run": h}}, out + "/c.png")
+runlog.write_plots(Path(out), h)
+assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    names = ["a.png", "b.png", "c.png", "loss.png", "metric.png"]
+    assert all((tmp_path / n).read_bytes()[:4] == b"\x89PNG" for n in names)
 
 
 def test_plot_gradient_flow_without_stats_raises(tmp_path):

@@ -1,5 +1,6 @@
 """`fbp export`: a jax.export artifact + safetensors that run without fbp or the experiment."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fbp import cli, data, export
+from fbp import cli, data, experiment, export, runner
 
 EXPERIMENTS = str(Path(__file__).parent / "experiments")
 
@@ -89,3 +90,67 @@ def test_readme_loader_runs_without_fbp(exported, tmp_path):
 def test_export_of_a_non_run_dir_exits_2(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path)]) == 2
     assert "not an fbp run directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- every experiment
+
+# Raw features (xor), standardised (digits-mlp), standardised and reshaped (digits-sequence)
+# run by default; every other experiment of `fbp list` under -m slow.
+DEFAULT_RUN = {"xor", "digits-mlp", "digits-sequence"}
+
+
+def _raw_test_x(run) -> np.ndarray:
+    """The run's test features before standardisation: its data built with data.load's
+    standardize_x=False (same split, same subsets and reshapes)."""
+    raw_load = functools.partial(data.load, standardize_x=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "load", raw_load)
+        return runner.load_data(run["exp"], run["config"]).test.x
+
+
+def _run_dirs(out: Path) -> list[Path]:
+    """The run directory, or each variant's."""
+    if (out / "summary.json").exists():
+        return [out]
+    return sorted(p.parent for p in out.glob("*/summary.json"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=[] if n in DEFAULT_RUN else [pytest.mark.slow])
+        for n in sorted(experiment.available())
+    ],
+)
+def test_export_of_every_experiment_predicts_like_the_trained_model_on_raw_features(name, tmp_path):
+    out = tmp_path / name
+    assert cli.main(["train", name, "--out", str(out), "--epochs", "1"]) == 0
+    dirs = _run_dirs(out)
+    assert dirs, f"{out}: no run directory"
+    for run_dir in dirs:
+        assert cli.main(["export", str(run_dir)]) == 0
+        run = export.load_run(run_dir)
+        ds, raw = run["dataset"], _raw_test_x(run)
+        meta = json.loads((run_dir / "export" / "export.json").read_text())
+        assert meta["standardized_inside"] == (ds.x_mean is not None), run_dir
+        if name.startswith("digits"):  # standardised data: raw input differs from the model's
+            assert meta["standardized_inside"] and not np.allclose(raw, ds.test.x)
+        np.testing.assert_allclose(data.preprocess(ds, raw), ds.test.x, rtol=1e-6, atol=1e-6)
+        fn = jax.export.deserialize(
+            bytearray((run_dir / "export" / "model.jaxexport").read_bytes())
+        )
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(run_dir / "export" / "params.safetensors"))
+        got = np.asarray(fn.call([arrays[k] for k in meta["inputs"]], raw.astype(np.float32)))
+        state = run["model_state"] or None
+        want = np.asarray(run["model"].apply(run["params"], jnp.asarray(ds.test.x), state=state))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=str(run_dir))
+
+
+def test_export_of_a_variants_parent_dir_names_the_variants(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "summary.json").write_text("{}")
+    (tmp_path / "comparison.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"a run of several variants; name one of them: .*/a\."):
+        export.run_config(tmp_path)

@@ -1,4 +1,5 @@
-"""Frozen and Recompute (fbp/nn/wrappers.py), memory_report (fbp/memory.py), fbp/finetune.py."""
+"""Frozen and Recompute (fbp/nn/wrappers.py), memory_report (fbp/memory.py), fbp/finetune.py,
+and `lengths=` through the layers built around recurrent ones."""
 
 import jax
 import jax.numpy as jnp
@@ -184,3 +185,86 @@ def test_per_layer_learning_rates_and_frozen_layers():
     ts = train.init(model, tx, jax.random.key(0), x)
     ts2, _ = train.make_step(model, LOSS, tx)(ts, x, y)
     np.testing.assert_array_equal(ts2.params["0"]["w"], ts.params["0"]["w"])
+
+
+# ----------------------------------------------------------------------------- lengths
+
+LENGTHS = jnp.array([6, 2, 4])
+
+
+def _seq(shape=(3, 6, 3), seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float64)
+
+
+@pytest.mark.parametrize("wrap", ["frozen", "recompute", "residual"])
+def test_wrappers_hand_lengths_to_a_wrapped_recurrent_layer(wrap):
+    """Wrapped GRU == bare GRU on a padded batch: y, dx (and dparams unless frozen)."""
+    gru = nn.GRU(3)
+    layer = {"frozen": nn.Frozen, "recompute": nn.Recompute, "residual": nn.Residual}[wrap](gru)
+    x = _seq()
+    params = gru.init(jax.random.key(1), x)
+    dy = _seq(seed=2)
+    y_ref, res_ref = gru.forward(params, x, lengths=LENGTHS)
+    dp_ref, dx_ref = gru.backward(params, res_ref, dy)
+    skip = x if wrap == "residual" else 0.0
+    y, res = layer.forward(params, x, lengths=LENGTHS)
+    dparams, dx = layer.backward(params, res, dy)
+    np.testing.assert_array_equal(y, y_ref + skip)
+    np.testing.assert_array_equal(layer.apply(params, x, lengths=LENGTHS), y_ref + skip)
+    np.testing.assert_allclose(dx, dx_ref + (dy if wrap == "residual" else 0.0), rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(dparams), jax.tree.leaves(dp_ref), strict=True):
+        np.testing.assert_allclose(a, 0.0 * b if wrap == "frozen" else b, rtol=1e-12)
+    # the lengths matter: without them the padded steps run through the GRU
+    assert not np.allclose(layer.apply(params, x), y)
+
+
+def test_bidirectional_of_a_frozen_gru_masks_padding_and_passes_dx():
+    layer, plain = nn.Bidirectional(nn.Frozen(nn.GRU(4))), nn.Bidirectional(nn.GRU(4))
+    x = _seq((3, 6, 2))
+    params = plain.init(jax.random.key(1), x)
+    y, res = layer.forward(params, x, lengths=LENGTHS)
+    y_ref, res_ref = plain.forward(params, x, lengths=LENGTHS)
+    np.testing.assert_array_equal(y, y_ref)
+    dy = jax.random.normal(jax.random.key(2), y.shape, y.dtype)
+    dparams, dx = layer.backward(params, res, dy)
+    np.testing.assert_allclose(dx, plain.backward(params, res_ref, dy)[1], rtol=1e-12)
+    assert all(float(jnp.abs(v).max()) == 0.0 for v in jax.tree.leaves(dparams))
+    x_pad = x.at[1, 2:].set(50.0).at[2, 4:].set(-9.0)  # padding changes nothing
+    np.testing.assert_array_equal(layer.apply(params, x_pad, lengths=LENGTHS), y)
+
+
+@pytest.mark.slow  # ~25 s of scan compilation; the registry checks each wrapper's parity
+def test_model_of_wrapped_recurrent_layers_matches_jax_grad_on_a_padded_batch():
+    model = nn.Sequential(
+        [
+            nn.Residual(nn.GRU(2)),
+            nn.Bidirectional(nn.Recompute(nn.GRU(2))),
+            nn.LastStep(),
+            nn.Dense(3),
+        ]
+    )
+    x = _seq((4, 7, 2))
+    lengths, labels = jnp.array([7, 3, 1, 5]), jnp.array([0, 2, 1, 1])
+    report = testing.assert_model_parity(model, LOSS, x, labels, lengths=lengths)
+    assert report.max_error < 1e-10 and len(report.errors) == 1 + 4 + 8 + 2  # loss, leaves
+    params = model.init(jax.random.key(0), x)
+    x_pad = x.at[1, 3:].set(99.0).at[2, 1:].set(-7.0)
+    np.testing.assert_allclose(
+        model.apply(params, x_pad, lengths=lengths), model.apply(params, x, lengths=lengths)
+    )
+
+
+def test_value_and_grad_refuses_lengths_for_a_model_that_takes_none():
+    x, y = _batch()
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), x)
+    msg = r"value_and_grad: lengths= was given but Dense\(3\)\.forward takes no lengths"
+    with pytest.raises(TypeError, match=msg):
+        fbp.value_and_grad(model, LOSS)(params, x, y, lengths=jnp.ones((8,), jnp.int32))
+    with pytest.raises(TypeError, match=r"loss_fn: lengths= was given but Dense\(3\)"):
+        fbp.loss_fn(model, LOSS)(params, x, y, lengths=jnp.ones((8,), jnp.int32))
+
+
+def test_bidirectional_refuses_a_wrapped_stateful_layer():
+    with pytest.raises(ValueError, match=r"Bidirectional: LSTM\(3\) is stateful"):
+        nn.Bidirectional(nn.Frozen(nn.LSTM(3, stateful=True)))

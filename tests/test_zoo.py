@@ -1,49 +1,16 @@
 """Layer zoo: conv, pooling, norm, dropout, embedding, residual. Registry cases in
-tests/layer_cases.py cover parity, jit, dtypes and trees; here are the semantics the
-generic tests cannot see (ties, running state, masks, errors)."""
+tests/layer_cases.py (more of them under -m slow) cover parity, jit, dtypes and trees;
+here are the semantics the generic tests cannot see (ties, running state, masks, errors)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_cases import LayerCase
 
 import fbp
 from fbp import losses, nn, testing
 
 KEY = jax.random.key(0)
-
-# More cases in the registry's format; parity and jit checks under -m slow (the default
-# run covers the same layers through tests/layer_cases.py).
-EXTRA_CASES = [
-    LayerCase("conv2d-nobias", lambda: nn.Conv2D(2, 3, use_bias=False), (2, 5, 5, 2)),
-    LayerCase("conv2d-same-stride2-even", lambda: nn.Conv2D(3, 4, strides=2), (2, 8, 7, 2)),
-    LayerCase("conv1d-causal-pairs", lambda: nn.Conv1D(2, 4, padding=((3, 0),)), (2, 7, 3)),
-    LayerCase("maxpool2d", lambda: nn.MaxPool2D(2), (2, 6, 6, 3)),
-    LayerCase("avgpool2d", lambda: nn.AvgPool2D(2), (2, 6, 6, 3)),
-    LayerCase("global-avg-pool-1d", lambda: nn.GlobalAvgPool(), (2, 6, 3)),
-    LayerCase("batchnorm-train", lambda: nn.BatchNorm(), (6, 3), train=True, with_state=True),
-    LayerCase("layernorm-3d", lambda: nn.LayerNorm(eps=1e-3), (2, 3, 5)),
-    LayerCase("dropout-eval", lambda: nn.Dropout(0.3), (4, 5), needs_key=True),
-    LayerCase(
-        "residual-dense", lambda: nn.Residual(nn.Sequential([nn.Dense(3), nn.Tanh()])), (4, 3)
-    ),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", EXTRA_CASES, ids=str)
-def test_extra_cases_parity_and_jit(case):
-    layer, x = case.make(), case.make_input(0)
-    params, kw = layer.init(jax.random.key(1), x), case.call_kwargs(layer, x)
-    testing.assert_layer_parity(layer, x, params=params, rtol=case.rtol, **kw)
-    y, res = layer.forward(params, x, **kw)
-    fwd = jax.jit(lambda p, v, k, s: layer.forward(p, v, key=k, state=s, train=case.train))
-    y_jit, res_jit = fwd(params, x, kw["key"], kw["state"])
-    got = jax.jit(layer.backward)(params, res_jit, jnp.ones_like(y))
-    want = layer.backward(params, res, jnp.ones_like(y))
-    for a, b in zip(jax.tree.leaves((y_jit, got)), jax.tree.leaves((y, want)), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12)
 
 
 def _jit_grads_match(model, x, target, rtol=1e-10, **kw):

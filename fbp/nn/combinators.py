@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from fbp.core import Layer, ShapeError, layer_name
+from fbp.core import Layer, ShapeError, layer_name, lengths_kw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +15,9 @@ class Residual(Layer):
     """Skip connection around ``layer``: ``y = x + layer(x)``; dx = dy + layer's dx.
 
     The inner layer's params, state, key and residuals pass through unchanged, so
-    ``Residual(layer)`` has exactly ``layer``'s params tree and running state.
+    ``Residual(layer)`` has exactly ``layer``'s params tree and running state;
+    ``lengths=`` (batch,) reaches ``layer`` when it takes it (a padded step of a
+    recurrent block outputs x there, since the block outputs zeros).
 
     Args:
       layer: any fbp layer whose output has the shape of its input.
@@ -64,9 +66,17 @@ class Residual(Layer):
         self._check(x, y, "output_shape")
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
-        """x: any shape -> y = x + layer(x): same shape."""
-        y, res = self.layer.forward(params, x, key=key, state=state, train=train)
+    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+        """x: any shape -> y = x + layer(x): same shape; lengths: (batch,) or None."""
+        kw = lengths_kw(self.layer, lengths)
+        y = self.layer.apply(params, x, key=key, state=state, train=train, **kw)
+        self._check(x, y, "apply")
+        return x + y
+
+    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+        """x: any shape -> y = x + layer(x): same shape; lengths: (batch,) or None."""
+        kw = lengths_kw(self.layer, lengths)
+        y, res = self.layer.forward(params, x, key=key, state=state, train=train, **kw)
         self._check(x, y, "forward")
         return x + y, res
 

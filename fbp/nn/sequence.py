@@ -2,8 +2,10 @@
 
 Variable-length batches are padded to a common length ``time`` and described by
 ``lengths``, an int array of shape (batch,): steps ``t >= lengths[b]`` are padding.
-Recurrent layers, ``Bidirectional`` and ``LastStep`` take it as the keyword
-``lengths=``; per-step losses take the matching mask as ``where=``::
+Recurrent layers, ``LastStep`` and the layers built around others (``Bidirectional``,
+``Residual``, ``Frozen``, ``Recompute``, ``Sequential``) take it as the keyword
+``lengths=`` (the rule is in ``fbp.core``); per-step losses take the matching mask as
+``where=``::
 
     y = layer.apply(params, x, lengths=lengths)              # (batch, time, H)
     loss = losses.mse(pred, target, where=length_mask(lengths, time))
@@ -17,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer, ShapeError, check_ndim, layer_name
+from fbp.core import Array, Layer, ShapeError, check_ndim, layer_name, lengths_kw
 
 
 def check_lengths(layer: Any, method: str, lengths: Any, batch: int) -> None:
@@ -94,7 +96,8 @@ class Bidirectional(Layer):
 
     Args:
       layer: a stateless recurrent layer (``stateful=True`` is refused: a reversed
-        pass has no meaningful carry across windows).
+        pass has no meaningful carry across windows), possibly wrapped
+        (``Frozen(GRU(8))``); ``lengths`` reaches it when it takes it.
 
     Params:
       ``{'forward': params of layer, 'backward': params of layer}``.
@@ -113,9 +116,14 @@ class Bidirectional(Layer):
     def __post_init__(self):
         if not isinstance(self.layer, Layer):
             raise TypeError(f"Bidirectional: layer is {self.layer!r}, not an fbp layer.")
-        if getattr(self.layer, "stateful", False):
+        inner = self.layer
+        while not getattr(inner, "stateful", False) and isinstance(
+            getattr(inner, "layer", None), Layer
+        ):
+            inner = inner.layer  # look through Frozen, Recompute, Residual
+        if getattr(inner, "stateful", False):
             raise ValueError(
-                f"Bidirectional: {layer_name(self.layer)} is stateful; pass a stateless layer."
+                f"Bidirectional: {layer_name(inner)} is stateful; pass a stateless layer."
             )
 
     def init(self, key, x):
@@ -130,7 +138,7 @@ class Bidirectional(Layer):
     def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
         """x: (batch, time, in) -> y: (batch, time, 2·hidden); lengths: (batch,) or None."""
         check_ndim(self, "forward", "x", x, (3,), "(batch, time, in)")
-        kw = {"train": train, "lengths": lengths}
+        kw = {"train": train, **lengths_kw(self.layer, lengths)}
         y_f, r_f = self.layer.forward(params["forward"], x, **kw)
         y_b, r_b = self.layer.forward(params["backward"], reverse_padded(x, lengths), **kw)
         y = jnp.concatenate([y_f, reverse_padded(y_b, lengths)], axis=-1)

@@ -5,6 +5,9 @@ gradients, so under jit the weight-gradient products are never computed (XLA dro
 the unused ``xᵀ dy``); its params are the wrapped layer's own, so pretrained
 parameters load unchanged. ``Recompute(layer)`` keeps only the layer's input for
 backward and re-runs the layer's forward there: less residual memory, more work.
+Both take ``lengths=`` (batch,) and hand it to the wrapped layer when it takes it
+(``fbp.core.lengths_kw``), so a wrapped recurrent layer masks padded steps as it does
+unwrapped.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer
+from fbp.core import Array, Layer, lengths_kw
 
 
 def _check_layer(owner: str, layer: Any) -> None:
@@ -59,9 +62,15 @@ class Frozen(Layer):
     def init_state(self, x):
         return self.layer.init_state(x)
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
-        """x: what ``layer`` takes -> y: what ``layer`` returns."""
-        return self.layer.forward(params, x, key=key, state=state, train=train)
+    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+        """x: what ``layer`` takes -> y: what ``layer`` returns; lengths: (batch,) or None."""
+        kw = lengths_kw(self.layer, lengths)
+        return self.layer.apply(params, x, key=key, state=state, train=train, **kw)
+
+    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+        """x: what ``layer`` takes -> y: what ``layer`` returns; lengths: (batch,) or None."""
+        kw = lengths_kw(self.layer, lengths)
+        return self.layer.forward(params, x, key=key, state=state, train=train, **kw)
 
     def backward(self, params, res, dy):
         """dx = layer's dx;  dparams = 0 (same tree as params)."""
@@ -78,6 +87,7 @@ class RecomputeRes(NamedTuple):
     state: Any  # the running state forward got, or None
     next_state: Any  # layer.next_state after this forward (small: running statistics)
     train: Any  # None for eval mode, () for train mode (a flag in the tree structure)
+    lengths: Array | None  # (batch,) as forward got it, or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,16 +127,25 @@ class Recompute(Layer):
     def init_state(self, x):
         return self.layer.init_state(x)
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
-        """x: what ``layer`` takes -> y: what ``layer`` returns; keeps only x (and key, state)."""
-        y, inner = self.layer.forward(params, x, key=key, state=state, train=train)
+    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+        """x: what ``layer`` takes -> y: what ``layer`` returns; lengths: (batch,) or None."""
+        kw = lengths_kw(self.layer, lengths)
+        return self.layer.apply(params, x, key=key, state=state, train=train, **kw)
+
+    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+        """x: what ``layer`` takes -> y: what ``layer`` returns; keeps only x (and key, state,
+        lengths)."""
+        kw = lengths_kw(self.layer, lengths)
+        y, inner = self.layer.forward(params, x, key=key, state=state, train=train, **kw)
         new_state = self.layer.next_state(state, inner)
-        return y, RecomputeRes(x, key, state, new_state, () if train else None)
+        train_flag = () if train else None
+        return y, RecomputeRes(x, key, state, new_state, train_flag, kw.get("lengths"))
 
     def _recompute(self, params, res, dy):
         x, dy = jax.lax.optimization_barrier((res.x, dy))
+        kw = {} if res.lengths is None else {"lengths": res.lengths}
         train = res.train is not None
-        _, inner = self.layer.forward(params, x, key=res.key, state=res.state, train=train)
+        _, inner = self.layer.forward(params, x, key=res.key, state=res.state, train=train, **kw)
         return inner, dy
 
     def backward(self, params, res, dy):
