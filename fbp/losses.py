@@ -206,10 +206,82 @@ class SoftmaxCrossEntropy(Loss):
         return jnp.where(valid[..., None], g, jnp.nan)
 
 
+@dataclasses.dataclass(frozen=True)
+class CausalLMLoss(Loss):
+    """Next-token cross-entropy of (batch, time, vocab) logits; ignored targets are masked.
+
+    Targets are token ids (batch, time): ``target[b, t]`` is the token that follows
+    position t (the input shifted left by one; ``lm_targets`` builds them). Entries
+    equal to ``ignore_index`` (padding, or a prompt that is not to be predicted) leave
+    the mean through ``softmax_cross_entropy``'s ``where=``: the loss is the mean over
+    the remaining tokens, and their logits get zero gradient. An optional ``where``
+    multiplies that mask.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> logits = jnp.zeros((1, 3, 4))
+      >>> round(float(causal_lm_loss(logits, jnp.array([[2, 1, -1]]))), 4)  # log 4
+      1.3863
+      >>> causal_lm_loss.backward(logits, jnp.array([[2, 1, -1]]))[0, 2].tolist()
+      [0.0, 0.0, 0.0, 0.0]
+    """
+
+    ignore_index: int = -1
+    name = "causal_lm_loss"
+
+    def _masked(self, target: Array, where: Array | None) -> tuple[Array, Array]:
+        """(target with ignored entries set to 0, the where= of the cross-entropy)."""
+        target = jnp.asarray(target)
+        if not jnp.issubdtype(target.dtype, jnp.integer):
+            raise ShapeError(
+                f"{self.name}: target has dtype {target.dtype} but expected integer token ids."
+            )
+        valid = target != self.ignore_index
+        if where is not None:
+            valid = valid * _expand_to(jnp.asarray(where), valid.ndim)
+        return jnp.where(target == self.ignore_index, 0, target), valid
+
+    def __call__(self, pred: Array, target: Array, where: Array | None = None) -> Array:
+        target, w = self._masked(target, where)
+        return softmax_cross_entropy(pred, target, w)
+
+    def backward(self, pred: Array, target: Array, where: Array | None = None) -> Array:
+        """dpred = w · (softmax(pred) − onehot(target)) / Σw, w = 0 on ignored targets."""
+        target, w = self._masked(target, where)
+        return softmax_cross_entropy.backward(pred, target, w)
+
+
+def lm_targets(ids: Any, lengths: Any = None, ignore_index: int = -1):
+    """Inputs and next-token targets of a causal language model, on the host (NumPy).
+
+    Args:
+      ids: token ids, shape (batch, time + 1).
+      lengths: valid tokens per row, shape (batch,), or None (all valid).
+      ignore_index: the target of positions with no next token.
+
+    Returns:
+      ``(x, y)``, each (batch, time): x = ids[:, :-1]; y = ids[:, 1:], with
+      y[b, t] = ignore_index where t + 1 >= lengths[b].
+
+    Examples:
+      >>> import numpy as np
+      >>> x, y = lm_targets(np.array([[5, 6, 7, 0]]), lengths=np.array([3]))
+      >>> x.tolist(), y.tolist()
+      ([[5, 6, 7]], [[6, 7, -1]])
+    """
+    ids = np.asarray(ids)
+    x, y = ids[:, :-1], ids[:, 1:].copy()
+    if lengths is not None:
+        pos = np.arange(1, ids.shape[1])[None, :]
+        y[pos >= np.asarray(lengths)[:, None]] = ignore_index
+    return x, y
+
+
 mse = MSE()
 huber = Huber()
 sigmoid_binary_cross_entropy = SigmoidBinaryCrossEntropy()
 softmax_cross_entropy = SoftmaxCrossEntropy()
+causal_lm_loss = CausalLMLoss()
 
 
 def accuracy(logits: Array, labels: Array, where: Array | None = None) -> Array:

@@ -55,6 +55,31 @@ class LayerCase:
         return kw
 
 
+@dataclasses.dataclass(frozen=True)
+class CrossPair(nn.Layer):
+    """Test adapter: cross-attention of x[:, :t] over x[:, t:] as a one-array layer.
+
+    The generic tests take one input array; the pair's cotangents (dx, dcontext) come
+    back concatenated on the time axis, so they are checked like any dx.
+    """
+
+    layer: nn.Layer
+    t: int
+
+    def _pair(self, x):
+        return x[:, : self.t], x[:, self.t :]
+
+    def init(self, key, x):
+        return self.layer.init(key, self._pair(x))
+
+    def forward(self, params, x, *, key=None, state=None, train=False):
+        return self.layer.forward(params, self._pair(x), key=key, train=train)
+
+    def backward(self, params, res, dy):
+        dparams, (dx, dcontext) = self.layer.backward(params, res, dy)
+        return dparams, jnp.concatenate([dx, dcontext], axis=1)
+
+
 CASES: list[LayerCase] = [
     # --- dense (fbp/nn/dense.py)
     LayerCase("dense", lambda: nn.Dense(5), (4, 3)),
@@ -222,6 +247,35 @@ CASES: list[LayerCase] = [
         with_state=True,
         needs_key=True,
     ),
+    # --- attention (fbp/nn/mha.py, transformer.py, positional.py); without rope the key
+    # bias gets an exactly-zero gradient (softmax ignores a per-row shift), which autodiff
+    # and the hand-written rule both give as roundoff: cases with b_k use rope.
+    LayerCase(
+        "mha-nobias-head3", lambda: nn.MultiHeadAttention(2, head_dim=3, use_bias=False), (2, 5, 8)
+    ),
+    LayerCase(
+        "mha-linear-causal-rope-bs2",
+        lambda: nn.MultiHeadAttention(2, causal=True, rope=True, memory="linear", block_size=2),
+        (2, 5, 8),
+    ),
+    LayerCase(
+        "mha-dropout-train",
+        lambda: nn.MultiHeadAttention(2, causal=True, rope=True, dropout=0.3),
+        (2, 5, 8),
+        train=True,
+        needs_key=True,
+    ),
+    LayerCase(
+        "mha-cross-rope", lambda: CrossPair(nn.MultiHeadAttention(2, rope=True), 3), (2, 7, 8)
+    ),
+    # (linear memory with dropout in a block: tests/test_transformer.py, -m slow)
+    LayerCase(
+        "transformer-block",
+        lambda: nn.TransformerBlock(2, mlp_dim=12, causal=True, rope=True),
+        (2, 5, 8),
+    ),
+    LayerCase("sinusoidal-positions", lambda: nn.SinusoidalPositions(), (2, 5, 6)),
+    LayerCase("learned-positions", lambda: nn.LearnedPositions(7), (2, 5, 6)),
     # --- containers (fbp/core.py)
     LayerCase(
         "sequential-mlp",
