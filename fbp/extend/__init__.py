@@ -7,6 +7,7 @@ preconditioner (``kfac``). Per-layer rules live in a registry keyed by layer typ
 (``registry``); the layers themselves are unchanged.
 """
 
+from fbp.extend import accounting, curvature, dp
 from fbp.extend.per_example import (
     NAMES,
     per_example_grads,
@@ -28,6 +29,9 @@ __all__ = [
     "NAMES",
     "Node",
     "Rule",
+    "accounting",
+    "curvature",
+    "dp",
     "UnsupportedLayerError",
     "check",
     "per_example_grads",
