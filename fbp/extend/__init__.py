@@ -7,7 +7,7 @@ preconditioner (``kfac``). Per-layer rules live in a registry keyed by layer typ
 (``registry``); the layers themselves are unchanged.
 """
 
-from fbp.extend import accounting, curvature, dp
+from fbp.extend import accounting, curvature, dp, kfac
 from fbp.extend.per_example import (
     NAMES,
     per_example_grads,
@@ -32,6 +32,7 @@ __all__ = [
     "accounting",
     "curvature",
     "dp",
+    "kfac",
     "UnsupportedLayerError",
     "check",
     "per_example_grads",

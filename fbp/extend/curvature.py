@@ -308,18 +308,23 @@ def kfac_factors(
         check(model, train=train)
         pred, res = _forward(model, params, x, key, state, train, lengths)
         cols = _columns(loss, pred, target, key, samples, "kfac_factors")
-
-        def one(s):
-            out: dict = {}
-            _kfac_collect(walk(model, params, res, s)[1], (), out)
-            return out
-
-        shapes = jax.eval_shape(one, cols[0])
-        axes = {k: KFACFactors(None, 0) for k in shapes}
-        per_column = jax.vmap(one, out_axes=axes)(cols)
-        return {k: KFACFactors(v.A, jnp.sum(v.G, axis=0)) for k, v in per_column.items()}
+        return factors_from_columns(model, params, res, cols)
 
     return f
+
+
+def factors_from_columns(model: Layer, params: Params, res: Any, cols: Array) -> dict:
+    """K-FAC factors from a forward's residuals and columns (K, *pred.shape) to walk back."""
+
+    def one(s):
+        out: dict = {}
+        _kfac_collect(walk(model, params, res, s)[1], (), out)
+        return out
+
+    shapes = jax.eval_shape(one, cols[0])
+    axes = {k: KFACFactors(None, 0) for k in shapes}
+    per_column = jax.vmap(one, out_axes=axes)(cols)
+    return {k: KFACFactors(v.A, jnp.sum(v.G, axis=0)) for k, v in per_column.items()}
 
 
 def get_path(tree: Params, path: tuple[str, ...]) -> Any:
