@@ -1,6 +1,6 @@
 """fbp: hand-written backpropagation in JAX, checked against jax.grad."""
 
-from fbp import diagnostics, finetune, losses, nn, parallel, rules, testing, train
+from fbp import diagnostics, extend, finetune, losses, nn, parallel, rules, testing, train
 from fbp.core import Aux, Layer, Sequential, ShapeError, loss_fn, value_and_grad
 from fbp.memory import memory_report
 
@@ -12,6 +12,7 @@ __all__ = [
     "Sequential",
     "ShapeError",
     "diagnostics",
+    "extend",
     "finetune",
     "loss_fn",
     "losses",

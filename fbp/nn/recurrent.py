@@ -29,6 +29,11 @@ Keywords every recurrent layer takes besides the core ones:
 ``truncate=k`` gives truncated BPTT: the state flows through every step, the
 gradient stops at the edges of windows of k steps (t = k, 2k, ...), exactly as
 ``jax.grad`` of the same scan with ``stop_gradient`` on the carry there.
+
+``backward_with_gate_deltas`` is ``backward`` that also returns, per step, the
+cotangents of the gate pre-activations from which the weight gradient is summed
+(``dw = Σ_t inputᵀ_t · delta_t``); per-example quantities (``fbp.extend``) are built
+from them and the residuals without a second pass.
 """
 
 from __future__ import annotations
@@ -72,6 +77,11 @@ class GRUStep(NamedTuple):
     z: Array  # (time, batch, H): update gate
     n: Array  # (time, batch, H): candidate state
     ghn: Array  # (time, batch, H): h w_hn + b_hn, the term r multiplies
+
+
+class GRUDeltas(NamedTuple):
+    dgx: Array  # (batch, 3H) per step: cotangent of x_t w_ih + b_ih (r, z, n)
+    dgh: Array  # (batch, 3H) per step: cotangent of h_prev w_hh + b_hh (r, z, n)
 
 
 def _orthogonal_blocks(key: Array, hidden: int, blocks: int, dtype) -> Array:
@@ -206,7 +216,20 @@ class _Recurrent(Layer):
         """
         return _jit_backward(self, params, res, dy)
 
-    def _backward(self, params, res, dy):
+    def backward_with_gate_deltas(self, params, res, dy):
+        """``backward`` that also returns the per-step gate deltas (time-major).
+
+        Returns:
+          ``(dparams, dx, gate_deltas)``. ``gate_deltas`` is the cotangent of the gate
+          pre-activations at every step, time-major like ``res.steps``: SimpleRNN and
+          LSTM, ``dz`` (time, batch, gates·H), so ``dw = Σ_t xhᵀ_t dz_t`` with
+          ``xh = res.steps.xh``; GRU, ``GRUDeltas(dgx, dgh)``, each (time, batch, 3H),
+          so ``dw_ih = Σ_t x_tᵀ dgx_t`` and ``dw_hh = Σ_t h_prevᵀ_t dgh_t``. Padded
+          steps have zero deltas. ``dparams`` and ``dx`` are exactly ``backward``'s.
+        """
+        return _jit_backward_deltas(self, params, res, dy)
+
+    def _backward(self, params, res, dy, keep_deltas=False):
         dy_tm = jnp.swapaxes(dy, 0, 1)
         time, batch = dy_tm.shape[0], dy_tm.shape[1]
         p = self._step_params(params)
@@ -216,20 +239,23 @@ class _Recurrent(Layer):
             dcarry, acc = carry
             r, dy_t, k_t, m_t = xs
             if m_t is None:
-                dprev, dx_t, dp_t = self._cell_backward(p, r, {**dcarry, "h": dcarry["h"] + dy_t})
+                dprev, dx_t, dp_t, gd_t = self._cell_backward(
+                    p, r, {**dcarry, "h": dcarry["h"] + dy_t}
+                )
             else:
                 inner = {k: jnp.where(m_t, v, 0) for k, v in dcarry.items()}
                 inner["h"] = inner["h"] + jnp.where(m_t, dy_t, 0)
-                dprev, dx_t, dp_t = self._cell_backward(p, r, inner)
+                dprev, dx_t, dp_t, gd_t = self._cell_backward(p, r, inner)
                 dprev = {k: v + jnp.where(m_t, 0, dcarry[k]) for k, v in dprev.items()}
             if k_t is not None:
                 dprev = {k: v * k_t for k, v in dprev.items()}
-            return (dprev, jax.tree.map(jnp.add, acc, dp_t)), dx_t
+            return (dprev, jax.tree.map(jnp.add, acc, dp_t)), (dx_t, gd_t if keep_deltas else None)
 
         carry0 = ({k: zeros for k in self.carry_names}, self._acc_zeros(params))
         xs = (res.steps, dy_tm, self._keep(time, dy.dtype), res.mask)
-        (_, acc), dx = lax.scan(bstep, carry0, xs, reverse=True, unroll=_UNROLL)
-        return self._finish(params, acc), jnp.swapaxes(dx, 0, 1)
+        (_, acc), (dx, deltas) = lax.scan(bstep, carry0, xs, reverse=True, unroll=_UNROLL)
+        out = self._finish(params, acc), jnp.swapaxes(dx, 0, 1)
+        return (*out, deltas) if keep_deltas else out
 
     # Cells with one fused matmul [x_t, h_{t-1}] @ [w_ih; w_hh] (SimpleRNN, LSTM).
     def _step_params(self, params):
@@ -248,21 +274,25 @@ class _Recurrent(Layer):
         return {"w_ih": acc["w"][:n_in], "w_hh": acc["w"][n_in:], "b": acc["b"]}
 
     def _fused_grads(self, p, xh, dz):
-        """dx_t, dh_prev from one matmul dz [w_ih; w_hh]ᵀ; dparams_t = (xhᵀ dz, Σ dz)."""
+        """dx_t, dh_prev from one matmul dz [w_ih; w_hh]ᵀ; dparams_t = (xhᵀ dz, Σ dz); dz."""
         dxh = dz @ p["w_t"]
         n_in = xh.shape[1] - self.hidden
-        return dxh[:, :n_in], dxh[:, n_in:], {"w": xh.T @ dz, "b": jnp.sum(dz, axis=0)}
+        return dxh[:, :n_in], dxh[:, n_in:], {"w": xh.T @ dz, "b": jnp.sum(dz, axis=0)}, dz
 
     def _cell(self, p, carry: dict, x_t: Array) -> tuple[dict, Any]:
         raise NotImplementedError
 
-    def _cell_backward(self, p, r, dcarry: dict) -> tuple[dict, Array, dict]:
+    def _cell_backward(self, p, r, dcarry: dict) -> tuple[dict, Array, dict, Any]:
+        """(gradient reaching the previous carry, dx_t, dparams_t, gate deltas_t)."""
         raise NotImplementedError
 
 
 # One compiled scan per layer and shapes, reused by eager calls; inlined under an outer jit.
 _jit_forward = jax.jit(lambda layer, *args: layer._forward(*args), static_argnums=0)
 _jit_backward = jax.jit(lambda layer, *args: layer._backward(*args), static_argnums=0)
+_jit_backward_deltas = jax.jit(
+    lambda layer, *args: layer._backward(*args, keep_deltas=True), static_argnums=0
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,8 +326,8 @@ class SimpleRNN(_Recurrent):
     def _cell_backward(self, p, r, dcarry):
         """dz = dh (1 - h²);  (dx_t, dh_prev) = dz [w_ih; w_hh]ᵀ;  dw += [x_t, h_prev]ᵀ dz."""
         dz = dcarry["h"] * (1 - r.h * r.h)
-        dx_t, dh_prev, dp = self._fused_grads(p, r.xh, dz)
-        return {"h": dh_prev}, dx_t, dp
+        dx_t, dh_prev, dp, dz = self._fused_grads(p, r.xh, dz)
+        return {"h": dh_prev}, dx_t, dp, dz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,8 +392,8 @@ class LSTM(_Recurrent):
         dc = dcarry["c"] + dh * o * (1 - r.tc * r.tc)
         dgate = jnp.concatenate([dc * g, dc * r.c_prev, dc * i, dh * r.tc], axis=-1)
         dz = dgate * (s * s) * (1 - r.a * r.a)
-        dx_t, dh_prev, dp = self._fused_grads(p, r.xh, dz)
-        return {"h": dh_prev, "c": dc * f}, dx_t, dp
+        dx_t, dh_prev, dp, dz = self._fused_grads(p, r.xh, dz)
+        return {"h": dh_prev, "c": dc * f}, dx_t, dp, dz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,4 +464,5 @@ class GRU(_Recurrent):
             "b_ih": jnp.sum(dgx, axis=0),
             "b_hh": jnp.sum(dgh, axis=0),
         }
-        return {"h": dh * r.z + dgh @ p["w_hh"].T}, dgx @ p["w_ih"].T, dp
+        dprev = {"h": dh * r.z + dgh @ p["w_hh"].T}
+        return dprev, dgx @ p["w_ih"].T, dp, GRUDeltas(dgx, dgh)
