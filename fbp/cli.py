@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from fbp import experiment
+from fbp import experiment, xla_config
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    xla_config.configure_cpu(experiment=getattr(args, "experiment", None))  # before JAX starts
     try:
         return args.func(args)
     except ValueError as e:
