@@ -3,6 +3,7 @@
 from fbp import diagnostics, extend, finetune, losses, nn, parallel, rules, testing, train
 from fbp.core import Aux, Layer, Sequential, ShapeError, loss_fn, value_and_grad
 from fbp.memory import memory_report
+from fbp.xla_config import configure_cpu
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,7 @@ __all__ = [
     "Layer",
     "Sequential",
     "ShapeError",
+    "configure_cpu",
     "diagnostics",
     "extend",
     "finetune",

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from fbp import experiment, export, options, parallel, runner
+from fbp import experiment, export, options, parallel, runner, xla_config
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    xla_config.configure_cpu(experiment=getattr(args, "experiment", None))  # before JAX starts
     try:
         code = args.func(args)
         sys.stdout.flush()

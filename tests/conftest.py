@@ -1,8 +1,13 @@
-"""Test configuration: float64 everywhere (parity at ~1e-10), CPU only, quiet hypothesis."""
+"""Test configuration: float64 everywhere (parity at ~1e-10), CPU only under fbp's default
+XLA:CPU setting (fbp.xla_config), quiet hypothesis."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from fbp import xla_config  # noqa: E402  (XLA reads XLA_FLAGS when JAX starts, not at import)
+
+xla_config.configure_cpu()  # fbp's default XLA:CPU flags; FBP_XLA=off or FBP_XLA=NAME to change
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
