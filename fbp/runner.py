@@ -342,7 +342,14 @@ def execute(
     """
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
     saver = Checkpointer(ckpt_dir, p.config, p.cfg.keep, None, last=p.resumed_from)
-    printer = _Printer(print_fn, p.cfg.epochs, exp.log_every)
+    printer = _Printer(
+        print_fn,
+        p.cfg.epochs,
+        exp.log_every,
+        steps_per_epoch=p.setup.steps_per_epoch,
+        start=p.position.progress.epoch * p.setup.steps_per_epoch + p.position.progress.pos,
+    )
+    print_fn(f"training {exp.name}: {data_line(p.cfg, p.setup.dataset)}")
     history = list(p.history)
     try:
         if out_dir is not None:
@@ -482,14 +489,18 @@ def report(
             f"early stop at epoch {prog.epoch}: best validation loss "
             f"{prog.best_val:.4f} at epoch {prog.best_epoch} (parameters restored)"
         )
+    which = "best" if use_best else "last"
     if out_dir is not None:
         summary = _summary(exp, config, position, final.params, test, history, last_ckpt)
-        summary["restored_best"] = use_best
+        summary.update(restored_best=use_best, evaluated=which)
         ckpt.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         if history:
             write_plots(out_dir, history)
     print_fn(f"== {exp.name}: {exp.description}")
-    print_fn(f"test {_fmt(test)}")
+    print_fn(data_line(cfg, ds))
+    restored = ": early stopping restored them" if use_best else ""
+    epoch = prog.best_epoch if use_best else prog.epoch
+    print_fn(f"test {_fmt(test)}  ({which} parameters, epoch {epoch}{restored})")
     print_fn(
         f"training time {prog.train_seconds:.2f} s for {prog.epoch} epochs (includes compilation)"
     )
@@ -498,6 +509,28 @@ def report(
     for line in exp.report(result) if exp.report else []:
         print_fn(line)
     return result
+
+
+def data_line(cfg: RunOptions, ds: fbp_data.Dataset) -> str:
+    """``data NAME: N train / N validation / N test examples``: the data actually used."""
+    sizes = " / ".join(
+        f"{len(getattr(ds, s).x)} {n}"
+        for s, n in (("train", "train"), ("val", "validation"), ("test", "test"))
+    )
+    return f"data {cfg.data_file or ds.name}: {sizes} examples"
+
+
+def reported_parameters(run_dir: str | os.PathLike) -> str:
+    """``best`` or ``last``: the parameters a run's report evaluated (``summary.json``).
+
+    ``fbp eval`` and ``fbp export`` default to them, so they agree with the report; a
+    run with no summary (stopped before its report) gives ``last``.
+    """
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return "last"
+    return "best" if summary.get("restored_best") else "last"
 
 
 def _fmt(metrics: dict[str, float]) -> str:

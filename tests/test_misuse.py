@@ -296,3 +296,52 @@ def test_evaluating_a_batchnorm_model_without_its_state_names_the_keyword():
     assert "loss" in train.evaluate(
         model, losses.softmax_cross_entropy, params, x, y, model_state=state
     )
+
+
+# ----------------------------------------------------------------------------- 10. consistency
+
+
+def test_report_and_eval_name_the_parameters_and_agree_by_default(tmp_path, capsys):
+    plain, early = tmp_path / "plain", tmp_path / "early"
+    assert _train(plain, "--epochs", 2) == 0
+    assert "(last parameters, epoch 2)" in capsys.readouterr().out
+    assert _train(early, "--epochs", 200, "--lr", 0.3, "--patience", 2) == 0
+    best_epoch = json.loads((early / "summary.json").read_text())["best_epoch"]
+    assert f"(best parameters, epoch {best_epoch}: early stopping restored them)" in (
+        capsys.readouterr().out
+    )
+    for run, which in ((plain, "last"), (early, "best")):
+        assert cli.main(["eval", str(run)]) == 0
+        assert f"({which} parameters of ckpt-" in capsys.readouterr().out
+        ev = json.loads((run / "eval.json").read_text())
+        assert ev["test"] == pytest.approx(json.loads((run / "summary.json").read_text())["test"])
+
+
+def test_resume_with_fewer_epochs_than_done_exits_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--epochs", 3) == 0
+    before = _files(out)
+    assert _train(out, "--epochs", 2, "--resume") == 2
+    assert "--epochs 2 is below the 3 epochs this run has done" in capsys.readouterr().err
+    assert _files(out) == before
+
+
+def test_the_header_names_the_data_file_used(tmp_path, capsys):
+    rows = [f"{i % 7 * 0.1},{i % 5 * 0.2},{i % 3 * 0.3},{i % 2 * 0.4},{i % 3}" for i in range(60)]
+    f = tmp_path / "mine.csv"
+    f.write_text("a,b,c,d,y\n" + "\n".join(rows) + "\n")
+    assert _train(tmp_path / "run", "--epochs", 1, "--data", f) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"data {re.escape(str(f))}: \d+ train / \d+ validation / \d+ test", out)
+
+
+def test_progress_bar_shows_the_step_elapsed_time_and_eta(monkeypatch, capsys):
+    from fbp import runlog
+
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(runlog.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    printer = runlog.Printer(print, total=4, log_every=1, steps_per_epoch=6)
+    printer.step(epoch=0, pos=2)  # 2 of 24 steps in 10 s: 22 left, 110 s
+    out = capsys.readouterr().out
+    assert "1/4" in out and "step 2/6" in out and "0:10 elapsed" in out and "ETA 1:50" in out
