@@ -78,9 +78,8 @@ class ArchitectureMismatch(CheckpointError):
         self.problems = ranked
         more = len(ranked) - self.SHOWN
         listed = "; ".join(ranked[: self.SHOWN]) + (f"; and {more} more" if more > 0 else "")
-        super().__init__(
-            f"checkpoint {where} does not fit this model ({len(ranked)} mismatches): {listed}"
-        )
+        self.summary = f"({len(ranked)} mismatches): {listed}"
+        super().__init__(f"checkpoint {where} does not fit this model {self.summary}")
 
 
 # ----------------------------------------------------------------------------- files

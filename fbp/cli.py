@@ -92,7 +92,9 @@ def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, give
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    metrics = export.evaluate_dir(args.dir, which=args.which)
+    metrics = export.evaluate_dir(
+        args.dir, which=args.which or runner.reported_parameters(args.dir)
+    )
     print(
         f"test {'  '.join(f'{k} {v:.4f}' for k, v in metrics['test'].items())} "
         f"({metrics['params']} parameters of {metrics['checkpoint']})"
@@ -101,7 +103,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    path = export.export_dir(args.dir, out=args.out, which=args.which)
+    which = args.which or runner.reported_parameters(args.dir)
+    path = export.export_dir(args.dir, out=args.out, which=which)
     print(f"exported to {path} (load it with the snippet in {path / 'README.txt'})")
     return 0
 
@@ -138,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--which",
             choices=["best", "last"],
-            default="best",
-            help="best parameters by validation loss (default) or the last ones",
+            help="best parameters by validation loss or the last ones (default: those the "
+            "run's report evaluated, best after early stopping, else last)",
         )
         if name == "export":
             p.add_argument("--out", help="where to write (default DIR/export)")

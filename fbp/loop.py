@@ -253,7 +253,7 @@ def train(
     every = cfg.checkpoint_every or max(1, cfg.epochs // 10)
     with StopFlag(handle_signals) as stop:
         while position.progress.epoch < cfg.epochs and not position.progress.stopped_early:
-            position = _run_epoch_steps(setup, cfg, position, stop, saver)
+            position = _run_epoch_steps(setup, cfg, position, stop, saver, printer)
             position, row = _end_epoch(setup, cfg, position)
             history.append(row)
             if log is not None:
@@ -277,7 +277,12 @@ def train(
 
 
 def _run_epoch_steps(
-    setup: Setup, cfg: RunOptions, position: ResumePosition, stop: StopFlag, saver: Checkpointer
+    setup: Setup,
+    cfg: RunOptions,
+    position: ResumePosition,
+    stop: StopFlag,
+    saver: Checkpointer,
+    printer: Printer,
 ) -> ResumePosition:
     """The rest of the current epoch's steps, in chunks of at most ``cfg.chunk_steps``."""
     steps = setup.steps_per_epoch
@@ -311,6 +316,8 @@ def _run_epoch_steps(
         )
         if stop.signum is not None and hi < steps:
             raise Interrupted(stop.signum, saver.save(position))
+        if hi < steps:
+            printer.step(position.progress.epoch, hi)
     return position
 
 

@@ -307,6 +307,8 @@ def plan(
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
     # Resuming takes the saved config; explicit overrides still win (e.g. more epochs).
     saved = _resume_config(ckpt_dir) if resume and ckpt_dir is not None else None
+    if saved is not None and saved.get("experiment") != exp.name:
+        raise _another_experiment(exp, ckpt_dir, saved, overrides)
     cfg = resolve_config(exp, saved=saved, **overrides)
     if experiment_path is None and saved:
         experiment_path = saved.get("experiment_path")
@@ -315,9 +317,7 @@ def plan(
     position = start_position(ts, setup.steps_per_epoch)
     if saved is None:
         return Plan(cfg, config, setup, position, [], None)
-    resumed_from, position = _load_resumed(
-        exp, ckpt_dir, position, saved, experiment_path, print_fn
-    )
+    resumed_from, position = _load_resumed(ckpt_dir, position, saved, experiment_path, print_fn)
     _check_resumable(position, cfg, setup)
     history = [
         r for r in read_metrics(out_dir / "metrics.jsonl") if r["epoch"] <= position.progress.epoch
@@ -347,7 +347,14 @@ def execute(
     """
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
     saver = Checkpointer(ckpt_dir, p.config, p.cfg.keep, None, last=p.resumed_from)
-    printer = _Printer(print_fn, p.cfg.epochs, exp.log_every)
+    printer = _Printer(
+        print_fn,
+        p.cfg.epochs,
+        exp.log_every,
+        steps_per_epoch=p.setup.steps_per_epoch,
+        start=p.position.progress.epoch * p.setup.steps_per_epoch + p.position.progress.pos,
+    )
+    print_fn(f"training {exp.name}: {data_line(p.cfg, p.setup.dataset)}")
     history = list(p.history)
     try:
         if out_dir is not None:
@@ -382,34 +389,46 @@ def execute(
         raise
 
 
+def _another_experiment(
+    exp: Experiment, ckpt_dir: Path, saved: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> ValueError:
+    """The refusal to resume another experiment's run: said first, then a few mismatched paths."""
+    text = (
+        f"run: {ckpt_dir.parent} holds a run of experiment {saved.get('experiment')!r}, "
+        f"not {exp.name!r}"
+    )
+    try:  # this experiment's own model against the newest checkpoint
+        setup, ts = build(exp, resolve_config(exp, **overrides))
+        template = start_position(ts, setup.steps_per_epoch).arrays()
+        ckpt.load_latest(ckpt_dir, template, warn=lambda line: None)
+    except ckpt.ArchitectureMismatch as e:
+        return ckpt.CheckpointError(f"{text}; its checkpoint does not fit this model {e.summary}")
+    except ValueError:
+        pass  # nothing more to say about it than that
+    return ValueError(
+        f"{text}; resume it with `fbp train {saved.get('experiment')} --resume`, or give this "
+        "experiment another --out."
+    )
+
+
 def _load_resumed(
-    exp: Experiment,
     ckpt_dir: Path,
     template: ResumePosition,
     saved: Mapping[str, Any],
     experiment_path: str | None,
     print_fn: Callable[[str], None],
 ) -> tuple[Path, ResumePosition]:
-    """``load_position``, refusing a run of another experiment: that is said first."""
-    other = saved.get("experiment") != exp.name
-    moved = saved.get("experiment_path") not in (None, experiment_path)
-    first = f"run: {ckpt_dir.parent} holds a run of experiment {saved.get('experiment')!r}"
-    first += f", not {exp.name!r}" if other else f" from {saved.get('experiment_path')}"
+    """``load_position``; a model that does not fit a run of another file says so first."""
     try:
-        found = load_position(ckpt_dir, template, warn=print_fn)
+        return load_position(ckpt_dir, template, warn=print_fn)
     except ckpt.ArchitectureMismatch as e:
-        if other or moved:
-            shown = str(e).split(" does not fit this model ", 1)[1]
-            raise ckpt.CheckpointError(
-                f"{first}; its checkpoint does not fit this model {shown}"
-            ) from None
-        raise
-    if other:
-        raise ValueError(
-            f"{first}; resume it with `fbp train {saved.get('experiment')} --resume`, or give "
-            "this experiment another --out."
-        )
-    return found
+        if saved.get("experiment_path") in (None, experiment_path):
+            raise
+        raise ckpt.CheckpointError(
+            f"run: {ckpt_dir.parent} holds a run of experiment {saved.get('experiment')!r} "
+            f"from {saved.get('experiment_path')}; its checkpoint does not fit this model "
+            f"{e.summary}"
+        ) from None
 
 
 def _check_resumable(position: ResumePosition, cfg: RunOptions, setup: Setup) -> None:
@@ -487,14 +506,18 @@ def report(
             f"early stop at epoch {prog.epoch}: best validation loss "
             f"{prog.best_val:.4f} at epoch {prog.best_epoch} (parameters restored)"
         )
+    which = "best" if use_best else "last"
     if out_dir is not None:
         summary = _summary(exp, config, position, final.params, test, history, last_ckpt)
-        summary["restored_best"] = use_best
+        summary.update(restored_best=use_best, evaluated=which)
         ckpt.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         if history:
             write_plots(out_dir, history)
     print_fn(f"== {exp.name}: {exp.description}")
-    print_fn(f"test {_fmt(test)}")
+    print_fn(data_line(cfg, ds))
+    restored = ": early stopping restored them" if use_best else ""
+    epoch = prog.best_epoch if use_best else prog.epoch
+    print_fn(f"test {_fmt(test)}  ({which} parameters, epoch {epoch}{restored})")
     print_fn(
         f"training time {prog.train_seconds:.2f} s for {prog.epoch} epochs (includes compilation)"
     )
@@ -503,6 +526,28 @@ def report(
     for line in exp.report(result) if exp.report else []:
         print_fn(line)
     return result
+
+
+def data_line(cfg: RunOptions, ds: fbp_data.Dataset) -> str:
+    """``data NAME: N train / N validation / N test examples``: the data actually used."""
+    sizes = " / ".join(
+        f"{len(getattr(ds, s).x)} {n}"
+        for s, n in (("train", "train"), ("val", "validation"), ("test", "test"))
+    )
+    return f"data {cfg.data_file or ds.name}: {sizes} examples"
+
+
+def reported_parameters(run_dir: str | os.PathLike) -> str:
+    """``best`` or ``last``: the parameters a run's report evaluated (``summary.json``).
+
+    ``fbp eval`` and ``fbp export`` default to them, so they agree with the report; a
+    run with no summary (stopped before its report) gives ``last``.
+    """
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return "last"
+    return "best" if summary.get("restored_best") else "last"
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -169,11 +169,16 @@ def test_sigterm_mid_epoch_saves_and_resume_is_bitwise(ref, tmp_path, monkeypatc
     assert _summary(cut)["params_sha256"] == _summary(ref)["params_sha256"]
 
 
-def test_early_stopping_restores_best_params(tmp_path):
+def test_early_stopping_restores_best_params(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(out, "--epochs", 200, "--lr", 0.3, "--patience", 2) == 0
     s = _summary(out)
     assert s["stopped_early"] and s["restored_best"]
+    restored = f"(best parameters, epoch {s['best_epoch']}: early stopping restored them)"
+    assert restored in capsys.readouterr().out
+    assert cli.main(["eval", str(out)]) == 0  # fbp eval evaluates what the report did
+    assert "(best parameters of ckpt-" in capsys.readouterr().out
+    assert json.loads((out / "eval.json").read_text())["test"] == pytest.approx(s["test"])
     assert s["epochs_completed"] == s["best_epoch"] + 2 < 200
     rows = runner.read_metrics(out / "metrics.jsonl")
     assert min(r["val_loss"] for r in rows) == pytest.approx(s["best_val_loss"])

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,20 @@ def _experiments(monkeypatch):
     monkeypatch.delenv("TINY_POISON", raising=False)
 
 
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """One finished 2-epoch run of tiny (two checkpoints), copied by the tests that damage it."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
+        assert _train(out, "--epochs", 2) == 0
+    return out
+
+
+def _copy(run, tmp_path):
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
 def _train(out, *args, name="tiny"):
     return cli.main(["train", name, "--out", str(out), *map(str, args)])
 
@@ -36,51 +51,81 @@ def _env():
     return {**os.environ, "FBP_EXPERIMENTS": EXPERIMENTS, "JAX_PLATFORMS": "cpu"}
 
 
-def _start(out, *args):
-    cmd = [sys.executable, "-m", "fbp.cli", "train", "tiny", "--out", str(out), *map(str, args)]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _wait_for_checkpoint(proc, out, timeout=120.0):
-    t0 = time.monotonic()
-    while not ckpt.list_checkpoints(Path(out) / "checkpoints"):
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() - t0 < timeout, "no checkpoint in time"
-        time.sleep(0.02)
-
-
 # ----------------------------------------------------------------------------- 1. one process per run directory
+
+
+# Another process holding DIR as fbp.runlog.RunLock does (flock on the directory, its
+# id in DIR/.lock), without importing JAX so that it starts at once.
+HOLD = """
+import fcntl, os, sys, time
+os.makedirs(sys.argv[1], exist_ok=True)
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+open(os.path.join(sys.argv[1], ".lock"), "w").write(f"{os.getpid()}\\n")
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 def test_a_second_process_on_a_run_directory_is_refused_and_a_killed_ones_lock_is_not(
     tmp_path, capsys
 ):
     out = tmp_path / "run"
-    proc = _start(out, "--epochs", 100000, "--chunk-steps", 2, "--checkpoint-every", 1)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        _wait_for_checkpoint(proc, out)
+        assert holder.stdout.readline() == b"locked\n", holder.stderr.read().decode()
         for extra in ((), ("--resume",), ("--overwrite",)):
             t0 = time.monotonic()
             assert _train(out, "--epochs", 1, *extra) == 2
             err = capsys.readouterr().err
             assert time.monotonic() - t0 < 10
-            assert f"{out} is in use by process {proc.pid}" in err and err.count("\n") == 1
+            assert f"{out} is in use by process {holder.pid}" in err and err.count("\n") == 1
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
     assert (out / runner.LOCK).exists()  # left behind by the killed process ...
-    assert _train(out, "--epochs", 1, "--overwrite") == 0  # ... and it does not block
+    assert _train(out, "--epochs", 1) == 0  # ... and it does not block
     assert not (out / runner.LOCK).exists()
 
 
-def test_default_out_names_made_in_the_same_second_differ(tmp_path, monkeypatch, capsys):
+def test_fbp_train_holds_its_run_directory_while_it_trains(tmp_path, monkeypatch):
+    out, seen = tmp_path / "run", []
+    real = runner.make_train_chunk
+
+    def chunk_that_tries_the_lock(*args, **kwargs):
+        fn = real(*args, **kwargs)
+
+        def chunk(*a):
+            if not seen:
+                with pytest.raises(runner.RunDirInUse, match=f"in use by process {os.getpid()}"):
+                    runner.RunLock(out)
+                seen.append(True)
+            return fn(*a)
+
+        return chunk
+
+    monkeypatch.setattr(runner, "make_train_chunk", chunk_that_tries_the_lock)
+    assert _train(out, "--epochs", 1) == 0 and seen == [True]
+
+
+def test_default_out_names_made_in_the_same_second_differ(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli.time, "strftime", lambda fmt: "20250101-000000")
-    for _ in range(2):
-        assert cli.main(["train", "tiny", "--epochs", "1"]) == 0
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert runs == ["tiny-20250101-000000", "tiny-20250101-000000-2"]
-    assert all((tmp_path / "runs" / r / "summary.json").exists() for r in runs)
+    made = [cli._new_run_dir("tiny") for _ in range(3)]
+    assert [p.name for p in made] == [
+        "tiny-20250101-000000",
+        "tiny-20250101-000000-2",
+        "tiny-20250101-000000-3",
+    ]
+    assert all(p.is_dir() for p in made)
+
+
+def test_a_default_run_directory_that_failed_is_not_left_behind(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "tiny", "--patience", "0"]) == 2
+    assert "patience must be >= 1" in capsys.readouterr().err
+    assert list((tmp_path / "runs").iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- 3. --resume with nothing to resume from
@@ -103,10 +148,9 @@ def _damage(path, how):
 
 @pytest.mark.parametrize("how", ["manifest", "arrays", "pickle"])
 def test_resume_with_no_usable_checkpoint_exits_2_one_line_each_and_changes_nothing(
-    tmp_path, capsys, how
+    two_epochs, tmp_path, capsys, how
 ):
-    out = tmp_path / "run"
-    assert _train(out, "--epochs", 2) == 0
+    out = _copy(two_epochs, tmp_path)
     ckpts = ckpt.list_checkpoints(out / "checkpoints")
     assert len(ckpts) == 2
     for p in ckpts:
@@ -150,10 +194,9 @@ def _full_disk(monkeypatch, victim):
 
 @pytest.mark.parametrize("victim", [ckpt.TENSORS, ckpt.MANIFEST, "summary.json", "metrics"])
 def test_disk_full_exits_4_in_one_line_leaving_no_temporaries_and_the_last_checkpoint(
-    tmp_path, monkeypatch, capsys, victim
+    two_epochs, tmp_path, monkeypatch, capsys, victim
 ):
-    out = tmp_path / "run"
-    assert _train(out, "--epochs", 2) == 0
+    out = _copy(two_epochs, tmp_path)
     good = ckpt.list_checkpoints(out / "checkpoints")
     if victim == "metrics":
 
@@ -171,9 +214,10 @@ def test_disk_full_exits_4_in_one_line_leaving_no_temporaries_and_the_last_check
     kept = ckpt.list_checkpoints(out / "checkpoints")
     assert kept[: len(good)] == good and all(ckpt.read_arrays(p) for p in kept)
     assert f"last checkpoint {kept[-1].name} is intact" in err
-    monkeypatch.undo()
-    monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
-    assert _train(out, "--epochs", 3, "--resume") == 0
+    if victim == ckpt.TENSORS:  # once space is back, the run continues
+        monkeypatch.undo()
+        monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
+        assert _train(out, "--epochs", 3, "--resume") == 0
 
 
 # ----------------------------------------------------------------------------- 8. failing before the first epoch
@@ -196,7 +240,7 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_nothing_in_the_way(tmp_p
     assert not made.exists() and list(given.iterdir()) == []
     monkeypatch.undo()
     monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
-    assert _train(made, "--epochs", 1) == 0 and _train(given, "--epochs", 1) == 0
+    assert _train(given, "--epochs", 1) == 0
 
 
 # ----------------------------------------------------------------------------- 6. broken experiment files
@@ -252,6 +296,7 @@ def test_list_into_a_pipe_closed_early_is_quiet():
 # ----------------------------------------------------------------------------- 7. device count
 
 
+@pytest.mark.slow  # a subprocess on two CPU devices; test_options checks the rule by default
 def test_a_run_saved_on_two_devices_resumes_with_plain_resume_on_one(tmp_path, capsys):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fbp.cli", "train", "tiny", "--out", str(out)]
@@ -266,9 +311,10 @@ def test_a_run_saved_on_two_devices_resumes_with_plain_resume_on_one(tmp_path, c
 # ----------------------------------------------------------------------------- 9. messages
 
 
-def test_resuming_a_run_of_another_experiment_says_so_first_then_a_few_paths(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _train(out, "--epochs", 1) == 0
+def test_resuming_a_run_of_another_experiment_says_so_first_then_a_few_paths(
+    two_epochs, tmp_path, capsys
+):
+    out = _copy(two_epochs, tmp_path)
     before = _files(out)
     capsys.readouterr()
     assert _train(out, "--resume", "--epochs", 2, name="tiny-poison") == 2
@@ -296,3 +342,46 @@ def test_evaluating_a_batchnorm_model_without_its_state_names_the_keyword():
     assert "loss" in train.evaluate(
         model, losses.softmax_cross_entropy, params, x, y, model_state=state
     )
+
+
+# ----------------------------------------------------------------------------- 10. consistency
+
+
+def test_report_and_eval_name_the_parameters_and_agree_by_default(two_epochs, tmp_path, capsys):
+    """The early-stopping case (best parameters) is in test_cli's early-stopping test."""
+    out = _copy(two_epochs, tmp_path)
+    assert _train(out, "--resume", "--epochs", 3) == 0
+    assert "(last parameters, epoch 3)" in capsys.readouterr().out
+    assert cli.main(["eval", str(out)]) == 0
+    assert "(last parameters of ckpt-000003)" in capsys.readouterr().out
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["test"] == pytest.approx(json.loads((out / "summary.json").read_text())["test"])
+
+
+def test_resume_with_fewer_epochs_than_done_exits_2(two_epochs, tmp_path, capsys):
+    out = _copy(two_epochs, tmp_path)
+    before = _files(out)
+    assert _train(out, "--epochs", 1, "--resume") == 2
+    assert "--epochs 1 is below the 2 epochs this run has done" in capsys.readouterr().err
+    assert _files(out) == before
+
+
+def test_the_header_names_the_data_file_used(tmp_path, capsys):
+    rows = [f"{i % 7 * 0.1},{i % 5 * 0.2},{i % 3 * 0.3},{i % 2 * 0.4},{i % 3}" for i in range(60)]
+    f = tmp_path / "mine.csv"
+    f.write_text("a,b,c,d,y\n" + "\n".join(rows) + "\n")
+    assert _train(tmp_path / "run", "--epochs", 1, "--data", f) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"data {re.escape(str(f))}: \d+ train / \d+ validation / \d+ test", out)
+
+
+def test_progress_bar_shows_the_step_elapsed_time_and_eta(monkeypatch, capsys):
+    from fbp import runlog
+
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(runlog.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    printer = runlog.Printer(print, total=4, log_every=1, steps_per_epoch=6)
+    printer.step(epoch=0, pos=2)  # 2 of 24 steps in 10 s: 22 left, 110 s
+    out = capsys.readouterr().out
+    assert "1/4" in out and "step 2/6" in out and "0:10 elapsed" in out and "ETA 1:50" in out
