@@ -61,6 +61,25 @@ def test_digits_quick_prints_accuracies(capsys):
     assert "cores" in out
 
 
+def test_extensions_quick_prints_every_variant_and_checks_its_grads(capsys):
+    _load("extensions").main(["--quick", "--no-torch"])
+    out = capsys.readouterr().out
+    rows = {r[0]: r for r in _table_rows(out)}
+    for name in (
+        "plain gradient",
+        "per-example norms",
+        "per-example grads",
+        "jax.vmap(jax.grad)",
+        "plain step",
+        "DP step (reweight)",
+        "DP step (second_backward)",
+    ):
+        assert float(rows[name][1].split()[0]) > 0
+    err = float(re.search(r"Max \|per-example grads - vmap\(grad\)\|: (\S+)\.", out).group(1))
+    assert err < 1e-5
+    assert "load" in out
+
+
 def test_mlp_grad_compiles_to_no_more_work_than_jax_grad():
     """Guards the speed parity behind benchmarks/mlp.py, independent of machine load.
 

@@ -22,7 +22,7 @@ The model is never vmapped; a layer without a rule, or one that mixes examples
 | ``batch_l2`` | ``‖g_b‖²`` per leaf, each (batch,) | ``B² ·`` ``BatchL2Grad`` |
 | ``grad_norm`` | ``‖g_b‖`` over all leaves, (batch,) | |
 | ``sum_grad_squared`` | ``Σ_b g_b²`` per entry | ``B² ·`` ``SumGradSquared`` |
-| ``variance`` | ``mean_b g_b² - (mean_b g_b)²`` per entry | ``Variance`` |
+| ``variance`` | ``mean_b g_b² - (mean_b g_b)²`` per entry | ``B² ·`` ``Variance`` |
 
 Examples:
   >>> import jax, jax.numpy as jnp

@@ -88,13 +88,20 @@ class UnsupportedLayerError(ValueError):
     """A layer has no per-example rule, or mixes examples in the requested mode."""
 
 
+def _describe(layer: Any) -> str:
+    try:
+        return layer_name(layer)
+    except AttributeError:  # a half-built object
+        return f"{type(layer).__name__}()"
+
+
 def rule_for(layer: Layer) -> Rule:
     """The rule for ``layer``'s type (looked up along its class hierarchy)."""
     for cls in type(layer).__mro__:
         if cls in _RULES:
             return _RULES[cls]
     raise UnsupportedLayerError(
-        f"fbp.extend: {layer_name(layer)} (type {type(layer).__module__}."
+        f"fbp.extend: {_describe(layer)} (type {type(layer).__module__}."
         f"{type(layer).__qualname__}) has no per-example rule; supported layer types are "
         f"{', '.join(supported())}. Add one with fbp.extend.register(); per-example "
         "quantities are never computed by vmapping the model."
@@ -119,7 +126,8 @@ def _check(layer: Layer, train: bool, where: str) -> None:
     try:
         rule = rule_for(layer)
     except UnsupportedLayerError as e:
-        raise UnsupportedLayerError(f"{where}{e}") from None
+        body = str(e).removeprefix("fbp.extend: ")
+        raise UnsupportedLayerError(f"fbp.extend: {where}{body}") from None
     problem = rule.check(layer, train)
     if problem:
         raise UnsupportedLayerError(f"fbp.extend: {where}{layer_name(layer)} {problem}")
