@@ -75,24 +75,24 @@ def assert_matches_naive(q, k, v, do, allowed, **kw):
     return o, grads
 
 
-MODES = [("standard", 128), ("linear", 3), ("linear", 4), ("linear", 128)]
-MODE_IDS = ["standard", "linear-bs3-pads", "linear-bs4", "linear-bs-over-S"]
+MODES = {"standard": ("standard", 128), "linear-bs3-pads": ("linear", 3),
+         "linear-bs4": ("linear", 4), "linear-bs-over-S": ("linear", 128)}  # fmt: skip
+# The default run keeps four representative cases; -m slow runs the whole grid.
+DEFAULT = {"standard-causal-both", "standard-full-mask", "linear-bs3-pads-causal-both",
+           "linear-bs3-pads-full-none"}  # fmt: skip
 GRID = [
     pytest.param(
-        mem,
-        bs,
+        *MODES[mid],
         causal,
         masks,
         id=f"{mid}-{'causal' if causal else 'full'}-{masks}",
-        marks=[pytest.mark.slow] if mid in ("linear-bs4", "linear-bs-over-S") else [],
+        marks=[]
+        if f"{mid}-{'causal' if causal else 'full'}-{masks}" in DEFAULT
+        else [pytest.mark.slow],
     )  # fmt: skip
-    for (mem, bs), mid in zip(MODES, MODE_IDS, strict=True)
+    for mid in MODES
     for causal in (False, True)
-    for masks in ("none", "both")
-] + [
-    pytest.param(mem, 3 if mem == "linear" else 128, True, masks, id=f"{mem}-causal-{masks}")
-    for mem in ("standard", "linear")
-    for masks in ("lengths", "mask")
+    for masks in ("none", "lengths", "mask", "both")
 ]
 
 
@@ -111,9 +111,21 @@ def test_matches_jax_grad_of_naive_attention(memory, block_size, causal, masks):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("memory", ["standard", "linear"])
+SMALL = [(1, 1, 1), (1, 5, 5), (2, 1, 6), (2, 6, 1)]
+
+
 @pytest.mark.parametrize(
-    "b, t, s", [(1, 1, 1), (1, 5, 5), (2, 1, 6), (2, 6, 1)], ids=["T1", "batch1", "T1-S6", "S1"]
+    "memory, b, t, s",
+    [
+        pytest.param(
+            memory, *shape, id=f"{memory}-{name}", marks=[] if keep else [pytest.mark.slow]
+        )
+        for memory in ("standard", "linear")
+        for shape, name in zip(SMALL, ["T1", "batch1", "T1-S6", "S1"], strict=True)
+        for keep in [
+            (memory, name) in {("standard", "T1"), ("linear", "batch1"), ("linear", "T1-S6")}
+        ]
+    ],
 )
 def test_small_shapes_match_jax_grad(memory, b, t, s):
     q, k, v, do = qkvd(b, 2, t, s, seed=1)
@@ -132,7 +144,7 @@ def test_modes_agree_with_each_other_including_dropout():
         assert rel_error(a, b) <= TOL
 
 
-@pytest.mark.parametrize("memory", ["standard", "linear"])
+@pytest.mark.parametrize("memory", [pytest.param("standard", marks=pytest.mark.slow), "linear"])
 def test_dropout_gradient_matches_jax_grad_with_the_same_mask(memory):
     q, k, v, do = qkvd(2, 2, 6, 6, seed=3)
     key, rate = jax.random.key(7), 0.4

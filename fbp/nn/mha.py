@@ -247,6 +247,10 @@ class MultiHeadAttention(Layer):
             )
         if ctx is None and context_lengths is not None:
             raise ValueError(f"{where}: context_lengths is for cross-attention (x, context).")
+        if context_lengths is not None:
+            context_lengths = check_key_lengths(
+                where, context_lengths, ctx.shape[0], ctx.shape[1], "context_lengths"
+            )
         qmask = None
         if lengths is not None:
             lengths = check_key_lengths(where, lengths, xq.shape[0], xq.shape[1], "lengths")
