@@ -127,8 +127,15 @@ def measure_t(t: int, rounds: int, block: int) -> list[dict]:
     for name in VARIANTS:
         if name in rows:
             ts = times[name]
-            out.append({"T": t, "variant": name, "ms": 1e3 * common.median(ts),
-                        "spread": common.spread(ts), **rows[name]})  # fmt: skip
+            out.append(
+                {
+                    "T": t,
+                    "variant": name,
+                    "ms": 1e3 * common.median(ts),
+                    "spread": common.spread(ts),
+                    **rows[name],
+                }
+            )
     return out
 
 
@@ -147,8 +154,16 @@ def _fmt_ratio(x: float | None) -> str:
 
 
 def report(results: list[dict]) -> str:
-    headers = ["glibc tunables", "T", "variant", "ms", "/ jax.grad", "temp MiB", "/ jax.grad",
-               "max rel. error vs jax.grad"]  # fmt: skip
+    headers = [
+        "glibc tunables",
+        "T",
+        "variant",
+        "ms",
+        "/ jax.grad",
+        "temp MiB",
+        "/ jax.grad",
+        "max rel. error vs jax.grad",
+    ]
     lines = []
     for res in results:
         tun = "on" if "tunables ON" in res["machine"] else "off"
@@ -158,13 +173,18 @@ def report(results: list[dict]) -> str:
                 r for r in res["rows"] if r["T"] == row["T"] and r["variant"] == "jax.grad naive"
             )
             mem = row["temp_mib"]
-            body.append([
-                tun, row["T"], row["variant"], f"{row['ms']:.2f} {row['spread']}",
-                _fmt_ratio(row["ms"] / ref["ms"]),
-                "–" if mem is None else f"{mem:.1f}",
-                "–" if mem is None else _fmt_ratio(mem / ref["temp_mib"]),
-                "–" if row["error"] is None else f"{row['error']:.1e}",
-            ])  # fmt: skip
+            body.append(
+                [
+                    tun,
+                    row["T"],
+                    row["variant"],
+                    f"{row['ms']:.2f} {row['spread']}",
+                    _fmt_ratio(row["ms"] / ref["ms"]),
+                    "–" if mem is None else f"{mem:.1f}",
+                    "–" if mem is None else _fmt_ratio(mem / ref["temp_mib"]),
+                    "–" if row["error"] is None else f"{row['error']:.1e}",
+                ]
+            )
         lines += [f"- {res['machine']}", "", common.table(headers, body), ""]
         lines += targets(res["rows"])
     return "\n".join(lines)

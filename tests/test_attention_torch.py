@@ -66,8 +66,13 @@ def test_sdpa_matches_torch_scaled_dot_product_attention(kind, memory):
     (ot * _t(do)).sum().backward()
     errors = _errors(
         {"o": o, "dq": dq, "dk": dk, "dv": dv},
-        {"o": ot.detach().numpy(), "dq": qt.grad.numpy(), "dk": kt.grad.numpy(), "dv": vt.grad.numpy()},
-    )  # fmt: skip
+        {
+            "o": ot.detach().numpy(),
+            "dq": qt.grad.numpy(),
+            "dk": kt.grad.numpy(),
+            "dv": vt.grad.numpy(),
+        },
+    )
     assert max(errors.values()) <= TOL, errors
 
 

@@ -100,9 +100,13 @@ def test_sequential_passes_lengths_to_attention_and_lm_loss_masks_padding():
     x, y = losses.lm_targets(np.asarray(ids), np.asarray(lengths))
     params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(7), x))
     report = testing.check_model(
-        model, losses.causal_lm_loss, jnp.asarray(x), jnp.asarray(y), params=params,
+        model,
+        losses.causal_lm_loss,
+        jnp.asarray(x),
+        jnp.asarray(y),
+        params=params,
         lengths=lengths - 1,
-    )  # fmt: skip
+    )
     errors = {k: e for k, e in report.errors.items() if "b_k" not in k}
     assert max(errors.values()) <= TOL and report.fd_error <= 1e-5, str(report)
     # tokens after a row's length change nothing: padding is invisible
