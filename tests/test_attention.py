@@ -75,25 +75,31 @@ def assert_matches_naive(q, k, v, do, allowed, **kw):
     return o, grads
 
 
-MODES = [("standard", 128), ("linear", 3), ("linear", 4), ("linear", 128)]
-MODE_IDS = ["standard", "linear-bs3-pads", "linear-bs4", "linear-bs-over-S"]
-GRID = [
-    pytest.param(
-        mem,
-        bs,
-        causal,
-        masks,
-        id=f"{mid}-{'causal' if causal else 'full'}-{masks}",
-        marks=[pytest.mark.slow] if mid in ("linear-bs4", "linear-bs-over-S") else [],
-    )  # fmt: skip
-    for (mem, bs), mid in zip(MODES, MODE_IDS, strict=True)
-    for causal in (False, True)
-    for masks in ("none", "both")
-] + [
-    pytest.param(mem, 3 if mem == "linear" else 128, True, masks, id=f"{mem}-causal-{masks}")
-    for mem in ("standard", "linear")
-    for masks in ("lengths", "mask")
-]
+MODES = {
+    "standard": ("standard", 128),
+    "linear-bs3-pads": ("linear", 3),
+    "linear-bs4": ("linear", 4),
+    "linear-bs-over-S": ("linear", 128),
+}
+# The default run keeps four representative cases; -m slow runs the whole grid.
+DEFAULT = {
+    "standard-causal-both",
+    "standard-full-mask",
+    "linear-bs3-pads-causal-both",
+    "linear-bs3-pads-full-none",
+}
+
+
+def _grid():
+    for mid, (memory, block_size) in MODES.items():
+        for causal in (False, True):
+            for masks in ("none", "lengths", "mask", "both"):
+                name = f"{mid}-{'causal' if causal else 'full'}-{masks}"
+                marks = [] if name in DEFAULT else [pytest.mark.slow]
+                yield pytest.param(memory, block_size, causal, masks, id=name, marks=marks)
+
+
+GRID = list(_grid())
 
 
 @pytest.mark.parametrize("memory, block_size, causal, masks", GRID)
@@ -106,14 +112,34 @@ def test_matches_jax_grad_of_naive_attention(memory, block_size, causal, masks):
         mask = jax.random.bernoulli(jax.random.key(9), 0.6, (b, 1, t, s))
     allowed = allowed_mask(b, h, t, s, causal, lengths, mask)
     assert_matches_naive(
-        q, k, v, do, allowed, causal=causal, lengths=lengths, mask=mask, memory=memory,
+        q,
+        k,
+        v,
+        do,
+        allowed,
+        causal=causal,
+        lengths=lengths,
+        mask=mask,
+        memory=memory,
         block_size=block_size,
-    )  # fmt: skip
+    )
 
 
-@pytest.mark.parametrize("memory", ["standard", "linear"])
+SMALL = [(1, 1, 1), (1, 5, 5), (2, 1, 6), (2, 6, 1)]
+
+
 @pytest.mark.parametrize(
-    "b, t, s", [(1, 1, 1), (1, 5, 5), (2, 1, 6), (2, 6, 1)], ids=["T1", "batch1", "T1-S6", "S1"]
+    "memory, b, t, s",
+    [
+        pytest.param(
+            memory, *shape, id=f"{memory}-{name}", marks=[] if keep else [pytest.mark.slow]
+        )
+        for memory in ("standard", "linear")
+        for shape, name in zip(SMALL, ["T1", "batch1", "T1-S6", "S1"], strict=True)
+        for keep in [
+            (memory, name) in {("standard", "T1"), ("linear", "batch1"), ("linear", "T1-S6")}
+        ]
+    ],
 )
 def test_small_shapes_match_jax_grad(memory, b, t, s):
     q, k, v, do = qkvd(b, 2, t, s, seed=1)
@@ -132,7 +158,7 @@ def test_modes_agree_with_each_other_including_dropout():
         assert rel_error(a, b) <= TOL
 
 
-@pytest.mark.parametrize("memory", ["standard", "linear"])
+@pytest.mark.parametrize("memory", [pytest.param("standard", marks=pytest.mark.slow), "linear"])
 def test_dropout_gradient_matches_jax_grad_with_the_same_mask(memory):
     q, k, v, do = qkvd(2, 2, 6, 6, seed=3)
     key, rate = jax.random.key(7), 0.4
@@ -201,17 +227,41 @@ def _bad(match, *shapes, **kw):
 
 def test_errors_name_the_argument_and_both_shapes():
     q, s4 = (2, 2, 5, 4), (2, 2, 6, 4)
-    _bad(r"sdpa_forward: q has shape \(2, 5, 4\) but expected \(batch, heads, time, head_dim\)",
-         (2, 5, 4), s4, s4)  # fmt: skip
+    _bad(
+        r"sdpa_forward: q has shape \(2, 5, 4\) but expected \(batch, heads, time, head_dim\)",
+        (2, 5, 4),
+        s4,
+        s4,
+    )
     _bad(r"q \(2, 2, 5, 4\), k \(2, 2, 6, 3\), v \(2, 2, 6, 4\) do not fit", q, (2, 2, 6, 3), s4)
-    _bad(r"lengths has shape \(3,\) and dtype int\d+ but expected integers of shape \(batch,\) = \(2,\)",
-         q, s4, s4, lengths=jnp.array([1, 2, 3]))  # fmt: skip
-    _bad(r"lengths has values in \[1, 7\] but the sequence has 6 steps; expected 0 <= lengths <= 6",
-         q, s4, s4, lengths=jnp.array([1, 7]))  # fmt: skip
-    _bad(r"mask has shape \(5, 5\) and dtype bool but expected booleans broadcastable to \(batch, heads, T, S\) = \(2, 2, 5, 6\)",
-         q, s4, s4, mask=jnp.ones((5, 5), bool))  # fmt: skip
-    _bad(r"mask has shape \(5, 6\) and dtype float\d+ but expected booleans",
-         q, s4, s4, mask=jnp.ones((5, 6)))  # fmt: skip
+    _bad(
+        r"lengths has shape \(3,\) and dtype int\d+ but expected integers of shape \(batch,\) = \(2,\)",
+        q,
+        s4,
+        s4,
+        lengths=jnp.array([1, 2, 3]),
+    )
+    _bad(
+        r"lengths has values in \[1, 7\] but the sequence has 6 steps; expected 0 <= lengths <= 6",
+        q,
+        s4,
+        s4,
+        lengths=jnp.array([1, 7]),
+    )
+    _bad(
+        r"mask has shape \(5, 5\) and dtype bool but expected booleans broadcastable to \(batch, heads, T, S\) = \(2, 2, 5, 6\)",
+        q,
+        s4,
+        s4,
+        mask=jnp.ones((5, 5), bool),
+    )
+    _bad(
+        r"mask has shape \(5, 6\) and dtype float\d+ but expected booleans",
+        q,
+        s4,
+        s4,
+        mask=jnp.ones((5, 6)),
+    )
     _bad(r"memory must be one of \('standard', 'linear'\), got 'flash'", q, s4, s4, memory="flash")
     _bad(r"block_size must be a positive int, got 0", q, s4, s4, block_size=0)
     _bad(r"dropout must be in \[0, 1\), got 1.0", q, s4, s4, drop_rate=1.0)

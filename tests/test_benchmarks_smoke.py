@@ -136,3 +136,16 @@ def test_skip_guard_fast_path_keeps_finite_but_overflowing_gradients(bad, skippe
     assert int(m["skipped"]) == skipped
     assert int(new.step) == 1 - skipped
     assert not bool(jnp.isfinite(m["grad_norm"]))
+
+
+def test_attention_quick_prints_every_variant_and_the_targets(capsys):
+    _load("attention").main(["--quick", "--single"])
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    variants = {r[2] for r in rows[1:]}
+    assert {"fbp standard", "fbp linear", "jax.grad naive"} <= variants
+    for r in rows[1:]:
+        assert float(r[3].split()[0]) > 0
+        if r[2].startswith("fbp"):
+            assert float(r[7]) < 1e-4  # float32 agreement with jax.grad
+    assert "linear temp memory / jax.grad" in out and "cores" in out

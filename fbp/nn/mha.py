@@ -218,8 +218,18 @@ class MultiHeadAttention(Layer):
 
     # ------------------------------------------------------------------ forward / backward
 
-    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None,
-              context_lengths=None, mask=None):  # fmt: skip
+    def apply(
+        self,
+        params,
+        x,
+        *,
+        key=None,
+        state=None,
+        train=False,
+        lengths=None,
+        context_lengths=None,
+        mask=None,
+    ):
         """``forward(...)[0]``."""
         kw = dict(lengths=lengths, context_lengths=context_lengths, mask=mask)
         return self.forward(params, x, key=key, state=state, train=train, **kw)[0]
@@ -233,8 +243,18 @@ class MultiHeadAttention(Layer):
         b = jnp.concatenate([params[f"b_{n}"] for n in names]) if self.use_bias else None
         return _affine(a, w, b)
 
-    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None,
-                context_lengths=None, mask=None):  # fmt: skip
+    def forward(
+        self,
+        params,
+        x,
+        *,
+        key=None,
+        state=None,
+        train=False,
+        lengths=None,
+        context_lengths=None,
+        mask=None,
+    ):
         """x: (batch, T, dim) or (x, context (batch, S, dim_c)) -> y: (batch, T, dim)."""
         where = f"{layer_name(self)}.forward"
         xq, ctx = self._inputs(x, "forward")
@@ -247,6 +267,10 @@ class MultiHeadAttention(Layer):
             )
         if ctx is None and context_lengths is not None:
             raise ValueError(f"{where}: context_lengths is for cross-attention (x, context).")
+        if context_lengths is not None:
+            context_lengths = check_key_lengths(
+                where, context_lengths, ctx.shape[0], ctx.shape[1], "context_lengths"
+            )
         qmask = None
         if lengths is not None:
             lengths = check_key_lengths(where, lengths, xq.shape[0], xq.shape[1], "lengths")
@@ -265,9 +289,18 @@ class MultiHeadAttention(Layer):
         if self.rope:
             q, k = rope_forward(q, base=self.rope_base), rope_forward(k, base=self.rope_base)
         o, attn = sdpa_forward(
-            q, k, v, causal=self.causal, lengths=key_lengths, mask=mask, memory=self.memory,
-            block_size=self.block_size, drop_rate=drop, key=key, owner=where,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            causal=self.causal,
+            lengths=key_lengths,
+            mask=mask,
+            memory=self.memory,
+            block_size=self.block_size,
+            drop_rate=drop,
+            key=key,
+            owner=where,
+        )
         y = _affine(_merge_heads(o), params["w_o"], self._bias(params, "b_o"))
         if qmask is not None:
             y = y * qmask

@@ -81,9 +81,14 @@ class TransformerBlock(Layer):
 
     def _attn(self) -> MultiHeadAttention:
         return MultiHeadAttention(
-            self.num_heads, self.head_dim, self.causal, self.rope, self.dropout, self.memory,
+            self.num_heads,
+            self.head_dim,
+            self.causal,
+            self.rope,
+            self.dropout,
+            self.memory,
             self.block_size,
-        )  # fmt: skip
+        )
 
     def _mlp(self, dim: int) -> Residual:
         layers = [LayerNorm(self.eps), Dense(self.mlp_dim or 4 * dim), GELU(), Dense(dim)]
