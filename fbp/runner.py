@@ -257,6 +257,11 @@ def run_single(
     """
     out_dir = Path(out) if out is not None else None
     lock = RunLock(out_dir) if out_dir is not None else None
+    if lock is not None and lock.unsupported:
+        print_fn(
+            f"warning: {out_dir} cannot be locked ({lock.unsupported}); a second process "
+            "on it would not be refused."
+        )
     try:
         if out_dir is not None:
             prepare_dir(out_dir, resume=resume, overwrite=overwrite)
