@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from fbp import experiment, export, options, parallel, runner, xla_config
+from fbp import experiment, export, options, parallel, report, runner, xla_config
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -93,7 +93,7 @@ def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, give
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     metrics = export.evaluate_dir(
-        args.dir, which=args.which or runner.reported_parameters(args.dir)
+        args.dir, which=args.which or report.reported_parameters(args.dir)
     )
     print(
         f"test {'  '.join(f'{k} {v:.4f}' for k, v in metrics['test'].items())} "
@@ -103,7 +103,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    which = args.which or runner.reported_parameters(args.dir)
+    which = args.which or report.reported_parameters(args.dir)
     path = export.export_dir(args.dir, out=args.out, which=which)
     print(f"exported to {path} (load it with the snippet in {path / 'README.txt'})")
     return 0

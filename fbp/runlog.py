@@ -218,7 +218,8 @@ class RunLock:
     The operating system drops the lock when its process dies, however it dies, so
     a killed run never blocks the next one. ``DIR/.lock`` names the holder's process
     id for the refusal message; it is removed on release (a killed run leaves it, and
-    the next run overwrites it).
+    the next run overwrites it). Where the filesystem has no locks (some network
+    filesystems), ``unsupported`` says why and the run goes on unlocked.
 
     Args:
       out: the run directory; created (with its parents) if missing.
@@ -231,12 +232,14 @@ class RunLock:
             raise ValueError(f"run: {out} exists and is not a directory.")
         out.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(out, os.O_RDONLY)
+        self.unsupported: str | None = None  # why the filesystem gave no lock, if it did not
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(self.fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+                self.unsupported = os.strerror(e.errno) if e.errno else str(e)  # NFS: ENOLCK
+                return
+            os.close(self.fd)
             raise RunDirInUse(
                 f"run: {out} is in use by process {self._holder()} (another fbp train); wait "
                 "for it to end or choose another --out."
@@ -249,8 +252,7 @@ class RunLock:
         return "(unknown id)"
 
     def release(self, *, remove_dir: bool = False) -> None:
-        """Drop the lock; with ``remove_dir``, remove the directory if this run created it
-        and left it empty."""
+        """Drop the lock (and, with ``remove_dir``, the directory if this run made it empty)."""
         with contextlib.suppress(OSError):
             (self.out / LOCK).unlink()
         if remove_dir and self.created:

@@ -14,7 +14,7 @@ A run has four parts, each in its own place: its options (``fbp.options``:
 experiment values, a resumed checkpoint's, overrides); what it trains, built and
 checked before ``DIR`` is touched (``build``, with the optimizer and schedule of
 ``fbp.schedules``); the training loop with resume (``fbp.loop``); and the report
-(``report``: test metrics, ``summary.json``, plots, printed lines). An experiment
+(``fbp.report``: test metrics, ``summary.json``, plots, printed lines). An experiment
 with ``variants`` is run once per variant by ``fbp.variants``. Host-side
 bookkeeping (metrics file, plots, signals, progress) is in ``fbp.runlog``.
 
@@ -27,8 +27,6 @@ steps, so on CPU the final parameters are bitwise those of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -59,6 +57,7 @@ from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
 )
 from fbp.losses import SoftmaxCrossEntropy, accuracy
 from fbp.options import RunOptions
+from fbp.report import data_line, report, reported_parameters  # noqa: F401  (re-exported)
 from fbp.runlog import (  # noqa: F401  (re-exported: part of the runner's API)
     LOCK,
     OWNED,
@@ -262,6 +261,11 @@ def run_single(
     """
     out_dir = Path(out) if out is not None else None
     lock = RunLock(out_dir) if out_dir is not None else None
+    if lock is not None and lock.unsupported:
+        print_fn(
+            f"warning: {out_dir} cannot be locked ({lock.unsupported}); a second process "
+            "on it would not be refused."
+        )
     try:
         if out_dir is not None:
             prepare_dir(out_dir, resume=resume, overwrite=overwrite)
@@ -469,111 +473,3 @@ def _resume_config(ckpt_dir: Path) -> dict[str, Any]:
             return config
         refused.append((p, ckpt.CorruptCheckpoint("its manifest holds no run config.")))
     raise ckpt.CorruptCheckpoint(ckpt.refusal(ckpt_dir, refused))
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def report(
-    exp: Experiment,
-    cfg: RunOptions,
-    config: dict[str, Any],
-    setup: Setup,
-    position: ResumePosition,
-    history: list[dict[str, Any]],
-    last_ckpt: Path | None,
-    out_dir: Path | None,
-    print_fn: Callable[[str], None],
-) -> RunResult:
-    """Final parameters, test metrics, ``summary.json``, plots and the printed report."""
-    prog = position.progress
-    use_best = bool(cfg.patience) and setup.val is not None and prog.best_epoch > 0
-    final = position.state._replace(**position.best._asdict()) if use_best else position.state
-    ds = setup.dataset
-    test = fbp_train.evaluate(
-        setup.model,
-        exp.loss,
-        final.params,
-        jnp.asarray(ds.test.x),
-        jnp.asarray(ds.test.y),
-        model_state=final.model_state,
-    )
-    result = RunResult(
-        exp, config, setup.model, ds, final, history, test, prog.train_seconds, out_dir
-    )
-    if prog.stopped_early:
-        print_fn(
-            f"early stop at epoch {prog.epoch}: best validation loss "
-            f"{prog.best_val:.4f} at epoch {prog.best_epoch} (parameters restored)"
-        )
-    which = "best" if use_best else "last"
-    if out_dir is not None:
-        summary = _summary(exp, config, position, final.params, test, history, last_ckpt)
-        summary.update(restored_best=use_best, evaluated=which)
-        ckpt.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-        if history:
-            write_plots(out_dir, history)
-    print_fn(f"== {exp.name}: {exp.description}")
-    print_fn(data_line(cfg, ds))
-    restored = ": early stopping restored them" if use_best else ""
-    epoch = prog.best_epoch if use_best else prog.epoch
-    print_fn(f"test {_fmt(test)}  ({which} parameters, epoch {epoch}{restored})")
-    print_fn(
-        f"training time {prog.train_seconds:.2f} s for {prog.epoch} epochs (includes compilation)"
-    )
-    if out_dir is not None:
-        print_fn(f"outputs in {out_dir}")
-    for line in exp.report(result) if exp.report else []:
-        print_fn(line)
-    return result
-
-
-def data_line(cfg: RunOptions, ds: fbp_data.Dataset) -> str:
-    """``data NAME: N train / N validation / N test examples``: the data actually used."""
-    sizes = " / ".join(
-        f"{len(getattr(ds, s).x)} {n}"
-        for s, n in (("train", "train"), ("val", "validation"), ("test", "test"))
-    )
-    return f"data {cfg.data_file or ds.name}: {sizes} examples"
-
-
-def reported_parameters(run_dir: str | os.PathLike) -> str:
-    """``best`` or ``last``: the parameters a run's report evaluated (``summary.json``).
-
-    ``fbp eval`` and ``fbp export`` default to them, so they agree with the report; a
-    run with no summary (stopped before its report) gives ``last``.
-    """
-    try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return "last"
-    return "best" if summary.get("restored_best") else "last"
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return "  ".join(
-        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
-    )
-
-
-def _summary(exp, config, position, params, test, history, last_ckpt) -> dict[str, Any]:
-    """summary.json's content."""
-    prog = position.progress
-    return {
-        "experiment": exp.name,
-        "description": exp.description,
-        "config": config,
-        "seed": config["seed"],
-        "epochs_completed": prog.epoch,
-        "steps": int(position.state.step),
-        "stopped_early": prog.stopped_early,
-        "best_epoch": prog.best_epoch or None,
-        "best_val_loss": prog.best_val if math.isfinite(prog.best_val) else None,
-        "skipped_steps": prog.skipped_total,
-        "train_seconds": prog.train_seconds,
-        "test": test,
-        "last": history[-1] if history else None,
-        "params_sha256": params_sha256(params),
-        "checkpoint": last_ckpt.name if last_ckpt else None,
-        "versions": versions(),
-    }

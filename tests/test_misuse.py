@@ -109,6 +109,17 @@ def test_fbp_train_holds_its_run_directory_while_it_trains(tmp_path, monkeypatch
     assert _train(out, "--epochs", 1) == 0 and seen == [True]
 
 
+def test_a_filesystem_without_locks_trains_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    from fbp import runlog
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(runlog.fcntl, "flock", no_locks)
+    assert _train(tmp_path / "run", "--epochs", 1) == 0
+    assert "cannot be locked (No locks available)" in capsys.readouterr().out
+
+
 def test_default_out_names_made_in_the_same_second_differ(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli.time, "strftime", lambda fmt: "20250101-000000")
