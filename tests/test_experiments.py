@@ -17,10 +17,21 @@ def test_xor_learns_the_truth_table(tmp_path):
     assert np.round(pred).astype(int).tolist() == [0, 1, 1, 0]
 
 
-def test_digits_mlp_reaches_97_percent(tmp_path):
-    assert _run("digits-mlp", tmp_path).test["accuracy"] >= 0.97
+# Thresholds sit below the spread of seeds 0-9, measured through this runner (360 test
+# examples, so one example is 0.0028):
+#   digits-mlp: 0.972 0.978 0.975 0.975 0.983 0.978 0.978 0.981 0.986 0.978 (min 0.972,
+#               mean 0.978, std 0.004): 0.96 is 4 examples below the lowest seed;
+#   digits-cnn: 0.992 0.994 0.997 0.989 0.997 0.994 0.994 0.992 0.994 0.983 (min 0.983,
+#               mean 0.993, std 0.004): 0.975 is 3 examples below the lowest seed;
+#   xor: final loss 8e-5 to 1.3e-4 over seeds 0-9, far below 0.01.
+# The tests run the default seed 0 (bitwise reproducible on CPU); the margin is for
+# another platform's rounding, which changes the run as a new seed would.
+
+
+def test_digits_mlp_reaches_96_percent(tmp_path):
+    assert _run("digits-mlp", tmp_path).test["accuracy"] >= 0.96
 
 
 @pytest.mark.slow
-def test_digits_cnn_reaches_98_5_percent(tmp_path):
-    assert _run("digits-cnn", tmp_path).test["accuracy"] >= 0.985
+def test_digits_cnn_reaches_97_5_percent(tmp_path):
+    assert _run("digits-cnn", tmp_path).test["accuracy"] >= 0.975
