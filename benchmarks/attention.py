@@ -11,7 +11,8 @@ Variants, timed in interleaved rounds in one process (medians), per T:
 * ``jax.grad naive``: ``jax.value_and_grad`` of textbook attention:
   ``softmax(where(causal, q kᵀ/√d, -inf)) v``.
 * ``torch sdpa``: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
-  forward and ``backward()``, all CPU threads (absent when torch is not installed).
+  forward and ``backward()``, all CPU threads, or on the GPU when JAX runs on one
+  (absent when torch is not installed).
 
 Temporary memory is XLA's ``compiled.memory_analysis().temp_size_in_bytes`` of each
 jitted variant (the scratch the program needs besides its inputs and outputs). The
@@ -78,7 +79,9 @@ def torch_fn(arrays):
     except ImportError:
         return None
     torch.set_num_threads(os.cpu_count())
-    q, k, v, g = (torch.tensor(np.asarray(a)) for a in arrays)
+    gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    q, k, v, g = (torch.tensor(np.asarray(a), device=device) for a in arrays)
     q, k, v = (a.requires_grad_() for a in (q, k, v))
 
     def step():
@@ -139,8 +142,8 @@ def measure_t(t: int, rounds: int, block: int) -> list[dict]:
     return out
 
 
-def measure(quick: bool, rounds: int | None) -> dict:
-    times = QUICK_TIMES if quick else TIMES
+def measure(quick: bool, rounds: int | None, times: tuple[int, ...] | None = None) -> dict:
+    times = times or (QUICK_TIMES if quick else TIMES)
     block = 16 if quick else BLOCK
     rows = []
     for t in times:
@@ -220,15 +223,17 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few rounds (smoke test)")
     ap.add_argument("--single", action="store_true", help="only this process's environment")
     ap.add_argument("--rounds", type=int, default=None, help="timed samples per variant and T")
+    ap.add_argument("--times", default=None, help="comma-separated sequence lengths")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    times = tuple(int(t) for t in args.times.split(",")) if args.times else None
     if args.single or args.json:
-        res = measure(args.quick, args.rounds)
+        res = measure(args.quick, args.rounds, times)
         print(json.dumps(res) if args.json else report([res]))
         return
-    extra = (["--quick"] if args.quick else []) + (
-        [f"--rounds={args.rounds}"] if args.rounds else []
-    )
+    extra = ["--quick"] if args.quick else []
+    extra += [f"--rounds={args.rounds}"] if args.rounds else []
+    extra += [f"--times={args.times}"] if args.times else []
     print(report(common.run_both_allocators(__file__, extra)))
     print("- each glibc setting ran as its own process, one after the other")
 

@@ -97,6 +97,8 @@ def plot_bpc(curves: dict[str, list[tuple[float, float]]], path, xlabel: str) ->
     for name, pts in curves.items():
         ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=name)
     ax.set(xlabel=xlabel, ylabel="validation bits per character")
+    low = min(b for pts in curves.values() for _, b in pts)
+    ax.set_ylim(max(0.0, low - 0.2), max(low + 0.5, 4.0))  # the first points are ~7 bits
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -35,3 +35,27 @@ def test_digits_mlp_reaches_96_percent(tmp_path):
 @pytest.mark.slow
 def test_digits_cnn_reaches_97_5_percent(tmp_path):
     assert _run("digits-cnn", tmp_path).test["accuracy"] >= 0.975
+
+
+def _module(name):
+    """The experiment's file as a module (for its own evaluation helpers)."""
+    import importlib.util
+
+    path = experiment.available()[name]
+    spec = importlib.util.spec_from_file_location(f"exp_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_sort_transformer_sorts_99_percent_of_test_sequences(tmp_path):
+    result = _run("sort", tmp_path)
+    assert _module("sort").exact_sorted(result) >= 0.99
+
+
+@pytest.mark.slow
+def test_char_lm_transformer_reaches_2_15_validation_bits_per_char(tmp_path):
+    result = _run("char-lm", tmp_path)
+    bpc = result.history[-1]["val_loss"] / np.log(2)
+    assert bpc <= 2.15, bpc

@@ -19,7 +19,10 @@ empty row is replaced by 0 before exponentiating, so ``exp`` of a masked score i
 
 Two residual modes (``memory=``):
 
-* ``"standard"`` keeps P (batch, heads, T, S): the backward is four matmuls.
+* ``"standard"`` keeps P in factored form: E = exp(S − m) (batch, heads, T, S) and
+  1 / rowsum(E) (batch, heads, T), P = E / rowsum(E). The normalisation is applied
+  to the (T, dv) products instead (O = (E V) / l, dV = Eᵀ (dO / l), dS = E ∘ (dP − D) / l),
+  which saves a pass over (T, S) and a (T, S) buffer; the backward is four matmuls.
 * ``"linear"`` keeps only O and the row log-sum-exp L = m + log Σ exp(S − m)
   (batch, heads, T). The forward is FlashAttention's online softmax, a ``lax.scan``
   over blocks of ``block_size`` keys; the backward scans the key blocks again,
@@ -63,7 +66,7 @@ MEMORY_MODES = ("standard", "linear")
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["q", "k", "v", "o", "p", "lse", "lengths", "mask", "key"],
+    data_fields=["q", "k", "v", "o", "p", "inv_sum", "lse", "lengths", "mask", "key"],
     meta_fields=["causal", "scale", "memory", "block_size", "drop_rate"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +77,8 @@ class SdpaRes:
     k: Array  # (batch, heads, S, d)
     v: Array  # (batch, heads, S, dv)
     o: Array  # (batch, heads, T, dv): the output, for D = rowsum(dO ∘ O)
-    p: Array | None  # (batch, heads, T, S) probabilities ("standard"), else None
+    p: Array | None  # (batch, heads, T, S) E = exp(S − m), 0 where masked ("standard"), else None
+    inv_sum: Array | None  # (batch, heads, T) 1 / rowsum(E) ("standard"), else None
     lse: Array | None  # (batch, heads, T) row log-sum-exp ("linear"), else None
     lengths: Array | None  # (batch,) int: valid keys per example, or None
     mask: Array | None  # bool, broadcastable to (batch, heads, T, S), or None
@@ -260,6 +264,7 @@ def sdpa_forward(
         None,
         None,
         None,
+        None,
         lengths,
         mask,
         key,
@@ -270,8 +275,8 @@ def sdpa_forward(
         float(drop_rate),
     )
     if memory == "standard":
-        o, p = _standard_forward(res)
-        return o, dataclasses.replace(res, o=o, p=p)
+        o, e, inv_sum = _standard_forward(res)
+        return o, dataclasses.replace(res, o=o, p=e, inv_sum=inv_sum)
     o, lse = _linear_forward(res)
     return o, dataclasses.replace(res, o=o, lse=lse)
 
@@ -286,17 +291,18 @@ def _standard_keep(res: SdpaRes, t: int, s: int) -> Array | None:
     return jnp.moveaxis(keep, 0, 3).reshape(b, h, t, nb * bk)[..., :s]
 
 
-def _standard_forward(res: SdpaRes) -> tuple[Array, Array]:
+def _standard_forward(res: SdpaRes) -> tuple[Array, Array, Array]:
+    """(O, E, 1/l): E = exp(S − m) (0 where masked), l = rowsum(E), O = (E V) / l."""
     q, k, v = res.q, res.k, res.v
     t, s = q.shape[2], k.shape[2]
     allowed = _allowed(t, jnp.arange(s), res.causal, res.lengths, res.mask, None)
     scores = _masked_scores(q * jnp.asarray(res.scale, q.dtype), k, allowed)
     _, m = _row_max(scores, allowed is not None)
     e = jnp.exp(scores - m[..., None])
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    p = e / (total if allowed is None else jnp.where(total > 0, total, 1))
-    pd = _dropped(p, _standard_keep(res, t, s), res.drop_rate)
-    return jnp.einsum("bhts,bhsd->bhtd", pd, v), p
+    total = jnp.sum(e, axis=-1)
+    inv_sum = 1 / (total if allowed is None else jnp.where(total > 0, total, 1))
+    ed = _dropped(e, _standard_keep(res, t, s), res.drop_rate)
+    return jnp.einsum("bhts,bhsd->bhtd", ed, v) * inv_sum[..., None], e, inv_sum
 
 
 def _key_blocks(res: SdpaRes):
@@ -369,7 +375,8 @@ def sdpa_backward(res: SdpaRes, do: Array) -> tuple[Array, Array, Array]:
 
         dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP − D);  dQ = scale · dS K;  dK = scale · dSᵀ Q.
 
-    ``"standard"`` reads P from the residuals; ``"linear"`` recomputes it per key
+    ``"standard"`` reads P = E / l from the residuals (and applies 1/l to the (T, dv)
+    side: dV = Eᵀ (dO / l), dS = E ∘ (dP − D) / l); ``"linear"`` recomputes it per key
     block as P = exp(scale · q kᵀ − L) from the row log-sum-exp L, in a ``lax.scan``
     that emits each block's dK, dV and accumulates dQ. Masked keys and fully
     masked rows have P = 0 and get exactly zero gradient.
@@ -397,7 +404,11 @@ def _softmax_grads(p, keep, do, vb, d, drop_rate):
 
 def _standard_backward(res: SdpaRes, do: Array, d: Array):
     t, s = res.q.shape[2], res.k.shape[2]
-    ds, dv = _softmax_grads(res.p, _standard_keep(res, t, s), do, res.v, d, res.drop_rate)
+    inv = res.inv_sum[..., None]
+    keep = _standard_keep(res, t, s)
+    dv = jnp.einsum("bhts,bhtd->bhsd", _dropped(res.p, keep, res.drop_rate), do * inv)
+    dp = _dropped(jnp.einsum("bhtd,bhsd->bhts", do, res.v), keep, res.drop_rate)
+    ds = res.p * (dp - d[..., None]) * inv
     scale = jnp.asarray(res.scale, res.q.dtype)
     dq = jnp.einsum("bhts,bhsd->bhtd", ds, res.k) * scale
     dk = jnp.einsum("bhts,bhtd->bhsd", ds, res.q) * scale
