@@ -13,7 +13,9 @@ interleaved rounds in one process (medians; ± half the interquartile range):
 - ``plain step`` / ``DP step``: ``fbp.train.make_step`` with SGD, without and with the
   DP-SGD gradient (``extend.dp.grad_fn``, clip 1, noise 1; ``reweight`` forms the
   clipped sum as Xᵀ(c ⊙ Δ) from the same pass, ``second_backward`` runs a second
-  backward seeded with c-scaled deltas).
+  backward seeded with c-scaled deltas); ``noise 0`` isolates the clipping: the rest
+  of a DP step's extra time is drawing the Gaussian noise (one normal per parameter,
+  threefry on the CPU).
 - ``Opacus DP step`` / ``torch step``: PyTorch (CPU) with Opacus's GradSampleModule +
   DPOptimizer (same clip and noise, SGD), and the plain torch SGD step.
 
@@ -48,6 +50,7 @@ TARGETS = {
     "per-example grads": ("plain gradient", 2.0),
     "DP step (reweight)": ("plain step", 1.5),
     "DP step (second_backward)": ("plain step", 1.5),
+    "DP step, noise 0 (clipping alone)": ("plain step", 1.5),
 }
 
 
@@ -113,6 +116,9 @@ def variants(quick: bool, with_torch: bool):
         "DP step (reweight)": extend.dp.make_step(model, loss, opt, clip=1.0, noise=1.0),
         "DP step (second_backward)": extend.dp.make_step(
             model, loss, opt, clip=1.0, noise=1.0, method="second_backward"
+        ),
+        "DP step, noise 0 (clipping alone)": extend.dp.make_step(
+            model, loss, opt, clip=1.0, noise=0.0
         ),
     }
     state = dict.fromkeys(steps, ts)

@@ -76,9 +76,10 @@ def _dense_batch_l2(layer, ctx):
 
 def _dense_weighted(layer, ctx, w):
     x, d = ctx
-    out = {"w": weighted_outer(x, d, w)}
+    dw = d * w.astype(d.dtype)[:, None, None]
+    out = {"w": x.reshape(-1, x.shape[-1]).T @ dw.reshape(-1, d.shape[-1])}
     if layer.use_bias:
-        out["b"] = jnp.einsum("b,btj->j", w.astype(d.dtype), d)
+        out["b"] = jnp.sum(dw, axis=(0, 1))
     return out
 
 
