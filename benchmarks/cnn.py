@@ -129,6 +129,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--save", metavar="PATH", help="save fbp's gradients (.npz)")
+    ap.add_argument(
+        "--torch-threads", type=int, nargs="+", help="PyTorch variants (default: all cores, 1)"
+    )
     args = ap.parse_args(argv)
 
     model, loss = fbp_model(), losses.softmax_cross_entropy
@@ -154,8 +157,9 @@ def main(argv=None) -> None:
         step = torch_step(params, x, y, device)
         torch_err = abs(step() - float(v1)) / abs(float(v1))
         if device == "cpu":
-            fns["PyTorch"] = torch_threads(os.cpu_count(), step)
-            fns["PyTorch, 1 thread"] = torch_threads(1, step)
+            for n in args.torch_threads or (os.cpu_count(), 1):
+                name = "PyTorch" if n == os.cpu_count() else f"PyTorch, {n} thread(s)"
+                fns[name.replace("1 thread(s)", "1 thread")] = torch_threads(n, step)
         else:
             fns["PyTorch"] = step
 
@@ -182,7 +186,7 @@ def main(argv=None) -> None:
     print(common.table(["variant", "median ms", "IQR", "time / fbp", "CPU ms", "CPU / fbp"], rows))
     print(
         f"fbp / jax.grad = {med['fbp'] / med['jax.grad']:.3f}"
-        + (f";  fbp / PyTorch = {med['fbp'] / med['PyTorch']:.3f}" if "PyTorch" in med else "")
+        + "".join(f";  fbp / {k} = {med['fbp'] / med[k]:.3f}" for k in med if "PyTorch" in k)
     )
     common.write_json(
         args.json,

@@ -79,10 +79,10 @@ def jax_variants(params, x, target):
     return fns, args
 
 
-def torch_variant(params, x, target, device="cpu"):
+def torch_variant(params, x, target, device="cpu", threads=None):
     import torch
 
-    torch.set_num_threads(os.cpu_count())
+    threads = threads or os.cpu_count()
     module = torch.nn.LSTM(IN, H, batch_first=True)
     with torch.no_grad():
         module.weight_ih_l0.copy_(torch.tensor(np.asarray(params["w_ih"]).T))
@@ -94,6 +94,7 @@ def torch_variant(params, x, target, device="cpu"):
     tt = torch.tensor(np.asarray(target)).to(device)
 
     def run():
+        torch.set_num_threads(threads)
         module.zero_grad(set_to_none=True)
         y, _ = module(xt)
         loss = torch.mean((y - tt) ** 2)
@@ -103,7 +104,9 @@ def torch_variant(params, x, target, device="cpu"):
     return common.torch_synced(run, device)
 
 
-def child(rounds: int, json_path: str | None = None, save: str | None = None) -> None:
+def child(
+    rounds: int, json_path: str | None = None, save: str | None = None, torch_threads=None
+) -> None:
     fbp.configure_cpu(model=nn.LSTM(H))  # before the first JAX computation
     kx, kt, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (B, T, IN), jnp.float32)
@@ -123,7 +126,10 @@ def child(rounds: int, json_path: str | None = None, save: str | None = None) ->
         n: f.lower(*args[n]).compile().memory_analysis().temp_size_in_bytes for n, f in fns.items()
     }
     calls = {n: (lambda f=f, a=args[n]: f(*a)) for n, f in fns.items()}
-    calls["torch nn.LSTM"] = torch_variant(params, x, target, common.torch_device())
+    device = common.torch_device()
+    for n in torch_threads or [os.cpu_count()]:
+        name = "torch nn.LSTM" + ("" if n == os.cpu_count() or device != "cpu" else f", {n} thread")
+        calls[name] = torch_variant(params, x, target, device, n)
     cpu: dict[str, list[float]] = {n: [] for n in calls}
 
     def with_cpu(name, fn):  # also record the process's CPU seconds (robust to contention)
@@ -195,9 +201,12 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help="run one setting in this process")
     parser.add_argument("--json", metavar="PATH", help="with --child: write results as JSON")
     parser.add_argument("--save", metavar="PATH", help="with --child: save fbp's gradients")
+    parser.add_argument(
+        "--torch-threads", type=int, nargs="+", help="PyTorch variants (default: all cores)"
+    )
     args = parser.parse_args()
     if args.child:
-        child(args.rounds, args.json, args.save)
+        child(args.rounds, args.json, args.save, args.torch_threads)
         return
     for tunables in (False, True):
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}

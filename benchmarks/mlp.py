@@ -117,7 +117,9 @@ def torch_step(sizes, x_np, y_np, lr, device="cpu"):
     return step, torch.__version__
 
 
-def measure(quick: bool, rounds: int, steps: int, save: str | None = None) -> dict:
+def measure(
+    quick: bool, rounds: int, steps: int, save: str | None = None, torch_threads=None
+) -> dict:
     sizes, batch = ([32, 16, 16, 4], 8) if quick else ([784, 512, 512, 10], 256)
     lr = 1e-3
     model = mlp_model(sizes)
@@ -203,8 +205,10 @@ def measure(quick: bool, rounds: int, steps: int, save: str | None = None) -> di
         "dots, one call each": dots_each,
         "dots, all in one call": dots_all,
     }
-    if device == "cuda":
+    if device == "cuda" or (torch_threads and 1 not in torch_threads):
         del fns["torch, 1 thread"]
+    if device == "cpu" and torch_threads and os.cpu_count() not in torch_threads:
+        del fns["torch"]
     t0 = time.perf_counter()
     cpu: dict[str, list[float]] = {}
     times = common.interleaved(fns, rounds=rounds, warmup=2, cpu=cpu)
@@ -317,7 +321,7 @@ def report(results: list[dict]) -> str:
                 f"{ms['fbp make_step'] / ms['jax.grad make_step']:.3f}",
                 f"{cpu['fbp make_step'] / cpu['jax.grad make_step']:.3f}",
                 f"{ms['fbp vg + adam'] / ms['jax.grad + adam']:.3f}",
-                f"{ms['fbp make_step'] / ms['torch']:.3f}",
+                f"{ms['fbp make_step'] / ms['torch']:.3f}" if "torch" in ms else "",
                 f"{ms['fbp make_step'] / ms['torch, 1 thread']:.3f}"
                 if "torch, 1 thread" in ms
                 else "",
@@ -352,11 +356,14 @@ def main(argv=None) -> None:
         "--json", nargs="?", const="-", metavar="PATH", help="this process only; JSON to PATH"
     )
     ap.add_argument("--save", metavar="PATH", help="save fbp's gradients (.npz)")
+    ap.add_argument(
+        "--torch-threads", type=int, nargs="+", help="PyTorch variants (default: all cores, 1)"
+    )
     args = ap.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 40)
     steps = args.steps or (2 if args.quick else 5)
     if args.single or args.json:
-        res = measure(args.quick, rounds, steps, args.save)
+        res = measure(args.quick, rounds, steps, args.save, args.torch_threads)
         if args.json == "-":  # the last line of stdout (run_both_allocators reads it)
             print(json.dumps(res))
             return

@@ -102,8 +102,11 @@ def child_env(setting: str, tunables: bool) -> dict[str, str]:
     return env
 
 
-def command(bench: str, json_path: Path, save: Path, rounds: int | None = None) -> list[str]:
-    """The command line of one run; ``rounds`` overrides the timed rounds (repeats)."""
+def command(
+    bench: str, json_path: Path, save: Path, rounds: int | None = None, torch_threads=None
+) -> list[str]:
+    """The command line of one run; ``rounds`` overrides the timed rounds (repeats),
+    ``torch_threads`` the PyTorch variants (mlp, cnn, lstm)."""
     script, args = BENCHMARKS.get(bench, (bench, ["--json", "{json}"]))
     path = HERE / script if bench in BENCHMARKS else Path(script).resolve()
     fill = {"{json}": str(json_path), "{save}": str(save)}
@@ -111,6 +114,8 @@ def command(bench: str, json_path: Path, save: Path, rounds: int | None = None) 
     for flag in ("--rounds", "--repeats"):
         if rounds and flag in args:
             args[args.index(flag) + 1] = str(rounds if flag == "--rounds" else max(1, rounds // 3))
+    if torch_threads and bench in ("mlp", "cnn", "lstm"):
+        args += ["--torch-threads", *map(str, torch_threads)]
     return [sys.executable, str(path), *args]
 
 
@@ -119,7 +124,14 @@ def bench_name(bench: str) -> str:
 
 
 def run_one(
-    out: Path, bench: str, setting: str, tunables: bool, rep: int, timeout: int, rounds=None
+    out: Path,
+    bench: str,
+    setting: str,
+    tunables: bool,
+    rep: int,
+    timeout: int,
+    rounds=None,
+    torch_threads=None,
 ) -> dict:
     tag = f"{bench_name(bench)}.{setting}.{'on' if tunables else 'off'}.{rep}"
     json_path, save = out / "runs" / f"{tag}.json", out / "grads" / f"{tag}.npz"
@@ -127,7 +139,7 @@ def run_one(
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            command(bench, json_path, save, rounds),
+            command(bench, json_path, save, rounds, torch_threads),
             env=child_env(setting, tunables),
             capture_output=True,
             text=True,
@@ -195,11 +207,16 @@ def grad_diff(a: str | None, b: str | None) -> float | None:
     return max(errs, default=0.0)
 
 
-PEERS = {  # bench -> (fbp variant, jax.grad variant, PyTorch variant, extra ratio)
-    "mlp": ("fbp make_step", "jax.grad make_step", "torch", "dots, all in one call"),
-    "cnn": ("fbp", "jax.grad", "PyTorch", "PyTorch, 1 thread"),
-    "lstm": ("fbp", "jax.grad (textbook scan)", "torch nn.LSTM", None),
-    "digits": ("fbp", "jax.grad", "PyTorch", "scikit-learn"),
+PEERS = {  # bench -> (fbp variant, jax.grad variant, PyTorch variants, extra ratio)
+    "mlp": (
+        "fbp make_step",
+        "jax.grad make_step",
+        ("torch", "torch, 1 thread"),
+        "dots, all in one call",
+    ),
+    "cnn": ("fbp", "jax.grad", ("PyTorch", "PyTorch, 1 thread"), None),
+    "lstm": ("fbp", "jax.grad (textbook scan)", ("torch nn.LSTM", "torch nn.LSTM, 1 thread"), None),
+    "digits": ("fbp", "jax.grad", ("PyTorch",), "scikit-learn"),
 }
 
 
@@ -225,7 +242,14 @@ def report(rows: list[dict]) -> str:
     if first:
         out.append(f"jax {first['jax']}; machine: {first['machine'].split(', load')[0]}")
     for bench in dict.fromkeys(r["bench"] for r in benches):
-        f, j, t, extra = PEERS.get(bench, ("fbp", "jax.grad", "PyTorch", None))
+        f, j, torches, extra = PEERS.get(bench, ("fbp", "jax.grad", ("PyTorch",), None))
+        seen = {
+            k
+            for r in benches
+            if r["bench"] == bench
+            for k in r.get("result", {}).get("variants", {})
+        }
+        t = next((k for k in torches if k in seen), torches[0])
         out.append(f"\n#### {bench}\n")
         head = [
             "setting",
@@ -234,10 +258,10 @@ def report(rows: list[dict]) -> str:
             "fbp ms",
             "fbp CPU ms",
             "jax.grad ms",
-            "PyTorch ms",
+            f"{t} ms",
             "fbp/jax.grad",
-            "fbp/PyTorch",
-            "fbp/PyTorch CPU",
+            f"fbp/{t}",
+            f"fbp/{t} CPU",
         ]
         if extra:
             head.append(f"fbp/{extra}" if bench != "digits" else f"{extra}/fbp")
@@ -335,6 +359,12 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--rounds", type=int, help="timed rounds per run (digits: a third of it, as repeats)"
     )
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        nargs="+",
+        help="PyTorch variants to time (default: each script's)",
+    )
     ap.add_argument("--report", action="store_true", help="only rebuild the tables")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -352,7 +382,14 @@ def main(argv=None) -> None:
                 for setting in order:
                     for bench in args.benchmarks:
                         row = run_one(
-                            out, bench, setting, tun == "on", rep, args.timeout, args.rounds
+                            out,
+                            bench,
+                            setting,
+                            tun == "on",
+                            rep,
+                            args.timeout,
+                            args.rounds,
+                            args.torch_threads,
                         )
                         with raw.open("a") as fh:
                             fh.write(json.dumps(row) + "\n")
