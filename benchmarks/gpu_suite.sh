@@ -8,11 +8,12 @@
 # Each benchmark is bounded by $FBP_GPU_TIMEOUT seconds (default 80), so the whole
 # suite stays under ~6 minutes including compilation. Needs jax with CUDA, torch with
 # CUDA, optax and chex; fbp is imported from this checkout (PYTHONPATH=.).
+# FBP_SUITE_PLATFORMS=cpu runs the same suite on the CPU (a dry run of the plumbing).
 set -u
 out="${1:?usage: bash benchmarks/gpu_suite.sh OUT_DIR}"
 mkdir -p "$out"
 limit="${FBP_GPU_TIMEOUT:-80}"
-export JAX_PLATFORMS=cuda
+export JAX_PLATFORMS="${FBP_SUITE_PLATFORMS:-cuda}"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"  # room for torch
 py="${PYTHON:-python}"
