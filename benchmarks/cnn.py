@@ -8,17 +8,25 @@ softmax cross-entropy. Each variant computes the loss and all parameter gradient
 * jax.grad: ``jax.jit(jax.value_and_grad(fbp.loss_fn(model, loss)))`` (same forward)
 * PyTorch:  the same network in NCHW, ``loss.backward()`` (eager, its own threads)
 
-Variants run in interleaved rounds; medians and their ratios are printed, with the
-machine. ``--hlo`` also prints the convolutions of both compiled JAX programs
-(dimension numbers and layouts), to compare what XLA runs.
+Variants run in interleaved rounds; medians (wall and process CPU time) and their
+ratios are printed, with the machine. On a CPU PyTorch runs with all cores and
+with one thread (the one-thread peer suffers less when other jobs share the cores).
+``--hlo`` also prints the convolutions of both compiled JAX programs (dimension
+numbers and layouts), to compare what XLA runs.
 
-Run: ``python benchmarks/cnn.py [--rounds 30] [--hlo]``
+The JAX platform comes from the environment (``JAX_PLATFORMS``); on a GPU, PyTorch
+runs on CUDA when it can and every timing waits for the device. fbp's XLA:CPU
+setting for this model is applied first (``fbp.configure_cpu``; ``FBP_XLA=off`` or
+your own ``XLA_FLAGS`` to change it).
+
+Run: ``python benchmarks/cnn.py [--rounds 30] [--hlo] [--json OUT.json]``
 (``GLIBC_TUNABLES=...`` from benchmarks/common.py for the allocator-tuned numbers).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -52,7 +60,7 @@ def fbp_model() -> nn.Sequential:
     )
 
 
-def torch_step(params, x, y):
+def torch_step(params, x, y, device="cpu"):
     """The same network in PyTorch with fbp's initial weights; returns a step callable."""
     import torch
 
@@ -79,17 +87,29 @@ def torch_step(params, x, y):
         net[6].bias.copy_(torch.from_numpy(np.array(params["6"]["b"])))
         net[8].weight.copy_(torch.from_numpy(np.asarray(params["8"]["w"]).T.copy()))
         net[8].bias.copy_(torch.from_numpy(np.array(params["8"]["b"])))
-    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-    yt = torch.from_numpy(np.asarray(y).astype(np.int64))
+    net = net.to(device)
+    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device)
+    yt = torch.from_numpy(np.asarray(y).astype(np.int64)).to(device)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
         net.zero_grad(set_to_none=True)
         loss = loss_fn(net(xt), yt)
         loss.backward()
-        return loss.item()
+        return loss.item()  # waits for the device
 
     return step
+
+
+def torch_threads(n, step):
+    """``step`` run with PyTorch limited to ``n`` intra-op threads."""
+    import torch
+
+    def run():
+        torch.set_num_threads(n)
+        return step()
+
+    return run
 
 
 def conv_lines(compiled_text: str) -> list[str]:
@@ -102,14 +122,20 @@ def conv_lines(compiled_text: str) -> list[str]:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--hlo", action="store_true", help="print the compiled convolutions")
     ap.add_argument("--no-torch", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--save", metavar="PATH", help="save fbp's gradients (.npz)")
+    ap.add_argument(
+        "--torch-threads", type=int, nargs="+", help="PyTorch variants (default: all cores, 1)"
+    )
+    args = ap.parse_args(argv)
 
     model, loss = fbp_model(), losses.softmax_cross_entropy
+    fbp.configure_cpu(model=model)  # before the first JAX computation
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (BATCH, SIZE, SIZE, 1), jnp.float32)
     y = jax.random.randint(ky, (BATCH,), 0, CLASSES)
@@ -118,31 +144,60 @@ def main() -> None:
     ours = jax.jit(fbp.value_and_grad(model, loss))
     ref = jax.jit(jax.value_and_grad(fbp.loss_fn(model, loss)))
     (v1, g1), (_, g2) = ours(params, x, y), ref(params, x, y)
+    common.save_leaves(args.save, g1)
     err = max(
         fbp.testing.rel_error(a, b)
         for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True)
     )
+    compiled = ours.lower(params, x, y).compile().as_text()
     fns = {"fbp": lambda: ours(params, x, y), "jax.grad": lambda: ref(params, x, y)}
+    torch_err = None
     if not args.no_torch:
-        step = torch_step(params, x, y)
+        device = common.torch_device()
+        step = torch_step(params, x, y, device)
         torch_err = abs(step() - float(v1)) / abs(float(v1))
-        fns["PyTorch"] = step
+        if device == "cpu":
+            for n in args.torch_threads or (os.cpu_count(), 1):
+                name = "PyTorch" if n == os.cpu_count() else f"PyTorch, {n} thread(s)"
+                fns[name.replace("1 thread(s)", "1 thread")] = torch_threads(n, step)
+        else:
+            fns["PyTorch"] = step
 
-    times = common.interleaved(fns, rounds=args.rounds, warmup=3)
+    cpu: dict[str, list[float]] = {}
+    times = common.interleaved(fns, rounds=args.rounds, warmup=3, cpu=cpu)
     med = {k: common.median(t) for k, t in times.items()}
+    cmed = {k: common.median(t) for k, t in cpu.items()}
     print(f"# CNN train step (loss + grads), batch {BATCH}, {SIZE}x{SIZE}x1, float32")
     print(f"machine: {common.machine()}")
     print(f"fbp vs jax.grad: max relative gradient difference {err:.1e} (float32)")
-    if "PyTorch" in fns:
+    if torch_err is not None:
         print(f"fbp vs PyTorch: relative loss difference {torch_err:.1e}")
     rows = [
-        [k, f"{1e3 * m:.1f}", common.spread(times[k]), f"{m / med['fbp']:.2f}"]
+        [
+            k,
+            f"{1e3 * m:.1f}",
+            common.spread(times[k]),
+            f"{m / med['fbp']:.2f}",
+            f"{1e3 * cmed[k]:.1f}",
+            f"{cmed[k] / cmed['fbp']:.2f}",
+        ]
         for k, m in med.items()
     ]
-    print(common.table(["variant", "median ms", "IQR", "time / fbp"], rows))
+    print(common.table(["variant", "median ms", "IQR", "time / fbp", "CPU ms", "CPU / fbp"], rows))
     print(
         f"fbp / jax.grad = {med['fbp'] / med['jax.grad']:.3f}"
-        + (f";  fbp / PyTorch = {med['fbp'] / med['PyTorch']:.3f}" if "PyTorch" in med else "")
+        + "".join(f";  fbp / {k} = {med['fbp'] / med[k]:.3f}" for k in med if "PyTorch" in k)
+    )
+    common.write_json(
+        args.json,
+        common.record(
+            "cnn",
+            rounds=args.rounds,
+            variants={k: common.summary(times[k], cpu[k]) for k in times},
+            check={"fbp_vs_jax_grad": err, "fbp_vs_torch_loss": torch_err},
+            hlo=common.hlo_fingerprint(compiled),
+            library_fusions=common.library_fusions(compiled),
+        ),
     )
     if args.hlo:
         for name, f in (("fbp", ours), ("jax.grad", ref)):

@@ -15,8 +15,11 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -133,10 +136,13 @@ def machine() -> str:
     except OSError:
         pass
     tun = "glibc tunables ON" if os.environ.get("GLIBC_TUNABLES") else "glibc tunables off"
+    flags = f", XLA_FLAGS='{xla_flags()}'" if xla_flags() else ""
+    if jax.default_backend() == "gpu":
+        cpu = f"{cpu} + {jax.devices()[0].device_kind}"
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
-        f"{tun}, load {load()}"
+        f"{tun}{flags}, load {load()}"
     )
 
 
@@ -145,6 +151,97 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def xla_flags() -> str:
+    """This process's ``XLA_FLAGS`` (what XLA read when JAX started), '' when none."""
+    return os.environ.get("XLA_FLAGS", "")
+
+
+def summary(times: Sequence[float], cpu: Sequence[float] | None = None, per: int = 1) -> dict:
+    """Median wall (and CPU) milliseconds per unit of work, with the spread and samples.
+
+    Args:
+      times: seconds per sample; cpu: process CPU seconds per sample (all threads).
+      per: units of work in one sample (steps), to report per unit.
+    """
+    out = {
+        "ms": 1e3 * median(times) / per,
+        "spread": spread(times),
+        "samples_ms": [round(1e3 * t / per, 4) for t in times],
+    }
+    if cpu:
+        out["cpu_ms"] = 1e3 * median(cpu) / per
+    return out
+
+
+def hlo_fingerprint(compiled_text: str) -> str:
+    """A short hash of a compiled program, without its metadata (source lines, names).
+
+    Two XLA settings that give the same fingerprint compile to the same program.
+    """
+    text = re.sub(r",? metadata=\{[^}]*\}", "", compiled_text)
+    text = re.sub(r"^HloModule \S+", "HloModule", text, flags=re.M)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def library_fusions(compiled_text: str) -> dict[str, int]:
+    """How many library fusions of each kind (``__ynn_fusion``, ...) a compiled program has."""
+    counts: dict[str, int] = {}
+    for kind in re.findall(r'"kind":"(__\w+_fusion)"', compiled_text):
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def torch_device() -> str:
+    """``"cuda"`` when JAX runs on a GPU and PyTorch sees one, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def torch_synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by waiting for the GPU when ``device`` is ``"cuda"`` (timings end there)."""
+    if device != "cuda":
+        return fn
+    import torch
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def record(bench: str, **fields: Any) -> dict:
+    """A benchmark's machine-readable result: its fields plus machine, load, flags."""
+    return {
+        "bench": bench,
+        "machine": machine(),
+        "load": list(os.getloadavg()),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "xla_flags": xla_flags(),
+        "glibc_tunables": bool(os.environ.get("GLIBC_TUNABLES")),
+        **fields,
+    }
+
+
+def write_json(path: str | None, obj: dict) -> None:
+    """Write ``obj`` as JSON to ``path`` (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
+
+
+def save_leaves(path: str | None, tree: Any) -> None:
+    """Save the leaves of a pytree (e.g. gradients) as float32 arrays in an ``.npz``."""
+    if path:
+        import numpy as np
+
+        leaves = jax.tree.leaves(tree)
+        np.savez(path, *[np.asarray(v, np.float32) for v in leaves])
 
 
 def run_both_allocators(script: str, args: Sequence[str]) -> list[dict]:

@@ -17,7 +17,12 @@ The temporary memory of each jitted variant is XLA's compiled
 ``memory_analysis().temp_size_in_bytes``. The script runs itself twice, as two
 processes: with the glibc allocator tunables of perf-notes.md and without them.
 
-Usage: ``python benchmarks/lstm.py [--rounds N]`` (``--child`` runs one setting).
+The JAX platform comes from the environment (``JAX_PLATFORMS``); on a GPU, PyTorch
+runs on CUDA when it can and every timing waits for the device. fbp's XLA:CPU
+setting for this model is applied first (``fbp.configure_cpu``).
+
+Usage: ``python benchmarks/lstm.py [--rounds N]`` (``--child`` runs one setting in
+this process; ``--json OUT.json`` with it writes the results).
 """
 
 from __future__ import annotations
@@ -74,29 +79,35 @@ def jax_variants(params, x, target):
     return fns, args
 
 
-def torch_variant(params, x, target):
+def torch_variant(params, x, target, device="cpu", threads=None):
     import torch
 
-    torch.set_num_threads(os.cpu_count())
+    threads = threads or os.cpu_count()
     module = torch.nn.LSTM(IN, H, batch_first=True)
     with torch.no_grad():
         module.weight_ih_l0.copy_(torch.tensor(np.asarray(params["w_ih"]).T))
         module.weight_hh_l0.copy_(torch.tensor(np.asarray(params["w_hh"]).T))
         module.bias_ih_l0.copy_(torch.tensor(np.asarray(params["b"])))
         module.bias_hh_l0.zero_()
-    xt, tt = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(target))
+    module = module.to(device)
+    xt = torch.tensor(np.asarray(x)).to(device)
+    tt = torch.tensor(np.asarray(target)).to(device)
 
     def run():
+        torch.set_num_threads(threads)
         module.zero_grad(set_to_none=True)
         y, _ = module(xt)
         loss = torch.mean((y - tt) ** 2)
         loss.backward()
         return None
 
-    return run
+    return common.torch_synced(run, device)
 
 
-def child(rounds: int) -> None:
+def child(
+    rounds: int, json_path: str | None = None, save: str | None = None, torch_threads=None
+) -> None:
+    fbp.configure_cpu(model=nn.LSTM(H))  # before the first JAX computation
     kx, kt, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (B, T, IN), jnp.float32)
     target = jax.random.normal(kt, (B, T, H), jnp.float32)
@@ -105,6 +116,7 @@ def child(rounds: int) -> None:
 
     ref_v, ref_g = fns["jax.grad (same forward)"](*args["jax.grad (same forward)"])
     v, g = fns["fbp"](*args["fbp"])
+    common.save_leaves(save, g)
     err = max(
         float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g), strict=True)
@@ -114,7 +126,10 @@ def child(rounds: int) -> None:
         n: f.lower(*args[n]).compile().memory_analysis().temp_size_in_bytes for n, f in fns.items()
     }
     calls = {n: (lambda f=f, a=args[n]: f(*a)) for n, f in fns.items()}
-    calls["torch nn.LSTM"] = torch_variant(params, x, target)
+    device = common.torch_device()
+    for n in torch_threads or [os.cpu_count()]:
+        name = "torch nn.LSTM" + ("" if n == os.cpu_count() or device != "cpu" else f", {n} thread")
+        calls[name] = torch_variant(params, x, target, device, n)
     cpu: dict[str, list[float]] = {n: [] for n in calls}
 
     def with_cpu(name, fn):  # also record the process's CPU seconds (robust to contention)
@@ -146,6 +161,19 @@ def child(rounds: int) -> None:
                 mem,
             ]
         )
+    compiled = fns["fbp"].lower(*args["fbp"]).compile().as_text()
+    common.write_json(
+        json_path,
+        common.record(
+            "lstm",
+            rounds=rounds,
+            variants={n: common.summary(times[n], cpu[n][3:]) for n in times},
+            temp_mib={n: t / 2**20 for n, t in temp.items()},
+            check={"fbp_vs_jax_grad": err},
+            hlo=common.hlo_fingerprint(compiled),
+            library_fusions=common.library_fusions(compiled),
+        ),
+    )
     print(common.machine())
     print(
         f"LSTM B={B} T={T} in={IN} H={H} float32, loss + all grads, {rounds} rounds; "
@@ -171,9 +199,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--child", action="store_true", help="run one setting in this process")
+    parser.add_argument("--json", metavar="PATH", help="with --child: write results as JSON")
+    parser.add_argument("--save", metavar="PATH", help="with --child: save fbp's gradients")
+    parser.add_argument(
+        "--torch-threads", type=int, nargs="+", help="PyTorch variants (default: all cores)"
+    )
     args = parser.parse_args()
     if args.child:
-        child(args.rounds)
+        child(args.rounds, args.json, args.save, args.torch_threads)
         return
     for tunables in (False, True):
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}

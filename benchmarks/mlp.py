@@ -19,10 +19,15 @@ shapes: once with each product as its own jitted call (a chain of dependent
 products, as in a step) and once with all of them in one call (independent
 products may run concurrently).
 
+The JAX platform comes from the environment (``JAX_PLATFORMS``); on a GPU, PyTorch
+runs on CUDA when it can (no one-thread variant) and every timing waits for the
+device. fbp's XLA:CPU setting for this model is applied first (``fbp.configure_cpu``).
+
 Usage:
   python benchmarks/mlp.py           # two processes: glibc tunables off, then on
   python benchmarks/mlp.py --single  # this process's environment only
   python benchmarks/mlp.py --quick   # tiny sizes (smoke test)
+  python benchmarks/mlp.py --json OUT.json   # this process only, results as JSON
 """
 
 from __future__ import annotations
@@ -83,17 +88,24 @@ def step_flops(sizes: list[int], batch: int) -> int:
     return sum(2 * m * k * n for m, k, n in flop_shapes(sizes, batch))
 
 
-def torch_step(sizes, x_np, y_np, lr):
+def mlp_model(sizes: list[int]) -> nn.Sequential:
+    return nn.Sequential(
+        [nn.Dense(sizes[1]), nn.ReLU(), nn.Dense(sizes[2]), nn.ReLU(), nn.Dense(sizes[3])]
+    )
+
+
+def torch_step(sizes, x_np, y_np, lr, device="cpu"):
     import torch
 
     torch.manual_seed(0)
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:], strict=True):
         layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers[:-1])
+    model = torch.nn.Sequential(*layers[:-1]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     lossf = torch.nn.CrossEntropyLoss()
-    x, y = torch.tensor(np.array(x_np)), torch.tensor(np.array(y_np)).long()
+    x = torch.tensor(np.array(x_np)).to(device)
+    y = torch.tensor(np.array(y_np)).long().to(device)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -105,12 +117,13 @@ def torch_step(sizes, x_np, y_np, lr):
     return step, torch.__version__
 
 
-def measure(quick: bool, rounds: int, steps: int) -> dict:
+def measure(
+    quick: bool, rounds: int, steps: int, save: str | None = None, torch_threads=None
+) -> dict:
     sizes, batch = ([32, 16, 16, 4], 8) if quick else ([784, 512, 512, 10], 256)
     lr = 1e-3
-    model = nn.Sequential(
-        [nn.Dense(sizes[1]), nn.ReLU(), nn.Dense(sizes[2]), nn.ReLU(), nn.Dense(sizes[3])]
-    )
+    model = mlp_model(sizes)
+    fbp.configure_cpu(model=model)  # before the first JAX computation (no-op if too late)
     loss = losses.softmax_cross_entropy
     opt = optax.adam(lr)
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
@@ -148,13 +161,18 @@ def measure(quick: bool, rounds: int, steps: int) -> dict:
 
     import torch
 
-    tstep, torch_version = torch_step(sizes, jax.device_get(x), jax.device_get(y), lr)
+    common.save_leaves(save, fbp.value_and_grad(model, loss)(ts.params, x, y)[1])
+    compiled = fb.lower(ts.params, ts.opt_state, x, y).compile().as_text()
+    device = common.torch_device()
+    tstep, torch_version = torch_step(sizes, jax.device_get(x), jax.device_get(y), lr, device)
 
     def run_torch(threads):
         def go():
             torch.set_num_threads(threads)
             for _ in range(steps):
                 tstep()
+            if device == "cuda":
+                torch.cuda.synchronize()
 
         return go
 
@@ -187,6 +205,10 @@ def measure(quick: bool, rounds: int, steps: int) -> dict:
         "dots, one call each": dots_each,
         "dots, all in one call": dots_all,
     }
+    if device == "cuda" or (torch_threads and 1 not in torch_threads):
+        del fns["torch, 1 thread"]
+    if device == "cpu" and torch_threads and os.cpu_count() not in torch_threads:
+        del fns["torch"]
     t0 = time.perf_counter()
     cpu: dict[str, list[float]] = {}
     times = common.interleaved(fns, rounds=rounds, warmup=2, cpu=cpu)
@@ -202,6 +224,9 @@ def measure(quick: bool, rounds: int, steps: int) -> dict:
         "spread": {k: common.spread(v) for k, v in times.items()},
         "cpu_ms": {k: 1e3 * common.median(v) / steps for k, v in cpu.items()},
         "seconds": time.perf_counter() - t0,
+        "variants": {k: common.summary(times[k], cpu[k], per=steps) for k in times},
+        "hlo": common.hlo_fingerprint(compiled),
+        "library_fusions": common.library_fusions(compiled),
     }
 
 
@@ -235,6 +260,8 @@ def report(results: list[dict]) -> str:
             "torch",
             "torch, 1 thread",
         ):
+            if name not in ms:
+                continue
             rows.append(
                 [
                     tun,
@@ -294,8 +321,10 @@ def report(results: list[dict]) -> str:
                 f"{ms['fbp make_step'] / ms['jax.grad make_step']:.3f}",
                 f"{cpu['fbp make_step'] / cpu['jax.grad make_step']:.3f}",
                 f"{ms['fbp vg + adam'] / ms['jax.grad + adam']:.3f}",
-                f"{ms['fbp make_step'] / ms['torch']:.3f}",
-                f"{ms['fbp make_step'] / ms['torch, 1 thread']:.3f}",
+                f"{ms['fbp make_step'] / ms['torch']:.3f}" if "torch" in ms else "",
+                f"{ms['fbp make_step'] / ms['torch, 1 thread']:.3f}"
+                if "torch, 1 thread" in ms
+                else "",
             ]
         )
     out.append(
@@ -323,13 +352,24 @@ def main(argv=None) -> None:
     ap.add_argument("--single", action="store_true", help="only this process's environment")
     ap.add_argument("--rounds", type=int, default=None, help="timed samples per variant")
     ap.add_argument("--steps", type=int, default=None, help="steps per timed sample")
-    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--json", nargs="?", const="-", metavar="PATH", help="this process only; JSON to PATH"
+    )
+    ap.add_argument("--save", metavar="PATH", help="save fbp's gradients (.npz)")
+    ap.add_argument(
+        "--torch-threads", type=int, nargs="+", help="PyTorch variants (default: all cores, 1)"
+    )
     args = ap.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 40)
     steps = args.steps or (2 if args.quick else 5)
     if args.single or args.json:
-        res = measure(args.quick, rounds, steps)
-        print(json.dumps(res) if args.json else report([res]))
+        res = measure(args.quick, rounds, steps, args.save, args.torch_threads)
+        if args.json == "-":  # the last line of stdout (run_both_allocators reads it)
+            print(json.dumps(res))
+            return
+        print(report([res]))
+        if args.json:
+            common.write_json(args.json, common.record("mlp", **res))
         return
     args_ = [f"--rounds={rounds}", f"--steps={steps}"] + (["--quick"] if args.quick else [])
     results = common.run_both_allocators(__file__, args_)
