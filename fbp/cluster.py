@@ -8,11 +8,11 @@ then make the same JAX calls in the same order: a process that stops early, or
 skips a collective, leaves the others waiting in theirs. So whatever can end a run
 is agreed between processes here:
 
-* ``all_or_none``: input checks (bad options, a run directory in use, a missing
-  checkpoint) pass in every process or stop every process;
+* ``checked_inputs`` / ``inputs_ok``: input checks (bad options, a run directory
+  in use, an unreadable checkpoint) pass in every process or stop every process,
+  and every process starts from the same step;
 * ``first_signal``: SIGTERM/SIGINT seen by any process stops all of them at the
-  same chunk boundary;
-* ``check_same``: every process resumed from the same step.
+  same chunk boundary.
 
 In a single process each of these is a no-op with no communication.
 
@@ -226,6 +226,8 @@ def find_placement(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    where: str = "initialize_from_env",
 ) -> Placement:
     """This process's place from explicit values, else the environment; nothing is joined.
 
@@ -247,19 +249,16 @@ def find_placement(
     if slurm_tasks > 1 and None in known:
         slurm = _from_slurm()
         address, count, pid = (k if k is not None else s for k, s in zip(known, slurm, strict=True))
+    if count is not None and pid is not None:
+        check_processes(count, pid, where)
     if count == 1 or (address, count, pid) == (None, None, None):
-        if pid not in (None, 0):
-            raise ValueError(
-                f"initialize_from_env: process_id must be 0 in a run of one process, got {pid}."
-            )
         return Placement(None, 1, 0)
     if None in (address, count, pid):
         raise ValueError(
-            "initialize_from_env: set all of JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+            f"{where}: set all of JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
             "JAX_PROCESS_ID (or --coordinator, --num-processes, --process-id), or none; got "
             f"address={address!r}, num_processes={count!r}, process_id={pid!r}."
         )
-    check_processes(count, pid, "initialize_from_env")
     _split_address(address)
     return Placement(address, count, pid)
 
@@ -320,7 +319,7 @@ def launch(opts: Mapping[str, Any], *, out: str | None) -> Placement:
         if opts.get(name) is not None:
             options.check(name, opts[name])
     where = find_placement(
-        opts.get("coordinator"), opts.get("num_processes"), opts.get("process_id")
+        opts.get("coordinator"), opts.get("num_processes"), opts.get("process_id"), where="run"
     )
     devices = opts.get("devices")
     if where.num_processes > 1:
@@ -347,37 +346,67 @@ def launch(opts: Mapping[str, Any], *, out: str | None) -> Placement:
 # ----------------------------------------------------------------------------- agreeing
 
 
-def _gather(value: int) -> np.ndarray:
-    """Every process's ``value``, in process order (a collective: all processes call it)."""
+def _gather(values: Sequence[int]) -> np.ndarray:
+    """Every process's ``values``, shape (processes, len(values)): a collective."""
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)
+    row = np.asarray(values, np.int32).reshape(1, -1)
+    return np.asarray(multihost_utils.process_allgather(row, tiled=True))
+
+
+_pending: list[bool] = []  # one entry per open ``checked_inputs``: True until ``inputs_ok``
 
 
 @contextlib.contextmanager
-def all_or_none(what: str = "run") -> Iterator[None]:
-    """The block succeeds in every process or raises in every process.
+def checked_inputs() -> Iterator[None]:
+    """Input checks in this block pass in every process, or every process stops.
 
-    A process whose block raised re-raises its own error; the others raise
-    ``ValueError`` naming the process that failed (its own message is in that
-    process's output). Without several processes, nothing is communicated.
+    Inside the block each process calls ``inputs_ok`` once its checks have passed.
+    A process whose block raises before that tells the processes waiting in
+    ``inputs_ok`` (which then raise ``ValueError``) and re-raises its own error. In
+    one process, nothing is communicated.
     """
     if jax.process_count() == 1:
         yield
         return
-    failed: BaseException | None = None
+    _pending.append(True)
     try:
         yield
-    except Exception as e:
-        failed = e
-    codes = _gather(int(failed is not None))
-    if failed is not None:
-        raise failed
-    if codes.any():
-        first = int(np.argmax(codes))
+    except BaseException:
+        if _pending[-1]:  # failed before inputs_ok: answer the processes waiting there
+            _pending[-1] = False
+            _gather([1, 0, 0, 0])
+        raise
+    finally:
+        _pending.pop()
+
+
+def inputs_ok(epoch: int, pos: int, step: int) -> None:
+    """Every process passed its checks and starts at the same point, else raise ValueError.
+
+    Call it in every process (inside ``checked_inputs``) with the point training
+    starts from: epochs done, steps done in the next epoch, optimizer steps.
+
+    Raises:
+      ValueError: another process failed its checks, or the processes would start
+        from different points (a resumed run whose directory some process cannot see).
+    """
+    if jax.process_count() == 1:
+        return
+    if _pending:
+        _pending[-1] = False
+    rows = _gather([0, epoch, pos, step])
+    if rows[:, 0].any():
+        first = int(np.argmax(rows[:, 0]))
         raise ValueError(
-            f"{what}: process {first} of {len(codes)} stopped on an error (its own output "
-            "says which); every process stops, nothing written."
+            f"run: process {first} of {len(rows)} stopped on an error before training (its own "
+            "output says which); every process stops, nothing written."
+        )
+    if (rows[:, 1:] != rows[0, 1:]).any():
+        raise ValueError(
+            "run: the processes would start from different points (per process: epoch, step "
+            f"in epoch, step: {rows[:, 1:].tolist()}); the run directory must be on a file "
+            "system that every process sees."
         )
 
 
@@ -388,14 +417,5 @@ def first_signal(signum: int | None) -> int | None:
     """
     if jax.process_count() == 1:
         return signum
-    seen = _gather(int(signum or 0))
+    seen = _gather([signum or 0])[:, 0]
     return int(seen[seen > 0][0]) if (seen > 0).any() else None
-
-
-def check_same(values: Sequence[int], message: str) -> None:
-    """Raise ValueError(``message`` + each process's values) unless all processes agree."""
-    if jax.process_count() == 1:
-        return
-    seen = np.stack([_gather(int(v)) for v in values], axis=1)  # (processes, values)
-    if (seen != seen[0]).any():
-        raise ValueError(f"{message} (per process: {seen.tolist()}).")

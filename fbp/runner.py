@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import optax
 
 from fbp import checkpoint as ckpt
+from fbp import cluster, options, parallel, schedules, variants
 from fbp import data as fbp_data
-from fbp import options, parallel, schedules, variants
 from fbp import train as fbp_train
 from fbp.experiment import Experiment, RunResult
 from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
@@ -161,16 +161,24 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     if bs > n:
         raise ValueError(f"run: batch_size={bs} is larger than the {n} training examples.")
     grad_fn = exp.grad_fn(model, ds) if exp.grad_fn is not None else None
-    if cfg.devices:  # data parallel: the batch split over a mesh, same steps
+    mesh = parallel.run_mesh(
+        devices=cfg.devices,
+        shard_params=cfg.shard_params,
+        batch_size=bs,
+        num_processes=cfg.num_processes,
+    )
+    if mesh is not None:  # data parallel: the batch split over a mesh, same steps
         chunk = parallel.make_train_chunk(
             model,
             exp.loss,
             opt,
-            mesh=cfg.devices,
+            mesh=mesh,
             batch_size=bs,
             penalty=exp.penalty,
             grad_fn=grad_fn,
+            shard_params=cfg.shard_params,
         )
+        chunk.layout.place(ts)  # on the mesh in its layout (chunk.layout.memory() reads it)
     else:
         chunk = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
     probe = jax.jit(exp.probe(model, exp.loss, opt)) if exp.probe is not None else None
@@ -251,19 +259,24 @@ def run_single(
     """``run`` for an experiment without variants (the arguments are ``run``'s).
 
     With ``out``, the directory is locked for the whole run (``fbp.runlog.RunLock``):
-    a second process on it is refused at once.
+    a second process on it is refused at once. In a run across processes
+    (``fbp.cluster``) only process 0 locks and writes ``out``; the others read its
+    checkpoints when resuming, and bad input in any process stops every process.
     """
-    if out is None:
-        return _run_in(exp, None, resume, overwrite, print_fn, experiment_path, overrides)
-    lock = RunLock(Path(out))
-    try:
-        return _run_in(exp, Path(out), resume, overwrite, print_fn, experiment_path, overrides)
-    finally:
-        lock.release(remove_dir=True)  # only a directory this run made and left empty
+    with cluster.checked_inputs():
+        if out is None:
+            return _run_in(exp, None, resume, overwrite, print_fn, experiment_path, overrides)
+        lock = RunLock(Path(out)) if cluster.is_main_process() else None
+        try:
+            return _run_in(exp, Path(out), resume, overwrite, print_fn, experiment_path, overrides)
+        finally:
+            if lock is not None:
+                lock.release(remove_dir=True)  # only a directory this run made and left empty
 
 
 def _run_in(exp, out_dir, resume, overwrite, print_fn, experiment_path, overrides) -> RunResult:
-    if out_dir is not None:
+    write_dir = out_dir if cluster.is_main_process() else None  # only process 0 writes
+    if write_dir is not None:
         prepare_dir(out_dir, resume=resume, overwrite=overwrite)
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
 
@@ -295,15 +308,20 @@ def _run_in(exp, out_dir, resume, overwrite, print_fn, experiment_path, override
             )
     elif resume and out_dir is not None:
         print_fn(f"no checkpoint in {out_dir}; starting from scratch.")
+    # Every process passed the checks above and starts from the same point, or all stop.
+    cluster.inputs_ok(position.progress.epoch, position.progress.pos, int(position.state.step))
+    if getattr(setup.chunk, "layout", None) is not None:
+        print_fn(parallel.describe_memory(setup.chunk.layout.memory()))
 
     # ---- from here on DIR is written
     log = None
-    if out_dir is not None:
+    if write_dir is not None:
         if overwrite:
             clear_owned(out_dir)
         ckpt.clean_temporaries(ckpt_dir)
         log = MetricsLog(out_dir / "metrics.jsonl", history)
     saver = Checkpointer(ckpt_dir, config, cfg.keep, log, last=resumed_from)
+    saver.writer = write_dir is not None
     printer = _Printer(print_fn, cfg.epochs, exp.log_every)
     try:
         position = train(
@@ -319,7 +337,7 @@ def _run_in(exp, out_dir, resume, overwrite, print_fn, experiment_path, override
     finally:
         if log is not None:
             log.close()
-    return report(exp, cfg, config, setup, position, history, saver.last, out_dir, print_fn)
+    return report(exp, cfg, config, setup, position, history, saver.last, write_dir, print_fn)
 
 
 def _check_resumable(position: ResumePosition, setup: Setup) -> None:
@@ -376,6 +394,8 @@ def report(
     if out_dir is not None:
         summary = _summary(exp, config, position, final.params, test, history, last_ckpt)
         summary["restored_best"] = use_best
+        if getattr(setup.chunk, "layout", None) is not None:  # devices, processes, bytes
+            summary["parallel"] = setup.chunk.layout.memory()
         ckpt.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         if history:
             write_plots(out_dir, history)
