@@ -118,7 +118,14 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def looks_like_pickle(head: bytes) -> bool:
-    """True when the first bytes of a file are those of a pickle or a zip archive."""
+    """True when the first bytes of a file are those of a pickle or a zip archive.
+
+    A safetensors file (an 8-byte little-endian header length, then the JSON header's
+    ``{``) is not one, whatever its length's first byte (0x80 for a header of 128,
+    384, 640... bytes).
+    """
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 2**32:
+        return False
     return any(head.startswith(m) for m in _PICKLE_MAGIC)
 
 

@@ -1,13 +1,20 @@
 """The ``fbp`` command: ``list``, ``train``, ``eval``, ``export``.
 
 Exit status: 0 done; 2 bad input (arguments, data, config, checkpoint, a run
-directory in use by another process), nothing written; 3 a non-finite loss/gradient
+directory in use by another process), nothing written, or a run across processes
+that could not join within ``--coordinator-timeout``; 3 a non-finite loss/gradient
 under ``--nonfinite halt``; 4 writing failed (a full disk, an I/O error): the last
 checkpoint is intact and ``--resume`` continues once there is space; 130/143
-stopped by SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues).
+stopped by SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues); 1 any
+other error in a run across processes (the process exits at once, so that the
+others fail rather than wait).
 
 Without ``--out``, ``fbp train NAME`` writes to ``runs/NAME-YYYYmmdd-HHMMSS``
 (``-2``, ``-3``... when that exists).
+``fbp train`` launched once per process (``srun``, the ``JAX_COORDINATOR_ADDRESS``/
+``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` variables, or ``--coordinator``,
+``--num-processes``, ``--process-id``) trains one run over every process's devices;
+only process 0 prints and writes (``fbp.cluster``).
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ import itertools
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from fbp import experiment, export, options, parallel, report, runner, xla_config
+import jax
+
+from fbp import cluster, experiment, export, options, report, runner, xla_config
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -56,10 +66,10 @@ def _new_run_dir(name: str) -> Path:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    exp = experiment.get(args.experiment)
     given = options.from_namespace(args)
-    if args.devices:  # on a CPU-only machine, split the CPU before JAX starts
-        parallel.request_cpu_devices(args.devices)
+    # Before any JAX work: join the run's other processes, split a CPU-only host's CPU.
+    cluster.launch(given, out=args.out)
+    exp = experiment.get(args.experiment)
     out = Path(args.out) if args.out else _new_run_dir(exp.name)
     try:
         return _train(exp, out, args, given)
@@ -70,6 +80,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, given) -> int:
+    main_process = cluster.is_main_process()
     try:
         runner.run(
             exp,
@@ -77,6 +88,7 @@ def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, give
             resume=args.resume,
             overwrite=args.overwrite,
             experiment_path=_experiment_path(args.experiment),
+            print_fn=print if main_process else (lambda s: None),
             **given,
         )
     except runner.Interrupted as e:
@@ -88,6 +100,14 @@ def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, give
     except runner.WriteError as e:
         print(f"fbp: error: {e}", file=sys.stderr)
         return 4
+    except ValueError:
+        raise  # exit 2 (main); bad input stops every process of a run together
+    except Exception:
+        if jax.process_count() > 1:  # end now, so that the other processes fail, not wait
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        raise
     return 0
 
 
@@ -157,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
         sys.stdout.flush()
         return code
-    except ValueError as e:
+    except (ValueError, TimeoutError) as e:  # TimeoutError: no coordinator answered
         print(f"fbp: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (fbp list | head -1): stop quietly

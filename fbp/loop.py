@@ -23,8 +23,8 @@ import numpy as np
 import optax
 
 from fbp import checkpoint as ckpt
+from fbp import cluster, schedules
 from fbp import data as fbp_data
-from fbp import schedules
 from fbp import train as fbp_train
 from fbp.core import Array, Layer, Params, State
 from fbp.data import Dataset
@@ -189,6 +189,7 @@ class Checkpointer:
     keep: int
     log: MetricsLog | None
     last: Path | None = None  # the newest checkpoint written or resumed from
+    writer: bool = True  # False: check, write nothing (processes other than 0 of a run)
 
     def save(self, position: ResumePosition) -> Path | None:
         """Commit ``position`` (metrics synced first); refuses non-finite parameters."""
@@ -200,6 +201,8 @@ class Checkpointer:
                 f"parameters became non-finite by epoch {prog.epoch}; not saved. Last good "
                 f"checkpoint: {self.last}."
             )
+        if not self.writer:
+            return None
         self.log.sync()
         meta = {
             "config": self.config,
@@ -265,8 +268,9 @@ def train(
                     "non-finite loss or gradient"
                 )
             epoch = position.progress.epoch
-            if stop.signum is not None:
-                raise Interrupted(stop.signum, saver.save(position))
+            signum = cluster.first_signal(stop.signum)  # all processes stop together
+            if signum is not None:
+                raise Interrupted(signum, saver.save(position))
             if epoch % every == 0 and epoch < cfg.epochs:
                 saver.save(position)
     if printer.tty:
@@ -314,8 +318,8 @@ def _run_epoch_steps(
                 acc=prog.acc.add(m, dt), train_seconds=prog.train_seconds + dt, pos=hi
             ),
         )
-        if stop.signum is not None and hi < steps:
-            raise Interrupted(stop.signum, saver.save(position))
+        if hi < steps and (signum := cluster.first_signal(stop.signum)) is not None:
+            raise Interrupted(signum, saver.save(position))
         if hi < steps:
             printer.step(position.progress.epoch, hi)
     return position

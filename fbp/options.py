@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -53,6 +54,12 @@ def at_least(lo: float) -> Check:
 
 positive = Check(lambda v: v > 0, "must be > 0")
 unit_open = Check(lambda v: 0 < v < 1, "must be in (0, 1)")
+host_port = Check(
+    lambda v: (
+        bool(re.fullmatch(r"\[?[^\s\[\]]+\]?:\d{1,5}", v)) and 0 < int(v.rpartition(":")[2]) < 65536
+    ),
+    "must be HOST:PORT with a port in 1..65535",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +139,37 @@ class RunOptions(TrainingOptions):
         check=at_least(1),
         resume=False,
     )
+    shard_params: bool = option(
+        False,
+        help="shard parameters and optimizer state over the devices (needs 2 or more)",
+        resume=False,
+    )
+    num_processes: int | None = option(
+        None,
+        help="processes in the run (default: JAX_NUM_PROCESSES, SLURM's task count, or 1)",
+        check=at_least(1),
+        resume=False,
+    )
+    process_id: int | None = option(
+        None,
+        help="this process's index, 0..num_processes-1 (default: JAX_PROCESS_ID or SLURM's)",
+        check=at_least(0),
+        resume=False,
+    )
+    coordinator: str | None = option(
+        None,
+        help="HOST:PORT where process 0 listens (default: JAX_COORDINATOR_ADDRESS or SLURM's)",
+        check=host_port,
+        metavar="HOST:PORT",
+        resume=False,
+    )
+    coordinator_timeout: float = option(
+        60.0,
+        help="seconds to wait for the coordinator and the other processes (60)",
+        check=positive,
+        metavar="SECONDS",
+        resume=False,
+    )
 
     def to_config(self) -> dict[str, Any]:
         """The JSON form stored in ``summary.json`` and in checkpoints."""
@@ -145,7 +183,7 @@ class Field(NamedTuple):
     """One option as the schema sees it: name, value type, default and metadata."""
 
     name: str
-    type: type  # int, float or str (the non-None member of the annotation)
+    type: type  # int, float, str or bool (the non-None member of the annotation)
     optional: bool  # None is allowed ("not set": e.g. no clipping)
     default: Any  # dataclasses.MISSING for a required option
     meta: Option
@@ -183,12 +221,13 @@ def check(name: str, value: Any) -> None:
         if not f.optional:
             raise ValueError(f"run: {name} must be set, got None.")
         return
-    kind = {int: "an int", float: "a number", str: "a string"}[f.type]
-    good_type = (
-        isinstance(value, (int, float)) and not isinstance(value, bool)
-        if f.type is float
-        else isinstance(value, f.type) and not isinstance(value, bool)
-    )
+    kind = {int: "an int", float: "a number", str: "a string", bool: "True or False"}[f.type]
+    if f.type is bool:
+        good_type = isinstance(value, bool)
+    elif f.type is float:
+        good_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        good_type = isinstance(value, f.type) and not isinstance(value, bool)
     if not good_type or (f.type is float and not math.isfinite(value)):
         raise ValueError(f"run: {name} must be {kind}, got {value!r}.")
     if f.meta.choices is not None and value not in f.meta.choices:
@@ -236,7 +275,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per run option to ``parser`` (dest = the option's name, default None)."""
     for f in fields():
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.meta.help}
-        if f.meta.choices:
+        if f.type is bool:  # --shard-params / --no-shard-params
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.meta.choices:
             kwargs["choices"] = list(f.meta.choices)
         else:
             kwargs["type"] = f.type

@@ -62,6 +62,8 @@ def report(
     if out_dir is not None:
         summary = _summary(exp, config, position, final.params, test, history, last_ckpt)
         summary.update(restored_best=use_best, evaluated=which)
+        if getattr(setup.chunk, "layout", None) is not None:  # devices, processes, bytes
+            summary["parallel"] = setup.chunk.layout.memory()
         ckpt.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         if history:
             write_plots(out_dir, history)

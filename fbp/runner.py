@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import optax
 
 from fbp import checkpoint as ckpt
+from fbp import cluster, options, parallel, schedules, variants
 from fbp import data as fbp_data
-from fbp import options, parallel, schedules, variants
 from fbp import train as fbp_train
 from fbp.experiment import Experiment, RunResult
 from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
@@ -161,16 +161,24 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     if bs > n:
         raise ValueError(f"run: batch_size={bs} is larger than the {n} training examples.")
     grad_fn = exp.grad_fn(model, ds) if exp.grad_fn is not None else None
-    if cfg.devices:  # data parallel: the batch split over a mesh, same steps
+    mesh = parallel.run_mesh(
+        devices=cfg.devices,
+        shard_params=cfg.shard_params,
+        batch_size=bs,
+        num_processes=cfg.num_processes,
+    )
+    if mesh is not None:  # data parallel: the batch split over a mesh, same steps
         chunk = parallel.make_train_chunk(
             model,
             exp.loss,
             opt,
-            mesh=cfg.devices,
+            mesh=mesh,
             batch_size=bs,
             penalty=exp.penalty,
             grad_fn=grad_fn,
+            shard_params=cfg.shard_params,
         )
+        chunk.layout.place(ts)  # on the mesh in its layout (chunk.layout.memory() reads it)
     else:
         chunk = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
     probe = jax.jit(exp.probe(model, exp.loss, opt)) if exp.probe is not None else None
@@ -257,30 +265,46 @@ def run_single(
 
     With ``out``, the directory is locked for the whole run (``fbp.runlog.RunLock``):
     a second process on it is refused at once. Everything that can fail on input
-    fails in ``plan``, before the directory is written.
+    fails in ``plan``, before the directory is written. In a run across processes
+    (``fbp.cluster``) only process 0 locks and writes ``out``; the others read its
+    checkpoints when resuming, and bad input in any process stops every process.
     """
     out_dir = Path(out) if out is not None else None
-    lock = RunLock(out_dir) if out_dir is not None else None
-    if lock is not None and lock.unsupported:
-        print_fn(
-            f"warning: {out_dir} cannot be locked ({lock.unsupported}); a second process "
-            "on it would not be refused."
-        )
-    try:
-        if out_dir is not None:
-            prepare_dir(out_dir, resume=resume, overwrite=overwrite)
-        p = plan(
-            exp,
-            out_dir,
-            resume=resume,
-            overrides=overrides,
-            print_fn=print_fn,
-            experiment_path=experiment_path,
-        )
-        return execute(exp, p, out_dir, overwrite=overwrite, print_fn=print_fn)
-    finally:
-        if lock is not None:
-            lock.release(remove_dir=True)  # only a directory this run made and left empty
+    write_dir = out_dir if cluster.is_main_process() else None  # only process 0 writes
+    with cluster.checked_inputs():
+        lock = RunLock(write_dir) if write_dir is not None else None
+        if lock is not None and lock.unsupported:
+            print_fn(
+                f"warning: {write_dir} cannot be locked ({lock.unsupported}); a second process "
+                "on it would not be refused."
+            )
+        try:
+            if write_dir is not None:
+                prepare_dir(write_dir, resume=resume, overwrite=overwrite)
+            p = plan(
+                exp,
+                out_dir,
+                resume=resume,
+                overrides=overrides,
+                print_fn=print_fn,
+                experiment_path=experiment_path,
+            )
+            # Every process passed its checks and starts from the same point, or all stop.
+            prog = p.position.progress
+            cluster.inputs_ok(prog.epoch, prog.pos, int(p.position.state.step))
+            if getattr(p.setup.chunk, "layout", None) is not None:
+                print_fn(parallel.describe_memory(p.setup.chunk.layout.memory()))
+            return execute(
+                exp,
+                p,
+                out_dir,
+                overwrite=overwrite,
+                print_fn=print_fn,
+                writer=write_dir is not None,
+            )
+        finally:
+            if lock is not None:
+                lock.release(remove_dir=True)  # only a directory this run made and left empty
 
 
 class Plan(NamedTuple):
@@ -340,17 +364,21 @@ def execute(
     *,
     overwrite: bool,
     print_fn: Callable[[str], None],
+    writer: bool = True,
 ) -> RunResult:
     """Train from the plan's position and report, writing ``out_dir``.
 
     A fresh run that stops with an error before its first checkpoint removes what it
-    wrote, so nothing stands in the way of running it again.
+    wrote, so nothing stands in the way of running it again. ``writer=False`` (the
+    processes other than 0 of a run across processes) checks what it would save and
+    handles signals like process 0, but writes nothing.
 
     Raises:
       WriteError: writing failed (a full disk); NonFiniteError, Interrupted: ``run``'s.
     """
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
-    saver = Checkpointer(ckpt_dir, p.config, p.cfg.keep, None, last=p.resumed_from)
+    saver = Checkpointer(ckpt_dir, p.config, p.cfg.keep, None, last=p.resumed_from, writer=writer)
+    write_dir = out_dir if writer else None
     printer = _Printer(
         print_fn,
         p.cfg.epochs,
@@ -361,7 +389,7 @@ def execute(
     print_fn(f"training {exp.name}: {data_line(p.cfg, p.setup.dataset)}")
     history = list(p.history)
     try:
-        if out_dir is not None:
+        if write_dir is not None:
             if overwrite:
                 clear_owned(out_dir)
             ckpt.clean_temporaries(ckpt_dir)
@@ -379,13 +407,13 @@ def execute(
         if saver.log is not None:
             saver.log.close()
         return report(
-            exp, p.cfg, p.config, p.setup, position, history, saver.last, out_dir, print_fn
+            exp, p.cfg, p.config, p.setup, position, history, saver.last, write_dir, print_fn
         )
     except BaseException as e:
         if saver.log is not None:
             with contextlib.suppress(OSError):
                 saver.log.close()
-        if out_dir is not None and saver.last is None and not isinstance(e, Interrupted):
+        if write_dir is not None and saver.last is None and not isinstance(e, Interrupted):
             with contextlib.suppress(OSError):
                 clear_owned(out_dir)
         if isinstance(e, OSError):

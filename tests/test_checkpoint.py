@@ -189,3 +189,20 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_prune_rejects_keep_zero(tmp_path):
     with pytest.raises(ValueError, match="keep must be >= 1"):
         ckpt.prune(tmp_path, keep=0)
+
+
+def test_safetensors_header_of_128_bytes_is_not_taken_for_a_pickle(tmp_path):
+    """A header length whose first byte is 0x80 (a pickle's first byte) still loads."""
+    from safetensors.numpy import save as st_save
+
+    for n in range(1, 400):  # a tree whose safetensors header is 128 mod 256 bytes long
+        tree = {"a" * n: np.zeros(3, np.float32)}
+        if st_save(tree)[0] == 0x80:
+            break
+    else:
+        pytest.fail("no tree gave a header length whose first byte is 0x80")
+    path = ckpt.save(tmp_path, tree)
+    assert (path / ckpt.TENSORS).read_bytes()[0] == 0x80
+    restored, _ = ckpt.load(path, tree)
+    np.testing.assert_array_equal(restored["a" * n], tree["a" * n])
+    assert ckpt.looks_like_pickle(b"\x80\x04\x95" + bytes(13))  # a real pickle's head

@@ -23,7 +23,7 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh
 
-from fbp import losses, nn, parallel, train
+from fbp import cluster, losses, nn, parallel, train
 
 WORKER = str(Path(__file__).with_name("parallel_worker.py"))
 
@@ -237,8 +237,9 @@ def test_initialize_rejects_malformed_address(address):
 @pytest.mark.parametrize(
     "num, pid, timeout, match",
     [
-        (2, 2, 1, r"need 0 <= process_id < num_processes, got process_id=2, num_processes=2"),
-        (2, -1, 1, r"process_id=-1"),
+        (2, 2, 1, r"process_id must be in 0\.\.1 \(num_processes=2\), got 2\."),
+        (2, -1, 1, r"process_id must be in 0\.\.1 \(num_processes=2\), got -1\."),
+        (0, 0, 1, r"num_processes must be >= 1, got 0\."),
         (2, 1.0, 1, r"process_id must be an int, got 1.0"),
         (2, 1, 0, r"timeout must be positive seconds, got 0"),
     ],
@@ -289,7 +290,7 @@ def calls(monkeypatch):
     for name in CLUSTER_VARS:
         monkeypatch.delenv(name, raising=False)
     seen = []
-    monkeypatch.setattr(parallel, "initialize", lambda *a, **k: seen.append((a, k)))
+    monkeypatch.setattr(cluster, "initialize", lambda *a, **k: seen.append((a, k)))
     return seen
 
 
@@ -306,7 +307,7 @@ def test_initialize_from_env_reads_jax_variables(calls, monkeypatch):
     monkeypatch.setenv("JAX_PROCESS_ID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "8")  # explicit variables win over SLURM's
     assert parallel.initialize_from_env(timeout=7) is True
-    assert calls == [(("10.0.0.1:9876", 4, 3), {"timeout": 7})]
+    assert calls == [(("10.0.0.1:9876", 4, 3), {"timeout": 7, "exit_code": 1})]
 
 
 def test_initialize_from_env_reads_slurm(calls, monkeypatch):
