@@ -24,7 +24,7 @@ import optax
 
 from fbp import checkpoint as ckpt
 from fbp import data as fbp_data
-from fbp import schedules
+from fbp import privacy, schedules
 from fbp import train as fbp_train
 from fbp.core import Array, Layer, Params, State
 from fbp.data import Dataset
@@ -81,6 +81,7 @@ class Setup(NamedTuple):
     evaluate: Callable  # (params, model_state, x, y) -> {'loss', ['accuracy']}, jitted
     probe: Callable | None  # (ts, x, y) -> {name: scalar}, jitted
     val: tuple[Array, Array] | None  # validation (x, y), None when the split is empty
+    privacy: Any = None  # DP-SGD's PrivacyAccountant (fbp.privacy), None for a plain run
 
 
 class EpochSums(NamedTuple):
@@ -348,6 +349,8 @@ def _end_epoch(
     row["lr"] = schedules.lr_now(cfg, setup.schedule, ts.opt_state, ts.step)
     row["grad_norm"] = acc.gn_sum / acc.loss_n if acc.loss_n else None
     row["skipped"] = acc.skipped
+    if setup.privacy is not None:  # DP-SGD: epsilon after the steps taken so far
+        row["epsilon"] = privacy.epsilon(setup.privacy, int(ts.step))
     row["seconds"] = acc.seconds
     if setup.probe is not None:  # Experiment.probe: e.g. per-layer gradient statistics
         bs = setup.batch_size

@@ -3,8 +3,9 @@
 ``run(exp, out=DIR)`` trains an ``Experiment`` and writes, in ``DIR``:
 
 * ``metrics.jsonl``: one JSON object per epoch (``epoch``, ``step``, ``loss``,
-  ``val_loss``, ``val_accuracy``, ``lr``, ``grad_norm``, ``skipped``, ``seconds``),
-  appended and flushed each epoch, fsynced before every checkpoint;
+  ``val_loss``, ``val_accuracy``, ``lr``, ``grad_norm``, ``skipped``, ``seconds``;
+  ``epsilon`` under DP-SGD, see ``fbp.privacy``), appended and flushed each epoch,
+  fsynced before every checkpoint;
 * ``checkpoints/ckpt-NNNNNN``: train state, best parameters, shuffling key and
   position in the epoch (``fbp.checkpoint``: safetensors + manifest, atomic);
 * ``summary.json``: test metrics, config, seed, versions, ``params_sha256``;
@@ -40,7 +41,7 @@ import optax
 
 from fbp import checkpoint as ckpt
 from fbp import data as fbp_data
-from fbp import options, parallel, schedules, variants
+from fbp import options, parallel, privacy, schedules, variants
 from fbp import train as fbp_train
 from fbp.experiment import Experiment, RunResult
 from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
@@ -147,6 +148,7 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     Raises:
       ValueError (DataError): bad data, labels, batch size or device count.
     """
+    privacy.check(cfg, grad_fn=exp.grad_fn, penalty=exp.penalty, devices=cfg.devices)
     ds = load_data(exp, cfg)
     model = exp.model(ds)
     x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
@@ -162,6 +164,10 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     if bs > n:
         raise ValueError(f"run: batch_size={bs} is larger than the {n} training examples.")
     grad_fn = exp.grad_fn(model, ds) if exp.grad_fn is not None else None
+    accountant = None
+    if privacy.enabled(cfg):  # DP-SGD: clipped, noised gradient; epsilon per epoch
+        grad_fn = privacy.gradient(model, exp.loss, cfg)
+        accountant = privacy.accountant(cfg, batch_size=bs, n=n)
     if cfg.devices:  # data parallel: the batch split over a mesh, same steps
         chunk = parallel.make_train_chunk(
             model,
@@ -177,7 +183,19 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     probe = jax.jit(exp.probe(model, exp.loss, opt)) if exp.probe is not None else None
     val = (jnp.asarray(ds.val.x), jnp.asarray(ds.val.y)) if len(ds.val.x) else None
     setup = Setup(
-        ds, model, x, y, bs, steps, opt, schedule, chunk, make_eval(model, exp.loss), probe, val
+        ds,
+        model,
+        x,
+        y,
+        bs,
+        steps,
+        opt,
+        schedule,
+        chunk,
+        make_eval(model, exp.loss),
+        probe,
+        val,
+        privacy=accountant,
     )
     return setup, ts
 
@@ -510,6 +528,8 @@ def report(
     if out_dir is not None:
         summary = _summary(exp, config, position, final.params, test, history, last_ckpt)
         summary.update(restored_best=use_best, evaluated=which)
+        if setup.privacy is not None:
+            summary["privacy"] = privacy.summary(cfg, setup.privacy, int(position.state.step))
         ckpt.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         if history:
             write_plots(out_dir, history)
@@ -521,11 +541,21 @@ def report(
     print_fn(
         f"training time {prog.train_seconds:.2f} s for {prog.epoch} epochs (includes compilation)"
     )
+    if setup.privacy is not None:
+        print_fn(_privacy_line(privacy.summary(cfg, setup.privacy, int(position.state.step))))
     if out_dir is not None:
         print_fn(f"outputs in {out_dir}")
     for line in exp.report(result) if exp.report else []:
         print_fn(line)
     return result
+
+
+def _privacy_line(p: dict[str, Any]) -> str:
+    eps = "inf (no noise)" if p["epsilon"] is None else f"{p['epsilon']:.3g}"
+    return (
+        f"DP-SGD: epsilon {eps} at delta {p['delta']:g} after {p['steps']} steps "
+        f"(clip {p['clip']:g}, noise {p['noise']:g}, sampling rate {p['sampling_rate']:.4g})"
+    )
 
 
 def data_line(cfg: RunOptions, ds: fbp_data.Dataset) -> str:
