@@ -77,11 +77,12 @@ class Setup(NamedTuple):
     steps_per_epoch: int
     optimizer: optax.GradientTransformation
     schedule: float | Callable  # the lr or an optax schedule of the step
-    chunk: Callable  # (ts, x, y, order) -> (ts, metrics), jitted
+    chunk: Callable  # (ts, x, y, order[, lengths]) -> (ts, metrics), jitted
     evaluate: Callable  # (params, model_state, x, y) -> {'loss', ['accuracy']}, jitted
     probe: Callable | None  # (ts, x, y) -> {name: scalar}, jitted
-    val: tuple[Array, Array] | None  # validation (x, y), None when the split is empty
+    val: tuple[Array, ...] | None  # validation (x, y[, lengths]), None when the split is empty
     privacy: Any = None  # DP-SGD's PrivacyAccountant (fbp.privacy), None for a plain run
+    lengths: Array | None = None  # (n,) valid steps of padded training sequences, or None
 
 
 class EpochSums(NamedTuple):
@@ -301,9 +302,9 @@ def _run_epoch_steps(
         lo = position.progress.pos
         hi = min(lo + cfg.chunk_steps, steps)
         t0 = time.perf_counter()
-        ts, m = setup.chunk(
-            position.state, setup.x, setup.y, order if hi - lo == steps else order[lo:hi]
-        )
+        rows = order if hi - lo == steps else order[lo:hi]
+        extra = () if setup.lengths is None else (setup.lengths,)
+        ts, m = setup.chunk(position.state, setup.x, setup.y, rows, *extra)
         m = jax.device_get(m)
         dt = time.perf_counter() - t0
         if cfg.nonfinite == "halt" and np.asarray(m["skipped"]).any():

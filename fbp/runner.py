@@ -28,6 +28,7 @@ steps, so on CPU the final parameters are bitwise those of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from fbp import checkpoint as ckpt
 from fbp import data as fbp_data
 from fbp import options, parallel, privacy, schedules, variants
 from fbp import train as fbp_train
+from fbp.core import Layer, takes_lengths
 from fbp.experiment import Experiment, RunResult
 from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
     Best,
@@ -129,11 +131,13 @@ def build_optimizer(
 
 
 def make_eval(model, loss) -> Callable:
-    """Jitted ``(params, model_state, x, y) -> {'loss', ['accuracy']}`` over a whole split."""
+    """Jitted ``(params, model_state, x, y, lengths=None) -> {'loss', ['accuracy']}``
+    over a whole split (``lengths`` (n,) for padded sequences)."""
 
     @jax.jit
-    def ev(params, model_state, x, y):
-        pred = model.apply(params, x, state=model_state or None, train=False)
+    def ev(params, model_state, x, y, lengths=None):
+        kw = {} if lengths is None else {"lengths": lengths}
+        pred = model.apply(params, x, state=model_state or None, train=False, **kw)
         out = {"loss": loss(pred, y)}
         if is_classifier(loss) and jnp.issubdtype(y.dtype, jnp.integer):
             out["accuracy"] = accuracy(pred, y)
@@ -151,6 +155,7 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     privacy.check(cfg, grad_fn=exp.grad_fn, penalty=exp.penalty, devices=cfg.devices)
     ds = load_data(exp, cfg)
     model = exp.model(ds)
+    lengths = _train_lengths(model, ds, cfg)
     x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
     n = x.shape[0]
     bs = cfg.batch_size or n
@@ -181,7 +186,11 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     else:
         chunk = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
     probe = jax.jit(exp.probe(model, exp.loss, opt)) if exp.probe is not None else None
-    val = (jnp.asarray(ds.val.x), jnp.asarray(ds.val.y)) if len(ds.val.x) else None
+    val = None
+    if len(ds.val.x):
+        val = (jnp.asarray(ds.val.x), jnp.asarray(ds.val.y))
+        if lengths is not None:
+            val += (jnp.asarray(ds.val.lengths),)
     setup = Setup(
         ds,
         model,
@@ -196,8 +205,39 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
         probe,
         val,
         privacy=accountant,
+        lengths=lengths,
     )
     return setup, ts
+
+
+def _reads_lengths(layer: Any) -> bool:
+    """Whether some layer inside ``layer`` reads ``lengths`` itself (a sequence layer),
+    not only hands it on (``Sequential`` and the other layers built around layers)."""
+    if not takes_lengths(layer):
+        return False
+    inner = []
+    for f in dataclasses.fields(layer) if dataclasses.is_dataclass(layer) else ():
+        v = getattr(layer, f.name)
+        inner += [u for u in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(u, Layer)]
+    return not inner or any(_reads_lengths(u) for u in inner)
+
+
+def _train_lengths(model, ds: fbp_data.Dataset, cfg: RunOptions) -> jax.Array | None:
+    """The training split's sequence lengths (n,), or None; refused where unusable."""
+    if ds.train.lengths is None:
+        return None
+    where = cfg.data_file or ds.name
+    if not _reads_lengths(model):
+        raise ValueError(
+            f"run: {where} has sequence lengths but the model ({type(model).__name__}) takes "
+            "no lengths=; use a model with sequence layers (GRU, LSTM, LastStep...)."
+        )
+    if cfg.devices:
+        raise ValueError(
+            f"run: {where} has sequence lengths, which --devices does not split yet; "
+            "leave --devices unset."
+        )
+    return jnp.asarray(ds.train.lengths)
 
 
 def _check_labels(model, ts, ds, loss) -> None:
@@ -515,6 +555,7 @@ def report(
         jnp.asarray(ds.test.x),
         jnp.asarray(ds.test.y),
         model_state=final.model_state,
+        lengths=None if ds.test.lengths is None else jnp.asarray(ds.test.lengths),
     )
     result = RunResult(
         exp, config, setup.model, ds, final, history, test, prog.train_seconds, out_dir
