@@ -24,6 +24,7 @@ import numpy as np
 class Split(NamedTuple):
     x: np.ndarray  # (n, features...) float32
     y: np.ndarray  # (n,) int32 labels, or (n, targets) float32
+    lengths: np.ndarray | None = None  # (n,) int32 valid steps of padded sequences (n, time, ...)
 
 
 class Dataset(NamedTuple):
@@ -113,7 +114,19 @@ def split(
 
 
 def standardize_stats(train: Split) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature (mean, std) of ``train.x``, float32; std is 1 where a feature is constant."""
+    """Per-feature (mean, std) of ``train.x``, float32; std is 1 where a feature is constant.
+
+    Padded sequences (``train.lengths`` set, x of shape (n, time, features...)) get
+    statistics over their valid steps only, pooled over time and repeated along it
+    (shape (time, features...)), so what is in the padding changes nothing.
+    """
+    if train.lengths is not None:
+        valid = np.arange(train.x.shape[1])[None, :] < train.lengths[:, None]  # (n, time)
+        steps = train.x[valid]  # (valid steps, features...)
+        mean = np.broadcast_to(steps.mean(axis=0), train.x.shape[1:])
+        std = np.broadcast_to(steps.std(axis=0), train.x.shape[1:])
+        std = np.where(std > 0, std, 1.0)
+        return mean.astype(np.float32), std.astype(np.float32)
     mean = train.x.mean(axis=0)
     std = train.x.std(axis=0)
     std = np.where(std > 0, std, 1.0)
@@ -126,7 +139,7 @@ def standardize(train: Split, *others: Split) -> tuple[Split, ...]:
     Features constant on train (std 0) are centred and left unscaled.
     """
     mean, std = standardize_stats(train)
-    return tuple(Split(((s.x - mean) / std).astype(np.float32), s.y) for s in (train, *others))
+    return tuple(s._replace(x=((s.x - mean) / std).astype(np.float32)) for s in (train, *others))
 
 
 def load(
@@ -210,7 +223,7 @@ def reshape(ds: Dataset, shape: tuple[int, ...], *, name: str | None = None) -> 
     """
 
     def r(s: Split) -> Split:
-        return Split(s.x.reshape(len(s.x), *shape), s.y)
+        return s._replace(x=s.x.reshape(len(s.x), *shape))
 
     stats = {}
     if ds.x_mean is not None:
@@ -336,10 +349,13 @@ def validate_arrays(
 
 def validate_dataset(ds: Dataset, *, features: int | None = None) -> Dataset:
     """``validate_arrays`` on every split of ``ds`` (train and test must be non-empty),
-    and its standardisation statistics (both or neither, shaped like one example)."""
+    its sequence lengths (``validate_lengths``) and its standardisation statistics
+    (both or neither, shaped like one example)."""
     _check_stats(ds)
     for split_name in ("train", "val", "test"):
         s = getattr(ds, split_name)
+        if s.lengths is not None:
+            validate_lengths(s.lengths, s.x, name=f"{ds.name} {split_name}")
         validate_arrays(
             s.x,
             s.y,
@@ -350,6 +366,50 @@ def validate_dataset(ds: Dataset, *, features: int | None = None) -> Dataset:
             where=split_where(ds, split_name),
         )
     return ds
+
+
+def validate_lengths(lengths: object, x: np.ndarray, *, name: str = "data") -> np.ndarray:
+    """Check per-example sequence lengths against padded inputs x; return them as int32.
+
+    Args:
+      lengths: valid steps of each example, shape (n,), integers in [1, time].
+      x: the padded inputs, shape (n, time, features...).
+      name: how messages name them (a file, a split).
+
+    Raises:
+      DataError: the wrong shape, a non-integer, or a length outside [1, time]; the
+        message names the index and the value.
+
+    Examples:
+      >>> validate_lengths(np.array([3, 1]), np.zeros((2, 3, 4))).tolist()
+      [3, 1]
+      >>> validate_lengths(np.array([3, 4]), np.zeros((2, 3, 4)), name="seq.npz")
+      Traceback (most recent call last):
+      ...
+      fbp.data.DataError: seq.npz: lengths[1] = 4 is outside [1, 3] (x has 3 time steps).
+    """
+    arr = _check_array(lengths, f"{name}: lengths", lambda idx: f"index {idx[0]}")
+    n = np.shape(x)[0]
+    if np.ndim(x) < 2:
+        raise DataError(
+            f"{name}: lengths given but x has shape {np.shape(x)}; padded sequences are "
+            "(batch, time, features...)."
+        )
+    if arr.shape != (n,):
+        raise DataError(f"{name}: lengths has shape {arr.shape}; expected ({n},), one per example.")
+    if arr.dtype.kind == "b":
+        raise DataError(f"{name}: lengths has dtype bool; expected integers in [1, {x.shape[1]}].")
+    if arr.dtype.kind == "f" and np.any(arr != np.round(arr)):
+        i = int(np.argmax(arr != np.round(arr)))
+        raise DataError(f"{name}: lengths[{i}] = {arr[i]:g} is not an integer.")
+    time = np.shape(x)[1]
+    bad = (arr < 1) | (arr > time)
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        raise DataError(
+            f"{name}: lengths[{i}] = {arr[i]:g} is outside [1, {time}] (x has {time} time steps)."
+        )
+    return arr.astype(np.int32)
 
 
 def _check_stats(ds: Dataset) -> None:
@@ -479,6 +539,23 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file ({e}).") from None
 
 
+def read_npz_lengths(path: str, x: np.ndarray) -> np.ndarray | None:
+    """An ``.npz`` file's ``lengths`` array (padded sequences), checked against its x;
+    None when it has none.
+
+    Raises:
+      DataError: as ``validate_lengths``, naming the file.
+    """
+    with np.load(path, allow_pickle=False) as f:
+        if "lengths" not in f.files:
+            return None
+        try:
+            lengths = f["lengths"]
+        except ValueError as e:
+            raise DataError(f"{path}: lengths is not a numeric array ({e}).") from None
+    return validate_lengths(lengths, x, name=path)
+
+
 def _read_file(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(x, y, lines)`` of a CSV (last column y; ``lines`` as ``_parse_csv``) or NPZ (None)."""
     import os
@@ -488,7 +565,7 @@ def _read_file(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file.")
     if path.endswith(".npz"):
-        return (*read_npz(path), None)
+        return (*read_npz(path), None)  # lengths: read_npz_lengths
     if not path.endswith(".csv"):
         raise DataError(f"{path}: unknown file type; expected .csv or .npz.")
     table, lines = _parse_csv(path)
@@ -554,6 +631,10 @@ def load_file(
 ) -> Dataset:
     """A user's CSV (last column is the target) or NPZ (arrays ``x``, ``y``), split by seed.
 
+    An NPZ may also hold ``lengths`` (n,): padded sequences x of shape (n, time,
+    features...) with that many valid steps each; they go with their examples through
+    the split (``Split.lengths``) and standardisation ignores the padding.
+
     Args:
       path: ``.csv`` or ``.npz`` file.
       seed: split seed.
@@ -578,6 +659,7 @@ def load_file(
     x, y, lines = _read_file(path)
     where = _locator(lines)
     x, y = validate_arrays(x, y, name=path, features=features, where=where)
+    lengths = read_npz_lengths(path, x) if path.endswith(".npz") else None
     if regression:
         y, classes = y.astype(np.float32).reshape(len(y), -1), None
     else:
@@ -599,7 +681,7 @@ def load_file(
     if not regression and not stated:
         _check_train_classes(path, y, pos[0].x, classes, where)
     x = x.astype(np.float32)
-    tr, va, te = (Split(x[p.x], y[p.x]) for p in pos)
+    tr, va, te = (Split(x[p.x], y[p.x], None if lengths is None else lengths[p.x]) for p in pos)
     ds = _finish(tr, va, te, classes, os.path.basename(path), standardize_x)
     index = {"train": pos[0].x, "val": pos[1].x, "test": pos[2].x}
     return ds._replace(origin=Origin(lines, index))

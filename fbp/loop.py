@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from fbp import checkpoint as ckpt
-from fbp import cluster, schedules
+from fbp import cluster, privacy, schedules
 from fbp import data as fbp_data
 from fbp import train as fbp_train
 from fbp.core import Array, Layer, Params, State
@@ -77,10 +77,12 @@ class Setup(NamedTuple):
     steps_per_epoch: int
     optimizer: optax.GradientTransformation
     schedule: float | Callable  # the lr or an optax schedule of the step
-    chunk: Callable  # (ts, x, y, order) -> (ts, metrics), jitted
+    chunk: Callable  # (ts, x, y, order[, lengths]) -> (ts, metrics), jitted
     evaluate: Callable  # (params, model_state, x, y) -> {'loss', ['accuracy']}, jitted
     probe: Callable | None  # (ts, x, y) -> {name: scalar}, jitted
-    val: tuple[Array, Array] | None  # validation (x, y), None when the split is empty
+    val: tuple[Array, ...] | None  # validation (x, y[, lengths]), None when the split is empty
+    privacy: Any = None  # DP-SGD's PrivacyAccountant (fbp.privacy), None for a plain run
+    lengths: Array | None = None  # (n,) valid steps of padded training sequences, or None
 
 
 class EpochSums(NamedTuple):
@@ -304,9 +306,9 @@ def _run_epoch_steps(
         lo = position.progress.pos
         hi = min(lo + cfg.chunk_steps, steps)
         t0 = time.perf_counter()
-        ts, m = setup.chunk(
-            position.state, setup.x, setup.y, order if hi - lo == steps else order[lo:hi]
-        )
+        rows = order if hi - lo == steps else order[lo:hi]
+        extra = () if setup.lengths is None else (setup.lengths,)
+        ts, m = setup.chunk(position.state, setup.x, setup.y, rows, *extra)
         m = jax.device_get(m)
         dt = time.perf_counter() - t0
         if cfg.nonfinite == "halt" and np.asarray(m["skipped"]).any():
@@ -352,6 +354,8 @@ def _end_epoch(
     row["lr"] = schedules.lr_now(cfg, setup.schedule, ts.opt_state, ts.step)
     row["grad_norm"] = acc.gn_sum / acc.loss_n if acc.loss_n else None
     row["skipped"] = acc.skipped
+    if setup.privacy is not None:  # DP-SGD: epsilon after the steps taken so far
+        row["epsilon"] = privacy.epsilon(setup.privacy, int(ts.step))
     row["seconds"] = acc.seconds
     if setup.probe is not None:  # Experiment.probe: e.g. per-layer gradient statistics
         bs = setup.batch_size

@@ -118,6 +118,17 @@ class TrainingOptions:
     checkpoint_every: int | None = option(
         None, help="epochs between checkpoints (default a tenth of the epochs)", check=at_least(1)
     )
+    dp_clip: float | None = option(
+        None,
+        help="DP-SGD: clip each example's gradient to this norm (fbp.extend.dp)",
+        check=positive,
+    )
+    dp_noise: float | None = option(
+        None, help="DP-SGD noise multiplier sigma (needs --dp-clip; default 0)", check=at_least(0)
+    )
+    dp_delta: float = option(
+        1e-5, help="DP-SGD: delta of the reported epsilon (1e-5)", check=unit_open
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from fbp import checkpoint as ckpt
+from fbp import privacy
 from fbp import train as fbp_train
 from fbp.data import Dataset
 from fbp.experiment import Experiment, RunResult
@@ -49,6 +50,7 @@ def report(
         jnp.asarray(ds.test.x),
         jnp.asarray(ds.test.y),
         model_state=final.model_state,
+        lengths=None if ds.test.lengths is None else jnp.asarray(ds.test.lengths),
     )
     result = RunResult(
         exp, config, setup.model, ds, final, history, test, prog.train_seconds, out_dir
@@ -64,6 +66,8 @@ def report(
         summary.update(restored_best=use_best, evaluated=which)
         if getattr(setup.chunk, "layout", None) is not None:  # devices, processes, bytes
             summary["parallel"] = setup.chunk.layout.memory()
+        if setup.privacy is not None:
+            summary["privacy"] = privacy.summary(cfg, setup.privacy, int(position.state.step))
         ckpt.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         if history:
             write_plots(out_dir, history)
@@ -75,11 +79,21 @@ def report(
     print_fn(
         f"training time {prog.train_seconds:.2f} s for {prog.epoch} epochs (includes compilation)"
     )
+    if setup.privacy is not None:
+        print_fn(_privacy_line(privacy.summary(cfg, setup.privacy, int(position.state.step))))
     if out_dir is not None:
         print_fn(f"outputs in {out_dir}")
     for line in exp.report(result) if exp.report else []:
         print_fn(line)
     return result
+
+
+def _privacy_line(p: dict[str, Any]) -> str:
+    eps = "inf (no noise)" if p["epsilon"] is None else f"{p['epsilon']:.3g}"
+    return (
+        f"DP-SGD: epsilon {eps} at delta {p['delta']:g} after {p['steps']} steps "
+        f"(clip {p['clip']:g}, noise {p['noise']:g}, sampling rate {p['sampling_rate']:.4g})"
+    )
 
 
 def data_line(cfg: RunOptions, ds: Dataset) -> str:

@@ -345,6 +345,9 @@ class Printer:
             for k in ("loss", "val_loss", "val_accuracy", "lr")
             if row.get(k) is not None
         )
+        if "epsilon" in row:  # DP-SGD runs
+            eps = row["epsilon"]
+            text += "  epsilon " + ("inf" if eps is None else f"{eps:.4g}")
         if row.get("skipped"):
             text += f"  skipped {row['skipped']}"
         self.text = text

@@ -3,8 +3,9 @@
 ``run(exp, out=DIR)`` trains an ``Experiment`` and writes, in ``DIR``:
 
 * ``metrics.jsonl``: one JSON object per epoch (``epoch``, ``step``, ``loss``,
-  ``val_loss``, ``val_accuracy``, ``lr``, ``grad_norm``, ``skipped``, ``seconds``),
-  appended and flushed each epoch, fsynced before every checkpoint;
+  ``val_loss``, ``val_accuracy``, ``lr``, ``grad_norm``, ``skipped``, ``seconds``;
+  ``epsilon`` under DP-SGD, see ``fbp.privacy``), appended and flushed each epoch,
+  fsynced before every checkpoint;
 * ``checkpoints/ckpt-NNNNNN``: train state, best parameters, shuffling key and
   position in the epoch (``fbp.checkpoint``: safetensors + manifest, atomic);
 * ``summary.json``: test metrics, config, seed, versions, ``params_sha256``;
@@ -27,6 +28,7 @@ steps, so on CPU the final parameters are bitwise those of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,9 +39,10 @@ import jax.numpy as jnp
 import optax
 
 from fbp import checkpoint as ckpt
-from fbp import cluster, options, parallel, schedules, variants
+from fbp import cluster, options, parallel, privacy, schedules, variants
 from fbp import data as fbp_data
 from fbp import train as fbp_train
+from fbp.core import Layer, takes_lengths
 from fbp.experiment import Experiment, RunResult
 from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
     Best,
@@ -127,11 +130,13 @@ def build_optimizer(
 
 
 def make_eval(model, loss) -> Callable:
-    """Jitted ``(params, model_state, x, y) -> {'loss', ['accuracy']}`` over a whole split."""
+    """Jitted ``(params, model_state, x, y, lengths=None) -> {'loss', ['accuracy']}``
+    over a whole split (``lengths`` (n,) for padded sequences)."""
 
     @jax.jit
-    def ev(params, model_state, x, y):
-        pred = model.apply(params, x, state=model_state or None, train=False)
+    def ev(params, model_state, x, y, lengths=None):
+        kw = {} if lengths is None else {"lengths": lengths}
+        pred = model.apply(params, x, state=model_state or None, train=False, **kw)
         out = {"loss": loss(pred, y)}
         if is_classifier(loss) and jnp.issubdtype(y.dtype, jnp.integer):
             out["accuracy"] = accuracy(pred, y)
@@ -146,8 +151,10 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     Raises:
       ValueError (DataError): bad data, labels, batch size or device count.
     """
+    privacy.check(cfg, grad_fn=exp.grad_fn, penalty=exp.penalty, devices=cfg.devices)
     ds = load_data(exp, cfg)
     model = exp.model(ds)
+    lengths = _train_lengths(model, ds, cfg)
     x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
     n = x.shape[0]
     bs = cfg.batch_size or n
@@ -161,6 +168,10 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     if bs > n:
         raise ValueError(f"run: batch_size={bs} is larger than the {n} training examples.")
     grad_fn = exp.grad_fn(model, ds) if exp.grad_fn is not None else None
+    accountant = None
+    if privacy.enabled(cfg):  # DP-SGD: clipped, noised gradient; epsilon per epoch
+        grad_fn = privacy.gradient(model, exp.loss, cfg)
+        accountant = privacy.accountant(cfg, batch_size=bs, n=n)
     mesh = parallel.run_mesh(
         devices=cfg.devices,
         shard_params=cfg.shard_params,
@@ -182,11 +193,58 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     else:
         chunk = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
     probe = jax.jit(exp.probe(model, exp.loss, opt)) if exp.probe is not None else None
-    val = (jnp.asarray(ds.val.x), jnp.asarray(ds.val.y)) if len(ds.val.x) else None
+    val = None
+    if len(ds.val.x):
+        val = (jnp.asarray(ds.val.x), jnp.asarray(ds.val.y))
+        if lengths is not None:
+            val += (jnp.asarray(ds.val.lengths),)
     setup = Setup(
-        ds, model, x, y, bs, steps, opt, schedule, chunk, make_eval(model, exp.loss), probe, val
+        ds,
+        model,
+        x,
+        y,
+        bs,
+        steps,
+        opt,
+        schedule,
+        chunk,
+        make_eval(model, exp.loss),
+        probe,
+        val,
+        privacy=accountant,
+        lengths=lengths,
     )
     return setup, ts
+
+
+def _reads_lengths(layer: Any) -> bool:
+    """Whether some layer inside ``layer`` reads ``lengths`` itself (a sequence layer),
+    not only hands it on (``Sequential`` and the other layers built around layers)."""
+    if not takes_lengths(layer):
+        return False
+    inner = []
+    for f in dataclasses.fields(layer) if dataclasses.is_dataclass(layer) else ():
+        v = getattr(layer, f.name)
+        inner += [u for u in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(u, Layer)]
+    return not inner or any(_reads_lengths(u) for u in inner)
+
+
+def _train_lengths(model, ds: fbp_data.Dataset, cfg: RunOptions) -> jax.Array | None:
+    """The training split's sequence lengths (n,), or None; refused where unusable."""
+    if ds.train.lengths is None:
+        return None
+    where = cfg.data_file or ds.name
+    if not _reads_lengths(model):
+        raise ValueError(
+            f"run: {where} has sequence lengths but the model ({type(model).__name__}) takes "
+            "no lengths=; use a model with sequence layers (GRU, LSTM, LastStep...)."
+        )
+    if cfg.devices:
+        raise ValueError(
+            f"run: {where} has sequence lengths, which --devices does not split yet; "
+            "leave --devices unset."
+        )
+    return jnp.asarray(ds.train.lengths)
 
 
 def _check_labels(model, ts, ds, loss) -> None:

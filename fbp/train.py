@@ -103,14 +103,19 @@ def step_fn(
         (same signature), e.g. an alternative learning rule.
 
     Returns:
-      ``step(ts, x, y)``; metrics are ``loss``, ``grad_norm`` and ``skipped`` scalars.
+      ``step(ts, x, y, lengths=None)``; metrics are ``loss``, ``grad_norm`` and
+      ``skipped`` scalars. ``lengths`` (batch,), for padded sequences, goes to the
+      gradient (``fbp.value_and_grad``'s ``lengths=``).
     """
     vg = grad_fn or value_and_grad(model, loss, penalty=penalty, has_aux=True)
 
-    def step(ts: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
+    def step(
+        ts: TrainState, x: Array, y: Array, lengths: Array | None = None
+    ) -> tuple[TrainState, dict[str, Array]]:
         key, sub = jax.random.split(ts.key)
         state = ts.model_state if ts.model_state else None
-        (value, aux), grads = vg(ts.params, x, y, key=sub, state=state, train=True)
+        kw = {} if lengths is None else {"lengths": lengths}
+        (value, aux), grads = vg(ts.params, x, y, key=sub, state=state, train=True, **kw)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         new = TrainState(params, opt_state, aux.state or ts.model_state, ts.step + 1, key)
@@ -147,7 +152,7 @@ def epoch_keys(key: Array) -> tuple[Array, Array]:
 
 
 def scan_steps(
-    step: Callable, ts: TrainState, x: Array, y: Array, order: Array
+    step: Callable, ts: TrainState, x: Array, y: Array, order: Array, lengths: Array | None = None
 ) -> tuple[TrainState, dict[str, Array]]:
     """Run ``step`` over minibatches ``x[order[i]], y[order[i]]`` in one ``lax.scan``.
 
@@ -157,17 +162,21 @@ def scan_steps(
       x: the training inputs, shape (n, ...); y: targets, shape (n, ...).
       order: example indices, shape (steps, batch): an epoch's ``batch_order`` or a
         slice of its rows.
+      lengths: valid steps of padded sequences, shape (n,), drawn with their examples;
+        None for data that is not padded.
 
     Returns:
       (train state after the last row, metrics of each step, shape (steps,)).
     """
-    return jax.lax.scan(lambda t, idx: step(t, x[idx], y[idx]), ts, order)
+    if lengths is None:
+        return jax.lax.scan(lambda t, idx: step(t, x[idx], y[idx]), ts, order)
+    return jax.lax.scan(lambda t, idx: step(t, x[idx], y[idx], lengths[idx]), ts, order)
 
 
 def make_chunk(
     model: Layer, loss: Callable, optimizer: optax.GradientTransformation, **kwargs
 ) -> Callable:
-    """Jitted ``(ts, x, y, order) -> (ts, metrics)``: ``scan_steps`` over rows of an order.
+    """Jitted ``(ts, x, y, order, lengths=None) -> (ts, metrics)``: ``scan_steps`` over rows.
 
     A run split into chunks of an epoch's ``batch_order`` takes the same steps as
     ``make_epoch`` (the runner uses this; ``fbp.parallel.make_train_chunk`` is the
@@ -224,6 +233,7 @@ def evaluate(
     *,
     model_state: State | None = None,
     batch_size: int = 4096,
+    lengths: Array | None = None,
 ) -> dict[str, float]:
     """Loss (and accuracy for classification) over a whole split, in eval mode.
 
@@ -232,6 +242,7 @@ def evaluate(
       model_state: running statistics for layers that have them (``ts.model_state``);
         required when the model has such layers.
       batch_size: examples per jitted call (bounds memory).
+      lengths: valid steps of padded sequences, shape (n,), or None.
 
     Raises:
       ValueError: the model has running statistics and ``model_state`` is None.
@@ -248,8 +259,9 @@ def evaluate(
         )
 
     @jax.jit
-    def sums(params, xb, yb):
-        pred = model.apply(params, xb, state=state, train=False)
+    def sums(params, xb, yb, lb):
+        kw = {} if lb is None else {"lengths": lb}
+        pred = model.apply(params, xb, state=state, train=False, **kw)
         n = yb.shape[0]
         out = {"loss": loss(pred, yb) * n}
         if classify:
@@ -259,7 +271,8 @@ def evaluate(
     n = x.shape[0]
     total: dict[str, float] = {}
     for start in range(0, n, batch_size):
-        part = sums(params, x[start : start + batch_size], y[start : start + batch_size])
+        sl = slice(start, start + batch_size)
+        part = sums(params, x[sl], y[sl], None if lengths is None else lengths[sl])
         for k, v in part.items():
             total[k] = total.get(k, 0.0) + float(v)
     return {k: v / n for k, v in total.items()}

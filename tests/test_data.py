@@ -339,3 +339,65 @@ def test_unknown_files_are_refused(tmp_path):
     (tmp_path / "e.npz").write_bytes(b"garbage")
     with pytest.raises(data.DataError, match="not a readable .npz"):
         data.load_file(str(tmp_path / "e.npz"))
+
+
+def _padded(n=60, time=6, features=3, seed=0):
+    """Padded sequences (n, time, features), labels 0..2 and lengths in [1, time]."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, time + 1, size=n)
+    return rng.normal(size=(n, time, features)), np.arange(n) % 3, lengths
+
+
+def test_npz_lengths_go_with_their_examples_through_the_split(tmp_path):
+    x, y, lengths = _padded()
+    x[:, :, 0] = np.arange(len(x))[:, None]  # feature 0 of every step: the example's row
+    p = tmp_path / "seq.npz"
+    np.savez(p, x=x, y=y, lengths=lengths)
+    ds = data.load_file(str(p), standardize_x=False)
+    for s in (ds.train, ds.val, ds.test):
+        rows = s.x[:, 0, 0].astype(int)
+        assert s.lengths.dtype == np.int32
+        np.testing.assert_array_equal(s.lengths, lengths[rows])
+        np.testing.assert_array_equal(s.y, y[rows])
+    assert data.load_file(str(p)).train.lengths is not None  # standardised too
+    np.savez(tmp_path / "plain.npz", x=x, y=y)
+    assert data.load_file(str(tmp_path / "plain.npz")).train.lengths is None
+
+
+def test_standardisation_ignores_the_padding(tmp_path):
+    x, y, lengths = _padded()
+    noisy = x.copy()
+    pad = np.arange(x.shape[1])[None, :] >= lengths[:, None]
+    noisy[pad] = 1e3 * np.random.default_rng(1).normal(size=noisy[pad].shape)
+    np.savez(tmp_path / "a.npz", x=x, y=y, lengths=lengths)
+    np.savez(tmp_path / "b.npz", x=noisy, y=y, lengths=lengths)
+    a, b = (data.load_file(str(tmp_path / f)) for f in ("a.npz", "b.npz"))
+    np.testing.assert_array_equal(a.x_mean, b.x_mean)
+    for sa, sb in ((a.train, b.train), (a.test, b.test)):
+        valid = np.arange(x.shape[1])[None, :] < sa.lengths[:, None]
+        np.testing.assert_array_equal(sa.x[valid], sb.x[valid])
+
+
+@pytest.mark.parametrize(
+    "lengths, match",
+    [
+        (np.full((60, 1), 3), r"lengths has shape \(60, 1\); expected \(60,\)"),
+        (np.full(59, 3), r"lengths has shape \(59,\); expected \(60,\)"),
+        (np.where(np.arange(60) == 7, 0, 3), r"lengths\[7\] = 0 is outside \[1, 6\]"),
+        (np.where(np.arange(60) == 9, 7, 3), r"lengths\[9\] = 7 is outside \[1, 6\] \(x has 6"),
+        (np.where(np.arange(60) == 4, 2.5, 3.0), r"lengths\[4\] = 2\.5 is not an integer"),
+        (np.where(np.arange(60) == 2, np.nan, 3.0), r"lengths has nan \(not finite\) at index 2"),
+        (np.full(60, "3"), r"lengths has dtype <U1"),
+    ],
+)
+def test_bad_npz_lengths_name_the_file_and_the_index(tmp_path, lengths, match):
+    x, y, _ = _padded()
+    p = tmp_path / "seq.npz"
+    np.savez(p, x=x, y=y, lengths=lengths)
+    with pytest.raises(data.DataError, match=re.escape(str(p)) + ".*" + match):
+        data.load_file(str(p))
+
+
+def test_lengths_need_a_time_axis():
+    with pytest.raises(data.DataError, match=r"seq: lengths given but x has shape \(4,\)"):
+        data.validate_lengths(np.ones(4), np.zeros(4), name="seq")
