@@ -235,22 +235,33 @@ def evaluate(
     Returns:
       ``{'loss': ..., 'accuracy': ...}`` (accuracy for ``softmax_cross_entropy`` only).
     """
-    classify = isinstance(loss, SoftmaxCrossEntropy) and jnp.issubdtype(y.dtype, jnp.integer)
-    state = model_state or None
+    sums = jax.jit(eval_sums(model, loss, y.dtype))
+    n = x.shape[0]
+    total: dict[str, float] = {}
+    for start in range(0, n, batch_size):
+        part = sums(
+            params, model_state or {}, x[start : start + batch_size], y[start : start + batch_size]
+        )
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return {k: v / n for k, v in total.items()}
 
-    @jax.jit
-    def sums(params, xb, yb):
-        pred = model.apply(params, xb, state=state, train=False)
+
+def eval_sums(model: Layer, loss: Callable, y_dtype: Any) -> Callable:
+    """``(params, model_state, xb, yb) -> {'loss', ['accuracy']}``: sums over a batch, eval mode.
+
+    ``evaluate`` adds these over batches and divides by the example count; the
+    accuracy sum (correct predictions) is there for ``softmax_cross_entropy`` with
+    integer labels (``y_dtype``). The function is pure, so ``fbp.sweep`` vmaps it.
+    """
+    classify = isinstance(loss, SoftmaxCrossEntropy) and jnp.issubdtype(y_dtype, jnp.integer)
+
+    def sums(params, model_state, xb, yb):
+        pred = model.apply(params, xb, state=model_state or None, train=False)
         n = yb.shape[0]
         out = {"loss": loss(pred, yb) * n}
         if classify:
             out["accuracy"] = accuracy(pred, yb) * n
         return out
 
-    n = x.shape[0]
-    total: dict[str, float] = {}
-    for start in range(0, n, batch_size):
-        part = sums(params, x[start : start + batch_size], y[start : start + batch_size])
-        for k, v in part.items():
-            total[k] = total.get(k, 0.0) + float(v)
-    return {k: v / n for k, v in total.items()}
+    return sums
