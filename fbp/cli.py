@@ -5,6 +5,7 @@ written; 3 a non-finite loss/gradient under ``--nonfinite halt``; 130/143 stoppe
 by SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues).
 
 Without ``--out``, ``fbp train NAME`` writes to ``runs/NAME-YYYYmmdd-HHMMSS``.
+``--seeds``/``--sweep`` train many runs as one program (``fbp.sweep``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from fbp import experiment, export, options, parallel, runner
+from fbp.sweep import command as sweep_command
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -61,8 +63,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, given) -> int:
+    train = sweep_command.from_args(args, out) or runner.run  # --seeds/--sweep: fbp.sweep
     try:
-        runner.run(
+        train(
             exp,
             out=out,
             resume=args.resume,
@@ -115,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="discard a previous run's files in --out"
     )
     options.add_arguments(p)
+    sweep_command.add_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     for name, helptext in (

@@ -425,7 +425,8 @@ def _report(exp, pts, spec, runs, stacked, program, out, print_fn) -> SweepResul
         note = f"  (stopped early at epoch {r.progress.epoch})" if r.progress.stopped_early else ""
         print_fn(f"{r.point.name:<28} test {metrics}{note}")
     print_fn(f"== {exp.name}: {exp.description}")
-    print_fn(report.markdown(rows))
+    for line in report.markdown(rows).splitlines():
+        print_fn(line)
     print_fn(f"training time {seconds:.2f} s for {len(runs)} runs (includes compilation)")
     if out is not None:
         report.write(out, {**spec, "runs": [p.name for p in pts]}, rows, results, seconds)

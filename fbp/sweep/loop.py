@@ -175,7 +175,7 @@ def train(
 
 def _due(run: Run, every: int) -> bool:
     epoch = run.progress.epoch
-    return epoch % every == 0 and epoch < run.cfg.epochs and not run.progress.stopped_early
+    return epoch % every == 0 and epoch < run.cfg.epochs
 
 
 def _halt_on_nonfinite(runs: Sequence[Run], group: Sequence[int], m: dict[str, Any]) -> None:

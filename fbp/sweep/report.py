@@ -98,6 +98,7 @@ def comparison_plot(path: Path, rows: Sequence[dict[str, Any]], results: Mapping
     by epoch, the mean over its seeds as a line and ± one standard deviation as a band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     histories = [r.history for r in results.values()]
     key = next(
@@ -124,6 +125,7 @@ def comparison_plot(path: Path, rows: Sequence[dict[str, Any]], results: Mapping
         if len(row["runs"]) > 1:
             ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key.replace("_", " "))
     if key != "val_accuracy" and all(
         v > 0 for h in histories for r in h for v in [r.get(key) or 1]
