@@ -117,3 +117,11 @@ def test_skip_guard_fast_path_keeps_finite_but_overflowing_gradients(bad, skippe
     assert int(m["skipped"]) == skipped
     assert int(new.step) == 1 - skipped
     assert not bool(jnp.isfinite(m["grad_norm"]))
+
+
+@pytest.mark.slow
+def test_sweep_quick_prints_three_approaches(capsys):
+    _load("sweep").main(["--quick"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert [r[0] for r in rows[1:]] == ["sweep", "sequential", "scikit-learn"]
+    assert all(float(r[1]) > 0 for r in rows[1:])

@@ -133,14 +133,13 @@ def train(
             group = [i for i in live if runs[i].at == (epoch, pos)]
             active = np.zeros(len(runs), bool)
             active[group] = True
-            if pos == 0:  # a new epoch for these runs: their order keys and fresh sums
-                state, order_key = program.start_epoch(stacked.state, stacked.order_key, active)
-                stacked = stacked._replace(state=state, order_key=order_key)
-                for i in group:
+            starting = active if pos == 0 else np.zeros_like(active)
+            if pos == 0 or order is None:  # a new epoch for these runs: keys, order, sums
+                state = stacked.state
+                key, order_key, order = program.start_epoch(state.key, stacked.order_key, starting)
+                stacked = stacked._replace(state=state._replace(key=key), order_key=order_key)
+                for i in group if pos == 0 else ():
                     runs[i].progress = runs[i].progress._replace(acc=EpochSums())
-                order = None
-            if order is None:
-                order = program.orders(stacked.order_key)
                 if steps > cfg.chunk_steps:  # sliced into chunks on the host
                     order = np.asarray(order)
             ahead = [runs[i].progress.pos for i in live if runs[i].at[0] == epoch]

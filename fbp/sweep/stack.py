@@ -23,6 +23,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -125,8 +126,7 @@ class Program(NamedTuple):
     """The jitted functions of a sweep (every array argument with a leading run axis)."""
 
     chunk: Callable  # (state, hp, x, y, order, active) -> (state, metrics of shape (runs, steps))
-    start_epoch: Callable  # (state, order_key, active) -> (state, order_key)
-    orders: Callable  # order_key -> example indices, shape (runs, steps, batch)
+    start_epoch: Callable  # (key, order_key, active) -> (key, order_key, order): ``epoch_orders``
     evaluate: Callable  # (params, model_state, x, y) -> {'loss', ['accuracy']}, shape (runs,)
     sums: Callable  # (params, model_state, xb, yb) -> test sums (fbp.train.eval_sums), (runs,)
     keep_best: Callable  # (best, state, improved) -> best
@@ -167,18 +167,7 @@ def build_program(
         new, metrics = jax.vmap(one, in_axes=(0, 0, ax, ax, 0))(state, hp, x, y, order)
         return where(active, new, state), metrics
 
-    def start_epoch(state, order_key, active):
-        key, new_order_key = jax.vmap(fbp_train.epoch_keys)(state.key)
-        state = state._replace(key=where(active, key, state.key))
-        return state, where(active, new_order_key, order_key)
-
     n, bs = int(setup.x.shape[0]), setup.batch_size
-
-    def keep_best(best, state, improved):
-        return Best(
-            where(improved, state.params, best.params),
-            where(improved, state.model_state, best.model_state),
-        )
 
     plateau = probe = None
     if cfg.schedule == "plateau":
@@ -196,17 +185,47 @@ def build_program(
         probe = jax.jit(jax.vmap(probe_one, in_axes=(0, 0, ax, ax)))
     return Program(
         chunk=jax.jit(chunk),
-        start_epoch=jax.jit(start_epoch),
-        orders=jax.jit(jax.vmap(lambda k: fbp_data.batch_order(k, n, bs))),
+        start_epoch=functools.partial(epoch_orders, n=n, batch_size=bs),
         evaluate=jax.jit(jax.vmap(setup.evaluate, in_axes=(0, 0, ax, ax))),
         sums=jax.jit(
             jax.vmap(fbp_train.eval_sums(model, loss, setup.y.dtype), in_axes=(0, 0, ax, ax))
         ),
-        keep_best=jax.jit(keep_best),
+        keep_best=keep_best,
         plateau=plateau,
         probe=probe,
         data_axis=ax,
     )
+
+
+@jax.jit
+def keep_best(best: Best, state: fbp_train.TrainState, improved: Array) -> Best:
+    """The best parameters: ``state``'s for the runs whose epoch ``improved``, else ``best``."""
+    return Best(
+        where(improved, state.params, best.params),
+        where(improved, state.model_state, best.model_state),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("n", "batch_size"))
+def epoch_orders(
+    key: Array, order_key: Array, active: Array, *, n: int, batch_size: int
+) -> tuple[Array, Array, Array]:
+    """Start an epoch for the ``active`` runs; every run's example order for its epoch.
+
+    Args:
+      key: each run's train key, shape (runs,); order_key: its epoch order key.
+      active: runs that start an epoch now (their keys split as ``fbp.train.epoch_keys``).
+      n, batch_size: training examples and batch size.
+
+    Returns:
+      (train keys, order keys, ``fbp.data.batch_order`` of each run's order key, shape
+      (runs, steps, batch)). One compiled function per process and shape, as the
+      single-run loop's.
+    """
+    new_key, new_order_key = jax.vmap(fbp_train.epoch_keys)(key)
+    key, order_key = where(active, new_key, key), where(active, new_order_key, order_key)
+    order = jax.vmap(lambda k: fbp_data.batch_order(k, n, batch_size))(order_key)
+    return key, order_key, order
 
 
 def optimizer_structure(
