@@ -368,7 +368,9 @@ def test_run_bytes_counts_state_activations_and_data():
 @pytest.mark.slow
 def test_digits_mlp_sweep_of_8_seeds_matches_8_runs_alone(tmp_path):
     """The full experiment (100 epochs, 4,400 steps a run): the same test accuracy as each
-    run alone, parameters within 1e-3 relative (measured: ~2e-5)."""
+    run alone, test loss and parameters within float tolerance. Measured: bitwise here (the
+    tests enable float64, which changes XLA's fusions); with float32 defaults up to 8.5e-4
+    relative in the parameters of one seed after 4,400 steps, 2.4e-5 in test loss."""
     exp = experiment.get("digits-mlp")
     result = sweep.run(exp, seeds=range(8), out=tmp_path / "sw", print_fn=lambda s: None)
     worst = 0.0
@@ -376,10 +378,11 @@ def test_digits_mlp_sweep_of_8_seeds_matches_8_runs_alone(tmp_path):
         alone = runner.run(exp, seed=seed, out=tmp_path / str(seed), print_fn=lambda s: None)
         mine = result.runs[f"seed-{seed}"]
         assert mine.test["accuracy"] == alone.test["accuracy"], seed
+        assert mine.test["loss"] == pytest.approx(alone.test["loss"], rel=1e-4)
         for x, y in zip(
             jax.tree.leaves(mine.state.params), jax.tree.leaves(alone.state.params), strict=True
         ):
             x, y = np.asarray(x), np.asarray(y)
             worst = max(worst, float(np.abs(x - y).max() / np.abs(y).max()))
-    assert worst < 1e-3, worst
+    assert worst < 1e-2, worst
     print(f"largest relative parameter difference over 8 runs: {worst:.2e}")
