@@ -184,56 +184,36 @@ def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, ov
     runs, positions, resumed = _build_runs(
         exp, pts, out, resume, print_fn, experiment_path, overrides
     )
-    shared = runs[0].cfg
-    steps = runs[0].setup.steps_per_epoch
     _check_alike(runs)
-    total = shared.epochs * steps
+    shared = runs[0].cfg
+    total = shared.epochs * runs[0].setup.steps_per_epoch
     hp_names = list(spec["grid"])
-    hp_values = [p.overrides for p in pts]
-    hp0 = {n: hp_values[0][n] for n in hp_names}
+    hp0 = {n: pts[0].overrides[n] for n in hp_names}
     sweep_def = _sweep_treedef(exp, shared, total, positions[0].state, hp0)
-    for run_, pos in zip(runs, positions, strict=True):
-        _check_layout(run_, pos.state, sweep_def)
+    states = [stk.restructure(p.state, sweep_def) for p in positions]  # checks the layouts
 
     # ---- from here on DIR is written
-    locks = []
+    locks = _open_dirs(out, spec, pts, runs, overwrite) if out is not None else []
     try:
-        if out is not None:
-            locks = [RunLock(r.out) for r in runs]
-            if overwrite:
-                for r in runs:
-                    clear_owned(r.out)
-                _clear_sweep_files(out)
-            for r in runs:
-                ckpt.clean_temporaries(r.out / "checkpoints")
-            full = {**spec, "experiment_path": runs[0].config.get("experiment_path")}
-            full["runs"] = [p.name for p in pts]
-            ckpt.atomic_write(out / SPEC, json.dumps(full, indent=1) + "\n")
         for r in runs:
             r.log = MetricsLog(r.out / "metrics.jsonl", r.history) if r.out else None
             ckpt_dir = r.out / "checkpoints" if r.out else None
-            r.saver = Checkpointer(
-                ckpt_dir, r.config, r.cfg.keep, r.log, last=resumed.get(r.point.name)
-            )
+            last = resumed.get(r.point.name)
+            r.saver = Checkpointer(ckpt_dir, r.config, r.cfg.keep, r.log, last=last)
         stacked = Stacked(
-            stk.stack([stk.restructure(p.state, sweep_def) for p in positions]),
+            stk.stack(states),
             stk.stack([p.best for p in positions]),
-            jnp.stack([p.order_key for p in positions]),
+            stk.stack([p.order_key for p in positions]),
         )
-        data = _data(runs, stk.hyperparams(hp_values, hp_names), own_data)
+        data = _data(runs, stk.hyperparams([p.overrides for p in pts], hp_names), own_data)
         program = stk.build_program(exp, shared, runs[0].setup, total, own_data=own_data)
         print_fn(f"sweep {exp.name}: {len(runs)} runs in one program ({_describe(spec)})")
         printer = Printer(print_fn, shared.epochs, exp.log_every)
         try:
             stacked = train(
-                runs,
-                stacked,
-                program,
-                data,
-                printer=printer,
-                handle_signals=out is not None,
-                sweep_dir=out,
-            )
+                runs, stacked, program, data,
+                printer=printer, handle_signals=out is not None, sweep_dir=out,
+            )  # fmt: skip
         finally:
             for r in runs:
                 if r.log is not None:
@@ -242,6 +222,27 @@ def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, ov
     finally:
         for lock in locks:
             lock.release()
+
+
+def _open_dirs(out: Path, spec: dict[str, Any], pts, runs: Sequence[Run], overwrite: bool):
+    """Lock and make every run's directory, clear what ``overwrite`` discards, write the spec."""
+    locks = []
+    try:
+        locks += [RunLock(r.out) for r in runs]
+        if overwrite:
+            for r in runs:
+                clear_owned(r.out)
+            _clear_sweep_files(out)
+        for r in runs:
+            ckpt.clean_temporaries(r.out / "checkpoints")
+        full = {**spec, "experiment_path": runs[0].config.get("experiment_path")}
+        full["runs"] = [p.name for p in pts]
+        ckpt.atomic_write(out / SPEC, json.dumps(full, indent=1) + "\n")
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
 
 
 def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides):
@@ -360,11 +361,6 @@ def _check_alike(runs: Sequence[Run]) -> None:
 def _sweep_treedef(exp, cfg, total, state, hp0) -> Any:
     opt_state = stk.optimizer_structure(exp, cfg, total, state.params, hp0)
     return jax.tree.structure(state._replace(opt_state=opt_state))
-
-
-def _check_layout(run_: Run, state, sweep_def) -> None:
-    """A run's own train state must have the sweep's arrays (in its own nesting)."""
-    stk.restructure(state, sweep_def)
 
 
 def _clear_sweep_files(out: Path) -> None:
