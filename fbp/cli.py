@@ -10,9 +10,10 @@ other error in a run across processes (the process exits at once, so that the
 others fail rather than wait).
 
 Without ``--out``, ``fbp train NAME`` writes to ``runs/NAME-YYYYmmdd-HHMMSS``
-(``-2``, ``-3``... when that exists).
-``fbp train`` launched once per process (``srun``, the ``JAX_COORDINATOR_ADDRESS``/
-``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` variables, or ``--coordinator``,
+(``-2``, ``-3``... when that exists). ``--seeds``/``--sweep`` train many runs as one
+program (``fbp.sweep``). ``fbp train`` launched once per process (``srun``, the
+``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` variables, or
+``--coordinator``,
 ``--num-processes``, ``--process-id``) trains one run over every process's devices;
 only process 0 prints and writes (``fbp.cluster``).
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 import jax
 
 from fbp import cluster, experiment, export, options, report, runner, xla_config
+from fbp.sweep import command as sweep_command
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -81,8 +83,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, given) -> int:
     main_process = cluster.is_main_process()
+    train = sweep_command.from_args(args, out) or runner.run  # --seeds/--sweep: fbp.sweep
     try:
-        runner.run(
+        train(
             exp,
             out=out,
             resume=args.resume,
@@ -150,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="discard a previous run's files in --out"
     )
     options.add_arguments(p)
+    sweep_command.add_arguments(p)
     p.set_defaults(func=_cmd_train)
 
     for name, helptext in (

@@ -342,43 +342,74 @@ def _end_epoch(
 ) -> tuple[ResumePosition, dict[str, Any]]:
     """Close an epoch: its metrics row, the best parameters, the plateau, early stopping."""
     ts, prog = position.state, position.progress
-    acc = prog.acc
-    row: dict[str, Any] = {
-        "epoch": prog.epoch + 1,
-        "step": int(ts.step),
-        "loss": acc.loss_sum / acc.loss_n if acc.loss_n else None,
-    }
+    val = stats = None
     if setup.val is not None:
-        metrics = setup.evaluate(ts.params, ts.model_state, *setup.val)
-        row.update({f"val_{k}": float(v) for k, v in jax.device_get(metrics).items()})
-    row["lr"] = schedules.lr_now(cfg, setup.schedule, ts.opt_state, ts.step)
-    row["grad_norm"] = acc.gn_sum / acc.loss_n if acc.loss_n else None
-    row["skipped"] = acc.skipped
-    if setup.privacy is not None:  # DP-SGD: epsilon after the steps taken so far
-        row["epsilon"] = privacy.epsilon(setup.privacy, int(ts.step))
-    row["seconds"] = acc.seconds
+        val = jax.device_get(setup.evaluate(ts.params, ts.model_state, *setup.val))
     if setup.probe is not None:  # Experiment.probe: e.g. per-layer gradient statistics
         bs = setup.batch_size
         stats = jax.device_get(setup.probe(ts, setup.x[:bs], setup.y[:bs]))
-        row.update({k: float(v) for k, v in stats.items()})
+    lr = schedules.lr_now(cfg, setup.schedule, ts.opt_state, ts.step)
+    row = epoch_row(prog, int(ts.step), val, lr, stats)
+    if setup.privacy is not None:  # DP-SGD: epsilon after the steps taken so far
+        row["epsilon"] = privacy.epsilon(setup.privacy, int(ts.step))
+    prog, improved = close_epoch(prog, row, has_val=setup.val is not None, patience=cfg.patience)
+    best = Best(ts.params, ts.model_state) if improved else position.best
+    monitor = row.get("val_loss", row["loss"])
+    if cfg.schedule == "plateau" and monitor is not None:
+        ts = ts._replace(opt_state=schedules.plateau_update(cfg, ts.opt_state, monitor))
+    return ResumePosition(ts, best, position.order_key, prog), row
 
+
+def epoch_row(
+    prog: Progress,
+    step: int,
+    val: dict[str, Any] | None,
+    lr: float,
+    probe: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The metrics.jsonl row of the epoch that ``prog`` is in, from its sums and end values.
+
+    Args:
+      prog: the run's counters before the epoch is closed (``prog.acc`` its sums).
+      step: optimizer steps taken at the end of the epoch.
+      val: validation metrics (``loss``, ``accuracy``), None without a validation split.
+      lr: the learning rate at the end of the epoch.
+      probe: ``Experiment.probe``'s statistics, or None.
+    """
+    acc = prog.acc
+    mean = acc.loss_sum / acc.loss_n if acc.loss_n else None
+    row: dict[str, Any] = {"epoch": prog.epoch + 1, "step": step, "loss": mean}
+    row.update({f"val_{k}": float(v) for k, v in (val or {}).items()})
+    row["lr"] = lr
+    row["grad_norm"] = acc.gn_sum / acc.loss_n if acc.loss_n else None
+    row["skipped"] = acc.skipped
+    row["seconds"] = acc.seconds
+    row.update({k: float(v) for k, v in (probe or {}).items()})
+    return row
+
+
+def close_epoch(
+    prog: Progress, row: dict[str, Any], *, has_val: bool, patience: int | None
+) -> tuple[Progress, bool]:
+    """The counters after an epoch with metrics ``row``, and whether its parameters are the best.
+
+    The monitored loss is the validation loss (the training loss without a
+    validation split); without a validation split the best parameters are the
+    latest. ``patience`` epochs without a better validation loss stop the run.
+    """
     prog = prog._replace(
         epoch=prog.epoch + 1,
         pos=0,
-        skipped_total=prog.skipped_total + acc.skipped,
+        skipped_total=prog.skipped_total + prog.acc.skipped,
         val_loss=row.get("val_loss"),
     )
-    best = position.best
     monitor = row.get("val_loss", row["loss"])
-    if setup.val is None:  # nothing to select on: the best parameters are the latest
-        best = Best(ts.params, ts.model_state)
-    elif monitor is not None and monitor < prog.best_val:
+    improved = not has_val  # nothing to select on: the best parameters are the latest
+    if has_val and monitor is not None and monitor < prog.best_val:
         prog = prog._replace(best_val=monitor, best_epoch=prog.epoch, bad_epochs=0)
-        best = Best(ts.params, ts.model_state)
-    else:
+        improved = True
+    elif has_val:
         prog = prog._replace(bad_epochs=prog.bad_epochs + 1)
-    if cfg.schedule == "plateau" and monitor is not None:
-        ts = ts._replace(opt_state=schedules.plateau_update(cfg, ts.opt_state, monitor))
-    if cfg.patience and setup.val is not None and prog.bad_epochs >= cfg.patience:
+    if patience and has_val and prog.bad_epochs >= patience:
         prog = prog._replace(stopped_early=True)
-    return ResumePosition(ts, best, position.order_key, prog), row
+    return prog, improved

@@ -74,6 +74,9 @@ class Option:
       metavar: the flag's value placeholder.
       resume: a resumed run takes this option from its checkpoint unless it is given
         again (False for options of one process, such as ``devices``).
+      sweepable: runs of one sweep (``fbp.sweep``) may differ in this option: a
+        number that enters the compiled step as a per-run value (``lr``) or only the
+        host's bookkeeping (``patience``), never a shape.
     """
 
     help: str
@@ -82,6 +85,7 @@ class Option:
     flag: str | None = None
     metavar: str | None = None
     resume: bool = True
+    sweepable: bool = False
 
 
 def option(default: Any = dataclasses.MISSING, **meta: Any) -> Any:
@@ -94,17 +98,22 @@ class TrainingOptions:
     """Options an experiment sets and the command line overrides (``Experiment``'s fields)."""
 
     epochs: int = option(help="total epochs of the run, also when resuming", check=at_least(0))
-    lr: float = option(help="learning rate", check=positive)
+    lr: float = option(help="learning rate", check=positive, sweepable=True)
     batch_size: int | None = option(
         None, help="minibatch size (default: the experiment's)", check=at_least(1)
     )
     seed: int = option(0, help="seed for init, data split and shuffling")
     patience: int | None = option(
-        None, help="early stopping: epochs without a better validation loss", check=at_least(1)
+        None,
+        help="early stopping: epochs without a better validation loss",
+        check=at_least(1),
+        sweepable=True,
     )
-    clip: float | None = option(None, help="clip gradients to this global norm", check=positive)
+    clip: float | None = option(
+        None, help="clip gradients to this global norm", check=positive, sweepable=True
+    )
     weight_decay: float = option(
-        0.0, help="weight decay added to the gradient (coupled)", check=at_least(0)
+        0.0, help="weight decay added to the gradient (coupled)", check=at_least(0), sweepable=True
     )
     schedule: str = option("constant", help="learning-rate schedule", choices=SCHEDULES)
     plateau_factor: float = option(0.5, help="reduce-on-plateau factor (0.5)", check=unit_open)
@@ -219,6 +228,11 @@ def fields(cls: type = RunOptions) -> tuple[Field, ...]:
 
 def names(cls: type = RunOptions) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls))
+
+
+def sweepable() -> tuple[str, ...]:
+    """The options a sweep's runs may differ in (``Option.sweepable``), in schema order."""
+    return tuple(f.name for f in fields() if f.meta.sweepable)
 
 
 def flag(f: Field) -> str:

@@ -22,7 +22,7 @@ from fbp import privacy
 from fbp import train as fbp_train
 from fbp.data import Dataset
 from fbp.experiment import Experiment, RunResult
-from fbp.loop import ResumePosition, Setup
+from fbp.loop import Progress, ResumePosition, Setup
 from fbp.options import RunOptions
 from fbp.runlog import params_sha256, versions, write_plots
 
@@ -37,21 +37,27 @@ def report(
     last_ckpt: Path | None,
     out_dir: Path | None,
     print_fn: Callable[[str], None],
+    test: dict[str, float] | None = None,
 ) -> RunResult:
-    """Final parameters, test metrics, ``summary.json``, plots and the printed report."""
+    """Final parameters, test metrics, ``summary.json``, plots and the printed report.
+
+    ``test``: the final parameters' test metrics when the caller has them already
+    (``fbp.sweep`` evaluates all its runs in one call); computed here otherwise.
+    """
     prog = position.progress
-    use_best = bool(cfg.patience) and setup.val is not None and prog.best_epoch > 0
+    use_best = restores_best(cfg, setup, prog)
     final = position.state._replace(**position.best._asdict()) if use_best else position.state
     ds = setup.dataset
-    test = fbp_train.evaluate(
-        setup.model,
-        exp.loss,
-        final.params,
-        jnp.asarray(ds.test.x),
-        jnp.asarray(ds.test.y),
-        model_state=final.model_state,
-        lengths=None if ds.test.lengths is None else jnp.asarray(ds.test.lengths),
-    )
+    if test is None:
+        test = fbp_train.evaluate(
+            setup.model,
+            exp.loss,
+            final.params,
+            jnp.asarray(ds.test.x),
+            jnp.asarray(ds.test.y),
+            model_state=final.model_state,
+            lengths=None if ds.test.lengths is None else jnp.asarray(ds.test.lengths),
+        )
     result = RunResult(
         exp, config, setup.model, ds, final, history, test, prog.train_seconds, out_dir
     )
@@ -86,6 +92,11 @@ def report(
     for line in exp.report(result) if exp.report else []:
         print_fn(line)
     return result
+
+
+def restores_best(cfg: RunOptions, setup: Setup, prog: Progress) -> bool:
+    """Whether a run's final parameters are its best ones (early stopping with validation)."""
+    return bool(cfg.patience) and setup.val is not None and prog.best_epoch > 0
 
 
 def _privacy_line(p: dict[str, Any]) -> str:

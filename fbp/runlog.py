@@ -121,30 +121,53 @@ class MetricsLog:
 
 
 def write_plots(out: Path, history: list[dict[str, Any]]) -> list[Path]:
-    """loss.png (train/validation loss) and metric.png (validation accuracy), atomically."""
+    """loss.png (train/validation loss) and metric.png (validation accuracy), atomically.
+
+    The two figures are made once per process and redrawn with each run's data (a
+    sweep writes these for every run): drawing a new figure's axes costs about twice
+    as much as updating one.
+    """
     written = []
     epochs = [r["epoch"] for r in history]
     panels = [("loss.png", "loss", [("loss", "train"), ("val_loss", "validation")])]
     if any("val_accuracy" in r for r in history):
         panels.append(("metric.png", "accuracy", [("val_accuracy", "validation")]))
-    for fname, ylabel, series in panels:
-        fig = new_figure(figsize=(6, 4))
-        ax = fig.add_subplot()
-        for key, label in series:
-            pts = [
-                (e, r[key]) for e, r in zip(epochs, history, strict=True) if r.get(key) is not None
-            ]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        if ylabel == "loss" and all(r.get("loss", 1) > 0 for r in history):
-            ax.set_yscale("log")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        written.append(save_figure(fig, out / fname, sync_dir=False))
+    with _PLOT_LOCK:
+        for fname, ylabel, series in panels:
+            fig, ax, lines = _panel(fname, ylabel, series)
+            for key, label in series:
+                pts = [
+                    (e, r[key])
+                    for e, r in zip(epochs, history, strict=True)
+                    if r.get(key) is not None
+                ]
+                lines[key].set_data(*zip(*pts, strict=True)) if pts else lines[key].set_data([], [])
+                lines[key].set_label(label if pts else "_nolegend_")
+            ax.relim()
+            ax.autoscale_view()
+            log = ylabel == "loss" and all(r.get("loss", 1) > 0 for r in history)
+            ax.set_yscale("log" if log else "linear")
+            ax.legend()
+            written.append(save_figure(fig, out / fname, sync_dir=False))
     ckpt.fsync_dir(out)
     return written
+
+
+_PLOT_LOCK = threading.Lock()
+_PANELS: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
+
+
+def _panel(fname: str, ylabel: str, series: list[tuple[str, str]]) -> tuple[Any, Any, dict]:
+    """The figure, axes and one line per series of a plot file, made on first use."""
+    if fname not in _PANELS:
+        fig = new_figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        lines = {key: ax.plot([], [], color=f"C{i}")[0] for i, (key, _) in enumerate(series)}
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        _PANELS[fname] = fig, ax, lines
+    return _PANELS[fname]
 
 
 def new_figure(**kwargs: Any) -> Any:

@@ -60,7 +60,12 @@ from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
 )
 from fbp.losses import SoftmaxCrossEntropy, accuracy
 from fbp.options import RunOptions
-from fbp.report import data_line, report, reported_parameters  # noqa: F401  (re-exported)
+from fbp.report import (  # noqa: F401  (re-exported)
+    data_line,
+    report,
+    reported_parameters,
+    restores_best,
+)
 from fbp.runlog import (  # noqa: F401  (re-exported: part of the runner's API)
     LOCK,
     OWNED,

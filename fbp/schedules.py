@@ -53,12 +53,17 @@ def _scale_by_plateau(cfg: RunOptions) -> optax.GradientTransformation:
 def build_optimizer(
     exp: Experiment, cfg: RunOptions, total_steps: int
 ) -> tuple[optax.GradientTransformation, float | Callable]:
-    """(optimizer, schedule): clip -> weight decay -> the experiment's -> plateau scale."""
+    """(optimizer, schedule): clip -> weight decay -> the experiment's -> plateau scale.
+
+    ``cfg.lr``, ``cfg.weight_decay`` and ``cfg.clip`` may be traced arrays (one run's
+    values inside ``fbp.sweep``'s vmapped step); a traced weight decay always adds
+    its term, which for a value of 0 changes no update.
+    """
     schedule = build_schedule(cfg, total_steps)
     parts = []
     if cfg.clip is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip))
-    if cfg.weight_decay:
+    if not isinstance(cfg.weight_decay, (int, float)) or cfg.weight_decay:  # traced: fbp.sweep
         parts.append(optax.add_decayed_weights(cfg.weight_decay))
     parts.append(exp.optimizer(schedule, total_steps))
     if cfg.schedule == "plateau":

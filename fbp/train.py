@@ -250,29 +250,41 @@ def evaluate(
     Returns:
       ``{'loss': ..., 'accuracy': ...}`` (accuracy for ``softmax_cross_entropy`` only).
     """
-    classify = isinstance(loss, SoftmaxCrossEntropy) and jnp.issubdtype(y.dtype, jnp.integer)
-    state = model_state or None
-    if state is None and jax.tree.leaves(jax.eval_shape(model.init_state, x[:1])):
+    if not model_state and jax.tree.leaves(jax.eval_shape(model.init_state, x[:1])):
         raise ValueError(
             f"evaluate: {type(model).__name__} has running statistics (e.g. BatchNorm) but "
             "model_state is None; pass model_state=ts.model_state (the trained running state)."
         )
+    sums = jax.jit(eval_sums(model, loss, y.dtype))
+    n = x.shape[0]
+    total: dict[str, float] = {}
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        part = sums(
+            params, model_state or {}, x[sl], y[sl], None if lengths is None else lengths[sl]
+        )
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return {k: v / n for k, v in total.items()}
 
-    @jax.jit
-    def sums(params, xb, yb, lb):
+
+def eval_sums(model: Layer, loss: Callable, y_dtype: Any) -> Callable:
+    """``(params, model_state, xb, yb, lb=None) -> {'loss', ['accuracy']}``: batch sums, eval mode.
+
+    ``evaluate`` adds these over batches and divides by the example count; the
+    accuracy sum (correct predictions) is there for ``softmax_cross_entropy`` with
+    integer labels (``y_dtype``); ``lb`` are the batch's sequence lengths, if any. The
+    function is pure, so ``fbp.sweep`` vmaps it.
+    """
+    classify = isinstance(loss, SoftmaxCrossEntropy) and jnp.issubdtype(y_dtype, jnp.integer)
+
+    def sums(params, model_state, xb, yb, lb=None):
         kw = {} if lb is None else {"lengths": lb}
-        pred = model.apply(params, xb, state=state, train=False, **kw)
+        pred = model.apply(params, xb, state=model_state or None, train=False, **kw)
         n = yb.shape[0]
         out = {"loss": loss(pred, yb) * n}
         if classify:
             out["accuracy"] = accuracy(pred, yb) * n
         return out
 
-    n = x.shape[0]
-    total: dict[str, float] = {}
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        part = sums(params, x[sl], y[sl], None if lengths is None else lengths[sl])
-        for k, v in part.items():
-            total[k] = total.get(k, 0.0) + float(v)
-    return {k: v / n for k, v in total.items()}
+    return sums

@@ -149,3 +149,11 @@ def test_attention_quick_prints_every_variant_and_the_targets(capsys):
         if r[2].startswith("fbp"):
             assert float(r[7]) < 1e-4  # float32 agreement with jax.grad
     assert "linear temp memory / jax.grad" in out and "cores" in out
+
+
+@pytest.mark.slow
+def test_sweep_quick_prints_three_approaches(capsys):
+    _load("sweep").main(["--quick"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert [r[0] for r in rows[1:]] == ["sweep", "sequential", "scikit-learn"]
+    assert all(float(r[1]) > 0 for r in rows[1:])
