@@ -12,7 +12,9 @@ Variants, timed in interleaved rounds in one process (medians), per T:
   ``softmax(where(causal, q kᵀ/√d, -inf)) v``.
 * ``torch sdpa``: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
   forward and ``backward()``, all CPU threads, or on the GPU when JAX runs on one
-  (absent when torch is not installed).
+  (absent when torch is not installed). It is timed in its own rounds after the JAX
+  variants: its OpenMP threads spin for a while after each call, which in interleaved
+  rounds slowed (and was charged to the CPU time of) the variant timed next.
 
 Times are wall-clock medians and, steadier on a shared machine, medians of this
 process's CPU time per call (all threads; it counts spin-waiting too). Temporary
@@ -123,12 +125,14 @@ def measure_t(t: int, rounds: int, block: int) -> list[dict]:
     for name, f in jitted.items():
         rows[name] = {"temp_mib": temp_mib(f, args), "error": max_error(f(*args), ref)}
     fns = {name: (lambda f=f: f(*args)) for name, f in jitted.items()}
-    step = torch_fn(args)
-    if step is not None:
-        fns["torch sdpa"] = step
-        rows["torch sdpa"] = {"temp_mib": None, "error": None}
     cpu: dict[str, list[float]] = {}
     times = common.interleaved(fns, rounds=rounds, warmup=2, cpu=cpu)
+    step = torch_fn(args)
+    if step is not None:  # own rounds: its OpenMP threads spin on after each call
+        torch_cpu: dict[str, list[float]] = {}
+        times.update(common.interleaved({"torch sdpa": step}, rounds=rounds, cpu=torch_cpu))
+        cpu.update(torch_cpu)
+        rows["torch sdpa"] = {"temp_mib": None, "error": None}
     out = []
     for name in VARIANTS:
         if name in rows:
