@@ -12,9 +12,13 @@ Variants, timed in interleaved rounds in one process (medians), per T:
   ``softmax(where(causal, q kᵀ/√d, -inf)) v``.
 * ``torch sdpa``: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
   forward and ``backward()``, all CPU threads, or on the GPU when JAX runs on one
-  (absent when torch is not installed).
+  (absent when torch is not installed). It is timed in its own rounds after the JAX
+  variants: its OpenMP threads spin for a while after each call, which in interleaved
+  rounds slowed (and was charged to the CPU time of) the variant timed next.
 
-Temporary memory is XLA's ``compiled.memory_analysis().temp_size_in_bytes`` of each
+Times are wall-clock medians and, steadier on a shared machine, medians of this
+process's CPU time per call (all threads; it counts spin-waiting too). Temporary
+memory is XLA's ``compiled.memory_analysis().temp_size_in_bytes`` of each
 jitted variant (the scratch the program needs besides its inputs and outputs). The
 JAX platform comes from the environment (``JAX_PLATFORMS``), so the script runs
 unchanged on a GPU. By default it runs itself twice, as two processes: without and
@@ -121,11 +125,14 @@ def measure_t(t: int, rounds: int, block: int) -> list[dict]:
     for name, f in jitted.items():
         rows[name] = {"temp_mib": temp_mib(f, args), "error": max_error(f(*args), ref)}
     fns = {name: (lambda f=f: f(*args)) for name, f in jitted.items()}
+    cpu: dict[str, list[float]] = {}
+    times = common.interleaved(fns, rounds=rounds, warmup=2, cpu=cpu)
     step = torch_fn(args)
-    if step is not None:
-        fns["torch sdpa"] = step
+    if step is not None:  # own rounds: its OpenMP threads spin on after each call
+        torch_cpu: dict[str, list[float]] = {}
+        times.update(common.interleaved({"torch sdpa": step}, rounds=rounds, cpu=torch_cpu))
+        cpu.update(torch_cpu)
         rows["torch sdpa"] = {"temp_mib": None, "error": None}
-    times = common.interleaved(fns, rounds=rounds, warmup=2)
     out = []
     for name in VARIANTS:
         if name in rows:
@@ -136,6 +143,7 @@ def measure_t(t: int, rounds: int, block: int) -> list[dict]:
                     "variant": name,
                     "ms": 1e3 * common.median(ts),
                     "spread": common.spread(ts),
+                    "cpu_ms": 1e3 * common.median(cpu[name]),
                     **rows[name],
                 }
             )
@@ -147,7 +155,7 @@ def measure(quick: bool, rounds: int | None, times: tuple[int, ...] | None = Non
     block = 16 if quick else BLOCK
     rows = []
     for t in times:
-        r = rounds or (2 if quick else max(5, 40 * 128 // t))
+        r = rounds or (2 if quick else max(8, 80 * 128 // t))
         rows += measure_t(t, r, block)
     return {"machine": common.machine(), "rows": rows, "block": block}
 
@@ -162,6 +170,8 @@ def report(results: list[dict]) -> str:
         "T",
         "variant",
         "ms",
+        "/ jax.grad",
+        "CPU ms",
         "/ jax.grad",
         "temp MiB",
         "/ jax.grad",
@@ -183,6 +193,8 @@ def report(results: list[dict]) -> str:
                     row["variant"],
                     f"{row['ms']:.2f} {row['spread']}",
                     _fmt_ratio(row["ms"] / ref["ms"]),
+                    f"{row['cpu_ms']:.2f}",
+                    _fmt_ratio(row["cpu_ms"] / ref["cpu_ms"]),
                     "–" if mem is None else f"{mem:.1f}",
                     "–" if mem is None else _fmt_ratio(mem / ref["temp_mib"]),
                     "–" if row["error"] is None else f"{row['error']:.1e}",
@@ -207,14 +219,15 @@ def targets(rows: list[dict]) -> list[str]:
     big, mid = ts[-1], ts[len(ts) // 2]
     ratio = lin[-1] / get(big, "jax.grad naive", "temp_mib")
     out.append(f"- linear temp memory / jax.grad at T={big}: {ratio:.3f} (target <= 0.125)")
-    r = get(mid, "fbp linear", "ms") / get(mid, "jax.grad naive", "ms")
-    out.append(f"- linear time / jax.grad at T={mid}: {r:.2f} (target <= 1.5)")
-    std = [get(t, "fbp standard", "ms") / get(t, "jax.grad naive", "ms") for t in ts]
-    out.append(
-        "- standard time / jax.grad: "
-        + ", ".join(f"T={t}: {x:.2f}" for t, x in zip(ts, std, strict=True))
-        + " (target <= 1.0 at every T)"
-    )
+    for key, what in (("ms", "time"), ("cpu_ms", "CPU time")):
+        r = get(mid, "fbp linear", key) / get(mid, "jax.grad naive", key)
+        out.append(f"- linear {what} / jax.grad at T={mid}: {r:.2f} (target <= 1.5)")
+        std = [get(t, "fbp standard", key) / get(t, "jax.grad naive", key) for t in ts]
+        out.append(
+            f"- standard {what} / jax.grad: "
+            + ", ".join(f"T={t}: {x:.2f}" for t, x in zip(ts, std, strict=True))
+            + " (target <= 1.0 at every T)"
+        )
     return out + [""]
 
 
