@@ -45,13 +45,16 @@ def noise(cfg: RunOptions) -> float:
     return float(cfg.dp_noise or 0.0)
 
 
-def check(cfg: RunOptions, *, grad_fn: Any, penalty: Any, devices: int | None = None) -> None:
+def check(
+    cfg: RunOptions, *, grad_fn: Any, penalty: Any, devices: int | None = None, probe: Any = None
+) -> None:
     """Refuse DP options that do not go together (each option's own range is
     ``fbp.options``'s check).
 
     Raises:
       ValueError: ``dp_noise`` without ``dp_clip``; DP with an experiment's own
-        ``grad_fn``, a ``penalty`` or several devices; noise > 0 without dp-accounting.
+        ``grad_fn``, a ``penalty``, a ``probe`` (it would log statistics of un-noised
+        gradients) or several devices; noise > 0 without dp-accounting.
     """
     if not enabled(cfg):
         if cfg.dp_noise is not None:
@@ -69,6 +72,11 @@ def check(cfg: RunOptions, *, grad_fn: Any, penalty: Any, devices: int | None = 
         raise ValueError(
             "run: --dp-clip does not take an experiment penalty (the clipped gradient has no "
             "penalty term); use --weight-decay instead."
+        )
+    if probe is not None:
+        raise ValueError(
+            "run: --dp-clip cannot run with this experiment's probe: it logs statistics of "
+            "the un-noised gradients, which the privacy budget does not cover."
         )
     if devices:
         raise ValueError(

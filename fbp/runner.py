@@ -156,7 +156,9 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     Raises:
       ValueError (DataError): bad data, labels, batch size or device count.
     """
-    privacy.check(cfg, grad_fn=exp.grad_fn, penalty=exp.penalty, devices=cfg.devices)
+    privacy.check(
+        cfg, grad_fn=exp.grad_fn, penalty=exp.penalty, devices=cfg.devices, probe=exp.probe
+    )
     ds = load_data(exp, cfg)
     model = exp.model(ds)
     lengths = _train_lengths(model, ds, cfg)

@@ -114,6 +114,11 @@ def test_an_experiment_grad_fn_and_dp_are_refused_together(tmp_path):
     _refused(tmp_path, exp, r"--dp-clip replaces the gradient .* own grad_fn", dp_clip=1.0)
 
 
+def test_an_experiment_probe_and_dp_are_refused_together(tmp_path):
+    exp = dataclasses.replace(experiment.get("tiny"), probe=lambda model, loss, opt: None)
+    _refused(tmp_path, exp, r"--dp-clip cannot run with this experiment's probe", dp_clip=1.0)
+
+
 def test_noise_without_dp_accounting_is_refused(tmp_path, monkeypatch):
     def missing():
         raise ImportError("no dp_accounting")

@@ -46,6 +46,10 @@ def test_cli_trains_on_a_padded_sequence_npz(tmp_path, capsys):
     assert len(rows) == 2 and rows[1]["loss"] < rows[0]["loss"]
     summary = json.loads((out / "summary.json").read_text())
     assert 0 <= summary["test"]["accuracy"] <= 1 and np.isfinite(summary["test"]["loss"])
+    # fbp eval evaluates with the lengths too: the report's numbers again.
+    assert cli.main(["eval", str(out)]) == 0
+    evaluated = json.loads((out / "eval.json").read_text())["test"]
+    assert evaluated == pytest.approx(summary["test"], rel=1e-5)
 
 
 def _small(exp):
