@@ -28,7 +28,6 @@ from fbp.extend.registry import (
     register,
     seq_sq_norms,
     to_btf,
-    weighted_outer,
 )
 from fbp.nn.activations import (
     ELU,
