@@ -17,13 +17,14 @@ This script stands in for ``fbp train digits-dp`` until the runner takes ``--dp-
 and ``--dp-noise``.
 
 Usage:
-  python benchmarks/digits_dp.py [--seeds 3] [--plot docs/figures/digits_dp.png]
+  python benchmarks/digits_dp.py [--seeds 3] [--plot docs/figures/digits_dp.png]  # + .json
   python benchmarks/digits_dp.py --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -104,7 +105,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch", type=int, default=64, help="expected batch size q·n")
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     ap.add_argument("--plot", default=None, help="write the figure here (PNG)")
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
             accs.append(curve[-1])
             curves.append(curve)
         name = f"DP-SGD, ε = {target:g}" if target is not None else "same recipe, no clip/noise"
-        results["eps"][name] = (eps, sigma, float(np.mean(accs)), float(np.std(accs)))
+        results["eps"][name] = (eps, sigma, float(np.mean(accs)), float(np.std(accs)), target)
         results["curves"][name] = np.mean(curves, axis=0).tolist()
         eps_txt = f"{eps:.2f}" if target is not None else "∞"
         rows.append(
@@ -175,17 +176,20 @@ def main(argv=None) -> dict:
     print(common.table(["run", "ε (RDP)", "σ", f"{args.split} accuracy"], rows))
     if args.plot:
         plot(results, args, args.plot)
+        with open(os.path.splitext(args.plot)[0] + ".json", "w") as f:
+            json.dump(results, f, indent=1)
     return results
 
 
 def plot(results, args, path):
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    pts = [(v[0], v[2], v[3]) for k, v in results["eps"].items() if k.startswith("DP")]
+    pts = [(v[4], v[2], v[3]) for k, v in results["eps"].items() if k.startswith("DP")]
     eps, acc, err = map(np.array, zip(*pts, strict=True))
     a.errorbar(eps, 100 * acc, yerr=100 * err, marker="o", capsize=3, label="DP-SGD")
     nodp = results["eps"]["same recipe, no clip/noise"]
@@ -193,6 +197,7 @@ def plot(results, args, path):
     if "adam" in results:
         a.axhline(100 * results["adam"][0], color="k", ls=":", label="digits-mlp (Adam)")
     a.set_xscale("log")
+    a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     a.set_xticks(eps, [f"{e:g}" for e in eps])
     a.set_xlabel("ε (δ = 1e-5)")
     a.set_ylabel("test accuracy (%)")

@@ -456,6 +456,7 @@ def test_dp_noise_without_a_key_is_an_error():
 
 
 def test_epsilon_grows_with_steps_falls_with_noise_and_pld_is_tighter():
+    pytest.importorskip("dp_accounting")
     acc = accounting.PrivacyAccountant.for_batches(noise=1.0, batch_size=64, n=6000)
     eps = acc.epsilons(epochs=3, steps_per_epoch=94)
     assert 0 < eps[0] < eps[1] < eps[2] < math.inf
@@ -466,6 +467,7 @@ def test_epsilon_grows_with_steps_falls_with_noise_and_pld_is_tighter():
 
 
 def test_noise_for_epsilon_meets_the_target():
+    pytest.importorskip("dp_accounting")
     q, steps = 32 / 1437, 500
     sigma = accounting.noise_for_epsilon(3.0, sampling_rate=q, steps=steps)
     eps = accounting.PrivacyAccountant(sigma, q).epsilon(steps)
@@ -532,6 +534,8 @@ def test_accountant_without_dp_accounting_names_the_extra(monkeypatch):
         ImportError, match=r"^fbp.extend.accounting needs .*pip install 'fbp\[dp\]'\.$"
     ):
         acc.epsilon(10)
+    with pytest.raises(ImportError, match=r"pip install 'fbp\[dp\]'"):
+        accounting.require()
 
 
 # ----------------------------------------------------------------------------- curvature

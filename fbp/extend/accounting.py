@@ -29,6 +29,12 @@ from typing import Any
 METHODS = ("rdp", "pld")
 
 
+def require() -> None:
+    """Raise the one-line ImportError now if ``dp-accounting`` is missing (call it
+    before training starts, so a run does not fail at its first epoch's ε)."""
+    _dp_accounting()
+
+
 def _dp_accounting():
     try:
         import dp_accounting

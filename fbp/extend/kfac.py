@@ -46,7 +46,11 @@ class KFACState(NamedTuple):
 
 
 def damped_inverses(factors: dict, damping: float) -> dict:
-    """``{path: ((A + π√λ I)⁻¹, (G + √λ/π I)⁻¹)}`` (factored Tikhonov damping)."""
+    """``{path: ((A + π√λ I)⁻¹, (G + √λ/π I)⁻¹)}`` (factored Tikhonov damping).
+
+    Each factor is symmetric positive semi-definite; its damped inverse is taken from
+    its eigendecomposition, ``Q diag(1 / (λ_i + d)) Qᵀ`` (eigenvalues clipped at 0).
+    """
     out = {}
     for path, f in factors.items():
         da, dg = f.A.shape[0], f.G.shape[0]
@@ -54,10 +58,14 @@ def damped_inverses(factors: dict, damping: float) -> dict:
         tg = jnp.maximum(jnp.trace(f.G) / dg, 1e-30)
         pi = jnp.sqrt(ta / tg)
         root = jnp.sqrt(jnp.asarray(damping, f.A.dtype))
-        a = f.A + pi * root * jnp.eye(da, dtype=f.A.dtype)
-        g = f.G + (root / pi) * jnp.eye(dg, dtype=f.G.dtype)
-        out[path] = (jnp.linalg.inv(a), jnp.linalg.inv(g))
+        out[path] = (_damped_inverse(f.A, pi * root), _damped_inverse(f.G, root / pi))
     return out
+
+
+def _damped_inverse(m: Array, d: Array) -> Array:
+    """(m + d I)⁻¹ for symmetric PSD m, from ``eigh``."""
+    w, q = jnp.linalg.eigh((m + m.T) / 2)
+    return (q / (jnp.maximum(w, 0) + d)) @ q.T
 
 
 def precondition(grads: Params, inverses: dict) -> Params:
