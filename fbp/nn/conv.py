@@ -7,10 +7,17 @@ written by hand from the same primitive:
   (``lhs_dilation``), convolved with the spatially flipped kernel whose in/out
   axes are swapped, with the padding that undoes the forward's.
 * ``dw`` is the correlation of ``x`` with ``dy``: the batch axis is the contracted
-  one (``x`` read as (C, spatial, N), ``dy`` as the kernel (N, spatial, out)), the
+  one (``x`` as (C, spatial, N) images, ``dy`` as a (spatial, N, out) kernel), the
   kernel dilation becomes the window stride and the forward stride the kernel
   dilation.
 * ``db = Σ dy`` over batch and spatial axes.
+
+All three convolutions use the canonical layout (N, spatial, C) ⋆ (spatial, in,
+out): the axes are moved explicitly (``jnp.moveaxis``) rather than relabelled
+through dimension numbers. XLA:CPU rewrites a relabelled convolution into the
+canonical one itself, but not inside a loop body (``lax.scan``, ``make_epoch``),
+where it fell back to a naive convolution loop: a digits-cnn epoch spent 20-30 ms
+per step in each backward convolution instead of ~0.2 ms.
 
 Padding is ``'SAME'``, ``'VALID'``, an int (the same on both sides of every
 spatial axis) or one ``(low, high)`` pair per spatial axis; it is made explicit
@@ -108,13 +115,10 @@ def check_windows_fit(layer, method, x, pads, window, strides, what: str) -> Non
             )
 
 
-def _dim_numbers(n: int) -> dict[str, tuple[str, str, str]]:
+def _dim_numbers(n: int) -> tuple[str, str, str]:
+    """The canonical layout: (N, spatial, C) input ⋆ (spatial, in, out) kernel."""
     s = "HW" if n == 2 else "W"
-    return {
-        "forward": (f"N{s}C", f"{s}IO", f"N{s}C"),
-        "dx": (f"N{s}C", f"{s}OI", f"N{s}C"),  # dy ⋆ flip(w), in/out swapped
-        "dw": (f"C{s}N", f"I{s}O", f"{s}NC"),  # x (batch contracted) ⋆ dy
-    }
+    return (f"N{s}C", f"{s}IO", f"N{s}C")
 
 
 class _Conv(Layer):
@@ -183,7 +187,7 @@ class _Conv(Layer):
             self.strides,
             pads,
             rhs_dilation=self.dilation,
-            dimension_numbers=_dim_numbers(self._n)["forward"],
+            dimension_numbers=_dim_numbers(self._n),
         )
         if self.use_bias:
             y = y + params["b"]
@@ -207,15 +211,15 @@ class _Conv(Layer):
             lo = k - 1 - pads[i][0]
             hi = x_shape[1 + i] + k - 1 - dilated(dy.shape[1 + i], self.strides[i]) - lo
             pad_dx.append((lo, hi))
-        w_flip = lax.rev(w, tuple(spatial))
+        w_t = jnp.swapaxes(lax.rev(w, tuple(spatial)), -1, -2)  # flipped, (*kernel, out, in)
         return lax.conv_general_dilated(
             dy,
-            w_flip,
+            w_t,
             (1,) * self._n,
             pad_dx,
             lhs_dilation=self.strides,
             rhs_dilation=self.dilation,
-            dimension_numbers=_dim_numbers(self._n)["dx"],
+            dimension_numbers=_dim_numbers(self._n),
         )
 
     def _dw(self, x, dy, pads):
@@ -226,14 +230,17 @@ class _Conv(Layer):
             lo = pads[i][0]
             hi = dilated(dy.shape[1 + i], self.strides[i]) - x.shape[1 + i] + k - lo - 1
             pad_dw.append((lo, hi))
-        return lax.conv_general_dilated(
-            x,
-            dy,
+        images = jnp.moveaxis(x, (0, -1), (-1, 0))  # (in, *spatial, batch)
+        kernel = jnp.moveaxis(dy, 0, -2)  # (*spatial_out, batch, out)
+        g = lax.conv_general_dilated(
+            images,
+            kernel,
             self.dilation,
             pad_dw,
             rhs_dilation=self.strides,
-            dimension_numbers=_dim_numbers(self._n)["dw"],
-        )
+            dimension_numbers=_dim_numbers(self._n),
+        )  # (in, *kernel, out)
+        return jnp.moveaxis(g, 0, -2)
 
 
 @dataclasses.dataclass(frozen=True)
