@@ -16,7 +16,8 @@ interleaved rounds in one process (medians; ± half the interquartile range):
   backward seeded with c-scaled deltas); ``noise 0`` isolates the clipping: the rest
   of a DP step's extra time is drawing the Gaussian noise (one normal per parameter,
   threefry on the CPU).
-- ``Opacus DP step`` / ``torch step``: PyTorch (CPU) with Opacus's GradSampleModule +
+- ``Opacus DP step`` / ``torch step``: PyTorch (CPU, one thread by default: on the
+  shared 2-core machine more threads only spin) with Opacus's GradSampleModule +
   DPOptimizer (same clip and noise, SGD), and the plain torch SGD step.
 
 The JAX platform is whatever JAX picks (``JAX_PLATFORMS`` decides), so the script runs
@@ -54,7 +55,7 @@ TARGETS = {
 }
 
 
-def opacus_steps(sizes, x_np, y_np, clip, noise):
+def opacus_steps(sizes, x_np, y_np, clip, noise, threads):
     """(DP step, plain step) closures for the same MLP in PyTorch + Opacus, on the CPU."""
     import torch
     from opacus import GradSampleModule
@@ -67,6 +68,7 @@ def opacus_steps(sizes, x_np, y_np, clip, noise):
             layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
         return torch.nn.Sequential(*layers[:-1])
 
+    torch.set_num_threads(threads)
     x, y = torch.tensor(np.array(x_np)), torch.tensor(np.array(y_np)).long()
     x_dp = x.clone().requires_grad_(True)  # Opacus' full backward hooks want an input grad
     lossf = torch.nn.CrossEntropyLoss()
@@ -93,7 +95,7 @@ def opacus_steps(sizes, x_np, y_np, clip, noise):
     return dp_step, plain_step, torch.__version__
 
 
-def variants(quick: bool, with_torch: bool):
+def variants(quick: bool, with_torch: bool, torch_threads: int = 1):
     sizes, batch = ([64, 32, 32, 10], 16) if quick else ([784, 512, 512, 10], 256)
     model = nn.Sequential(
         [nn.Dense(sizes[1]), nn.ReLU(), nn.Dense(sizes[2]), nn.ReLU(), nn.Dense(sizes[3])]
@@ -140,7 +142,7 @@ def variants(quick: bool, with_torch: bool):
     torch_version = None
     if with_torch:
         dp_step, plain_step, torch_version = opacus_steps(
-            sizes, jax.device_get(x), jax.device_get(y), 1.0, 1.0
+            sizes, jax.device_get(x), jax.device_get(y), 1.0, 1.0, torch_threads
         )
         fns["Opacus DP step (torch CPU)"] = dp_step
         fns["torch step (CPU)"] = plain_step
@@ -156,6 +158,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few rounds")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch/Opacus")
+    ap.add_argument(
+        "--torch-threads", type=int, default=1, help="1 suffers least on a shared machine"
+    )
     args = ap.parse_args(argv)
     with_torch = not args.no_torch
     if with_torch:
@@ -164,7 +169,7 @@ def main(argv=None) -> dict:
         except ImportError:
             with_torch = False
     rounds = args.rounds or (3 if args.quick else 30)
-    sizes, batch, fns, torch_version, err = variants(args.quick, with_torch)
+    sizes, batch, fns, torch_version, err = variants(args.quick, with_torch, args.torch_threads)
     load_before = common.load()
     times = common.interleaved(fns, rounds=rounds, warmup=2)
     med = {k: common.median(v) for k, v in times.items()}
@@ -190,7 +195,11 @@ def main(argv=None) -> dict:
     print(
         f"MLP {'-'.join(map(str, sizes))} ReLU, batch {batch}, float32, softmax CE; "
         f"median of {rounds} interleaved rounds. JAX on {jax.devices()[0].platform}"
-        + (f"; torch {torch_version} with Opacus on the CPU." if torch_version else ".")
+        + (
+            f"; torch {torch_version} with Opacus on the CPU, {args.torch_threads} thread(s)."
+            if torch_version
+            else "."
+        )
     )
     print(f"Machine: {common.machine()}; load before timing {load_before}.")
     print(f"Max |per-example grads - vmap(grad)|: {err:.1e}.\n")

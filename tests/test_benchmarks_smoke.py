@@ -157,3 +157,25 @@ def test_sweep_quick_prints_three_approaches(capsys):
     rows = _table_rows(capsys.readouterr().out)
     assert [r[0] for r in rows[1:]] == ["sweep", "sequential", "scikit-learn"]
     assert all(float(r[1]) > 0 for r in rows[1:])
+
+
+@pytest.mark.slow
+def test_digits_dp_quick_prints_epsilons_and_accuracies(capsys):
+    pytest.importorskip("dp_accounting")
+    _load("digits_dp").main(["--quick", "--no-adam"])
+    rows = {r[0]: r for r in _table_rows(capsys.readouterr().out)}
+    for eps in ("1", "3", "8"):
+        row = rows[f"DP-SGD, ε = {eps}"]
+        assert abs(float(row[1]) - float(eps)) < 0.01  # the calibrated noise meets ε
+        assert float(row[3].split()[0]) > 10  # above chance after 2 epochs
+    assert rows["same recipe, no clip/noise"][1] == "∞"
+
+
+@pytest.mark.slow
+def test_kfac_demo_quick_trains_all_three(capsys):
+    _load("kfac_demo").main(["--quick"])
+    rows = _table_rows(capsys.readouterr().out)
+    names = [r[0] for r in rows[1:]]
+    assert any(n.startswith("K-FAC") for n in names) and len(names) == 3
+    for r in rows[1:]:
+        assert float(r[1]) < 2.3  # below the loss of chance (ln 10) after one epoch
