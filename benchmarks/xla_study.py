@@ -230,12 +230,13 @@ def _fmt(x, spec=".1f", suffix=""):
 
 
 def report(rows: list[dict]) -> str:
+    """Markdown tables, one per benchmark: a row per (setting, tunables), medians over runs."""
     benches = [r for r in rows if r["kind"] == "bench"]
     parity = {r["setting"]: r for r in rows if r["kind"] == "parity"}
     base = {
         (r["bench"], r["tunables"]): r
         for r in benches
-        if r["setting"] == BASELINE and r.get("result") and r.get("grads")
+        if r["setting"] == BASELINE and r.get("result")
     }
     out = []
     first = next((r["result"] for r in benches if r.get("result")), None)
@@ -249,50 +250,41 @@ def report(rows: list[dict]) -> str:
             if r["bench"] == bench
             for k in r.get("result", {}).get("variants", {})
         }
-        t = next((k for k in torches if k in seen), torches[0])
+        ts = [k for k in torches if k in seen] or [torches[0]]
         out.append(f"\n#### {bench}\n")
-        head = [
-            "setting",
-            "tunables",
-            "runs",
-            "fbp ms",
-            "fbp CPU ms",
-            "jax.grad ms",
-            f"{t} ms",
-            "fbp/jax.grad",
-            f"fbp/{t}",
-            f"fbp/{t} CPU",
-        ]
-        if extra:
-            head.append(f"fbp/{extra}" if bench != "digits" else f"{extra}/fbp")
+        head = ["setting", "tunables", "runs", "fbp ms", "fbp CPU ms", "fbp/jax.grad (CPU)"]
+        head += [f"fbp/{t} (CPU)" for t in ts]
+        if extra == "scikit-learn":
+            head.append("scikit-learn/fbp (CPU)")
+        elif extra:
+            head.append("matmuls in one call / fbp (CPU)")
         head += ["grads vs xla", "same program as xla", "library fusions", "load", "parity"]
         table = []
         groups: dict[tuple, list[dict]] = {}
         for r in benches:
             if r["bench"] == bench:
                 groups.setdefault((r["setting"], r["tunables"]), []).append(r)
+        order = list(SETTINGS)
         for (setting, tun), rs in sorted(
-            groups.items(), key=lambda kv: (kv[0][1], list(SETTINGS).index(kv[0][0]))
+            groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))
         ):
             ok = [r for r in rs if r.get("result")]
-            failed = [r for r in rs if not r.get("result")]
             if not ok:
-                why = failed[0]["rc"]
-                table.append([setting, "on" if tun else "off", f"0/{len(rs)} (rc {why})"])
+                rc = rs[0]["rc"]
+                table.append([setting, "on" if tun else "off", f"0/{len(rs)}: rc {rc}"])
                 continue
             v = [r["result"]["variants"] for r in ok]
 
-            def col(name, key="ms", v=v):
-                return _med([x.get(name, {}).get(key) for x in v]) if name else None
+            def ratio(a, b, v=v):
+                """'wall / CPU' medians of per-process ratios a/b."""
+                got = []
+                for key in ("ms", "cpu_ms"):
+                    xs = [x[a][key] / x[b][key] for x in v if a in x and b in x and x[b].get(key)]
+                    got.append(_med(xs))
+                return "–" if got[0] is None else f"{got[0]:.2f} / {_fmt(got[1], '.2f')}"
 
-            def ratio(a, b, key="ms", v=v):
-                if not a or not b:
-                    return None
-                return _med(
-                    [x[a][key] / x[b][key] for x in v if a in x and b in x and x[b].get(key)]
-                )
-
-            fm, fs = col(f), _med([float(x[f]["spread"].strip("±%")) for x in v])
+            fm = _med([x[f]["ms"] for x in v])
+            fs = _med([float(x[f]["spread"].strip("±%")) for x in v])
             b = base.get((bench, tun))
             diffs = [grad_diff(r.get("grads"), b and b.get("grads")) for r in ok]
             same = b and all(r["result"].get("hlo") == b["result"].get("hlo") for r in ok)
@@ -304,15 +296,14 @@ def report(rows: list[dict]) -> str:
                 "on" if tun else "off",
                 f"{len(ok)}/{len(rs)}",
                 f"{fm:.2f} ±{fs:.0f}%",
-                _fmt(col(f, "cpu_ms"), ".2f"),
-                _fmt(col(j), ".2f"),
-                _fmt(col(t), ".2f"),
-                _fmt(ratio(f, j), ".2f"),
-                _fmt(ratio(f, t), ".2f"),
-                _fmt(ratio(f, t, "cpu_ms"), ".2f"),
+                _fmt(_med([x[f].get("cpu_ms") for x in v]), ".2f"),
+                ratio(f, j),
             ]
-            if extra:
-                row.append(_fmt(ratio(extra, f) if bench == "digits" else ratio(f, extra), ".2f"))
+            row += [ratio(f, t) for t in ts]
+            if extra == "scikit-learn":
+                row.append(ratio(extra, f))
+            elif extra:
+                row.append(ratio(extra, f))
             dmax = max((d for d in diffs if d is not None), default=None)
             flag = "" if dmax is None or dmax <= GRAD_RTOL else " DIFFERS"
             row += [
@@ -325,6 +316,11 @@ def report(rows: list[dict]) -> str:
             table.append(row)
         width = len(head)
         out.append(common.table(head, [r + [""] * (width - len(r)) for r in table]))
+    out.append(
+        "\nRatios are 'wall / CPU': medians over runs of the ratio measured inside each "
+        "process (CPU = process CPU time, all threads). 'grads vs xla': max relative "
+        f"difference of fbp's float32 gradients from the {BASELINE} setting's (same inputs)."
+    )
     if parity:
         out.append("\n#### parity suite (" + " ".join(PARITY_TESTS) + ")\n")
         out.append(
@@ -341,9 +337,15 @@ def report(rows: list[dict]) -> str:
     if crashes:
         out.append("\n#### runs without a result\n")
         for r in crashes:
-            last = (r.get("error") or "").strip().splitlines()[-1:] or [""]
-            out.append(f"- {r['bench']} / {r['setting']} / tunables {r['tunables']}: rc {r['rc']}")
-            out.append(f"  `{last[0][:200]}`")
+            err = (r.get("error") or "").strip().splitlines()
+            why = next(
+                (e for e in reversed(err) if "Error" in e or "failed" in e), err[-1:] or [""]
+            )
+            why = why if isinstance(why, str) else why[0]
+            out.append(
+                f"- {r['bench']} / {r['setting']} / tunables {'on' if r['tunables'] else 'off'}: "
+                f"rc {r['rc']}: `{why.strip()[:160]}`"
+            )
     return "\n".join(out)
 
 
