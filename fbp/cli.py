@@ -95,10 +95,12 @@ def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, give
             **given,
         )
     except runner.Interrupted as e:
-        print(f"fbp: {e}; continue with --resume.", file=sys.stderr)
+        if main_process:  # the one that saved the checkpoint
+            print(f"fbp: {e}; continue with --resume.", file=sys.stderr)
         return e.exit_code
     except runner.NonFiniteError as e:
-        print(f"fbp: error: {e}", file=sys.stderr)
+        if main_process:
+            print(f"fbp: error: {e}", file=sys.stderr)
         return 3
     except runner.WriteError as e:
         print(f"fbp: error: {e}", file=sys.stderr)

@@ -40,6 +40,10 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from fbp import options
+from fbp.layout import request_cpu_devices
 
 
 def is_main_process() -> bool:
@@ -311,9 +315,6 @@ def launch(opts: Mapping[str, Any], *, out: str | None) -> Placement:
         errors as ``find_placement``.
       TimeoutError: no coordinator answered in time (processes other than 0).
     """
-    from fbp import options
-    from fbp.parallel import request_cpu_devices
-
     defaults = {f.name: f.default for f in options.fields()}
     for name in ("coordinator", "num_processes", "process_id", "coordinator_timeout", "devices"):
         if opts.get(name) is not None:
@@ -348,8 +349,6 @@ def launch(opts: Mapping[str, Any], *, out: str | None) -> Placement:
 
 def _gather(values: Sequence[int]) -> np.ndarray:
     """Every process's ``values``, shape (processes, len(values)): a collective."""
-    from jax.experimental import multihost_utils
-
     row = np.asarray(values, np.int32).reshape(1, -1)
     return np.asarray(multihost_utils.process_allgather(row, tiled=True))
 

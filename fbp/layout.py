@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"
@@ -130,8 +131,6 @@ def _host_leaf(x: Any) -> Any:
         return _host_leaf(jax.random.key_data(x))
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if not x.is_fully_replicated:  # split over processes: every process gathers it
-            from jax.experimental import multihost_utils
-
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x.addressable_data(0))
     return np.asarray(x)

@@ -51,6 +51,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from fbp import checkpoint
@@ -98,7 +99,8 @@ def save_checkpoint(
 
     Args:
       directory, meta, keep: as in ``fbp.checkpoint.save``.
-      tree: a pytree of replicated (or local) arrays, e.g. a ``TrainState``.
+      tree: a pytree of arrays (replicated, sharded or local), e.g. a ``TrainState``;
+        arrays split over processes are gathered from all of them.
 
     Returns:
       The checkpoint's path in process 0, None in the others.
@@ -106,8 +108,6 @@ def save_checkpoint(
     local = jax.tree.map(_local_leaf, tree)
     path = checkpoint.save(directory, local, meta=meta, keep=keep) if is_main_process() else None
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("fbp.parallel.save_checkpoint")
     return path
 
@@ -117,7 +117,8 @@ def load_checkpoint(
 ) -> tuple[Any, dict[str, Any]]:
     """``fbp.checkpoint.load`` then ``replicate`` on ``mesh`` (any device count).
 
-    A checkpoint holds host arrays only, so one saved on 8 devices resumes on 1 or 4.
+    A checkpoint holds host arrays only, so one saved on 8 devices resumes on 1 or 4,
+    and one of a sharded state loads replicated (``shard_state`` splits it again).
 
     Returns:
       (tree replicated on ``mesh``, meta).

@@ -15,6 +15,7 @@ by the gradient's running size, which turns that rounding into larger (still
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -76,23 +77,22 @@ def quiet(_: str) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def background(request, tmp_path_factory):
     """Start the 2-process run and the 8-device worker when this module starts."""
-    names = {
-        item.name
-        for item in request.session.items
-        if getattr(item, "module", None) is request.module
-    }
+    wanted = set()
+    for item in request.session.items:
+        if getattr(item, "module", None) is request.module:
+            wanted |= {"pair", "shard"} & set(getattr(item, "fixturenames", ()))
     root = tmp_path_factory.mktemp("background")
     jobs = {}
-    if any(n.startswith("test_two_processes_") for n in names):
+    if "pair" in wanted:
         jobs["pair"] = (root, two_processes(root, root / "mp", TINY))
-    if any(n.startswith("test_sharded_") for n in names):
+    if "shard" in wanted:
         jobs["shard"] = (root, start([str(HERE / "shard_worker.py"), str(root / "shard")], 8))
     yield jobs
     for _, procs in jobs.values():
         for p in procs if isinstance(procs, list) else [procs]:
             if p.poll() is None:
                 p.kill()
-                p.communicate()
+            p.communicate()  # closes its pipes
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,32 @@ def test_two_processes_with_sharded_parameters(tmp_path):
     for k, v in r["test"].items():
         assert abs(s["test"][k] - v) <= 1e-5 * max(1.0, abs(v)), k
     assert params_err(latest_params(tmp_path / "mp"), latest_params(tmp_path / "ref")) < 1e-4
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_a_checkpoint(tmp_path):
+    """SIGTERM to process 1 only: both stop at the same chunk boundary with 143."""
+    out = tmp_path / "mp"
+    procs = two_processes(tmp_path, out, TINY, "--epochs", "100000")
+    deadline = time.monotonic() + 600
+    metrics = out / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    (rc0, _, err0), (rc1, _, err1) = [finish(p, 300) for p in procs]
+    assert (rc0, rc1) == (143, 143), err0[-2000:] + err1[-2000:]
+    assert "fbp: stopped by SIGTERM; checkpoint " in err0 and "continue with --resume" in err0
+    last = checkpoint.list_checkpoints(out / "checkpoints")[-1]
+    assert last.name in err0
+    epoch = checkpoint.read_manifest(last)["meta"]["progress"]["epoch"]
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == epoch >= 3
+    # ... and the run goes on from there, here in one process.
+    argv = [*CLI, TINY, "--out", str(out), "--resume", "--epochs", str(epoch + 1)]
+    rc, stdout, err = finish(start(argv, None), 300)
+    assert rc == 0, err[-2000:]
+    assert f"resuming from {last.name}: epoch {epoch}" in stdout
 
 
 def test_coordinator_that_never_answers_fails_within_the_timeout(tmp_path):
