@@ -308,6 +308,11 @@ def test_shape_errors_name_the_layer_what_was_expected_and_got():
         ValueError, match=r"MultiHeadAttention\(2\).forward: context_lengths is for cross-attention"
     ):
         attn.apply(params, x, context_lengths=jnp.array([1, 2]))
+    with pytest.raises(
+        nn.ShapeError,
+        match=r"MultiHeadAttention\(3\).forward: params\['w_q'\] has 10 columns, which do not split into 3 heads",
+    ):
+        nn.MultiHeadAttention(3).apply(params, x)
 
 
 def test_cross_attention_errors():
