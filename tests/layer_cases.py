@@ -251,9 +251,6 @@ CASES: list[LayerCase] = [
     # bias gets an exactly-zero gradient (softmax ignores a per-row shift), which autodiff
     # and the hand-written rule both give as roundoff: cases with b_k use rope.
     LayerCase(
-        "mha-nobias-head3", lambda: nn.MultiHeadAttention(2, head_dim=3, use_bias=False), (2, 5, 8)
-    ),
-    LayerCase(
         "mha-linear-causal-rope-bs2",
         lambda: nn.MultiHeadAttention(2, causal=True, rope=True, memory="linear", block_size=2),
         (2, 5, 8),
@@ -266,7 +263,9 @@ CASES: list[LayerCase] = [
         needs_key=True,
     ),
     LayerCase(
-        "mha-cross-rope", lambda: CrossPair(nn.MultiHeadAttention(2, rope=True), 3), (2, 7, 8)
+        "mha-cross-nobias-head3",
+        lambda: CrossPair(nn.MultiHeadAttention(2, head_dim=3, use_bias=False), 3),
+        (2, 7, 8),
     ),
     # (linear memory with dropout in a block: tests/test_transformer.py, -m slow)
     LayerCase(
