@@ -35,11 +35,11 @@ Examples:
   >>> x, y = jnp.ones((5, 2)), jnp.arange(5) % 3
   >>> params = model.init(jax.random.key(0), x)
   >>> v = jax.tree.map(jnp.ones_like, params)
-  >>> gv = extend.curvature.ggn_vp(model, losses.softmax_cross_entropy)(params, x, y, v)
+  >>> gv = jax.jit(extend.curvature.ggn_vp(model, losses.softmax_cross_entropy))(params, x, y, v)
   >>> gv['2']['w'].shape
   (4, 3)
   >>> f = extend.curvature.kfac_factors(model, losses.softmax_cross_entropy)
-  >>> factors = f(params, x, y)
+  >>> factors = jax.jit(f)(params, x, y)
   >>> factors[('0',)].A.shape, factors[('0',)].G.shape
   ((3, 3), (4, 4))
 """

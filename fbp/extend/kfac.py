@@ -18,8 +18,8 @@ Examples:
   >>> init, step = extend.kfac.optimizer(model, losses.softmax_cross_entropy,
   ...                                    learning_rate=0.1, damping=1e-2)
   >>> params = model.init(jax.random.key(1), x)
-  >>> state = init(params, x, y, jax.random.key(2))
-  >>> params, state, loss = step(params, state, x, y, jax.random.key(3))
+  >>> state = jax.jit(init)(params, x, y, jax.random.key(2))
+  >>> params, state, loss = jax.jit(step)(params, state, x, y, jax.random.key(3))
   >>> sorted(state.factors)
   [('0',), ('2',)]
 """
