@@ -17,7 +17,12 @@ def test_every_option_is_a_flag_an_experiment_field_or_run_option_and_saved():
     assert set(options.names()) <= dests
     exp_fields = {f.name for f in dataclasses.fields(Experiment)}
     assert set(options.names(options.TrainingOptions)) <= exp_fields
-    assert set(options.names()) - exp_fields == {"chunk_steps", "data_file", "devices"}
+    assert set(options.names()) - exp_fields == {
+        "chunk_steps",
+        "data_file",
+        "devices",
+        *("shard_params", "num_processes", "process_id", "coordinator", "coordinator_timeout"),
+    }
     args = parser.parse_args(["train", "tiny", "--weight-decay", "0.5", "--data", "f.csv"])
     assert options.from_namespace(args)["weight_decay"] == 0.5
     assert options.from_namespace(args)["data_file"] == "f.csv"
