@@ -18,9 +18,9 @@ Examples:
   >>> import numpy as np
   >>> from jax.sharding import AbstractMesh
   >>> mesh = AbstractMesh((8,), ("data",))
-  >>> tree = {"w": np.zeros((64, 256)), "b": np.zeros(256), "odd": np.zeros((3, 5000))}
+  >>> tree = {"w": np.zeros((64, 256)), "b": np.zeros(256), "odd": np.zeros((3, 5001))}
   >>> {k: str(s.spec) for k, s in state_sharding(tree, mesh).items()}
-  {'b': 'PartitionSpec()', 'odd': 'PartitionSpec()', 'w': "PartitionSpec(None, 'data')"}
+  {'b': 'P()', 'odd': 'P()', 'w': "P(None, 'data')"}
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def leaf_spec(shape: Sequence[int], n: int, min_size: int = MIN_SHARD_SIZE) -> P
 
     Examples:
       >>> leaf_spec((64, 256), 8), leaf_spec((256, 10), 8), leaf_spec((10, 3), 8)
-      (PartitionSpec(None, 'data'), PartitionSpec('data',), PartitionSpec())
+      (P(None, 'data'), P('data',), P())
     """
     if n <= 1 or math.prod(shape) < min_size:
         return PartitionSpec()
