@@ -80,8 +80,8 @@ class GRUStep(NamedTuple):
 
 
 class GRUDeltas(NamedTuple):
-    dgx: Array  # (batch, 3H) per step: cotangent of x_t w_ih + b_ih (r, z, n)
-    dgh: Array  # (batch, 3H) per step: cotangent of h_prev w_hh + b_hh (r, z, n)
+    dgx: Array  # (time, batch, 3H): cotangent of x_t w_ih + b_ih (r, z, n)
+    dgh: Array  # (time, batch, 3H): cotangent of h_prev w_hh + b_hh (r, z, n)
 
 
 def _orthogonal_blocks(key: Array, hidden: int, blocks: int, dtype) -> Array:
