@@ -122,8 +122,9 @@ class SinusoidalPositions(Layer):
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> SinusoidalPositions().apply({}, jnp.zeros((1, 2, 4))).tolist()[0][1][:2]
-      [0.8414709568023682, 0.5403022766113281]
+      >>> y = SinusoidalPositions().apply({}, jnp.zeros((1, 2, 4)))
+      >>> [round(v, 4) for v in y[0, 1, :2].tolist()]  # sin 1, cos 1
+      [0.8415, 0.5403]
     """
 
     base: float = 10000.0
