@@ -14,14 +14,15 @@ XLA's defaults.
 Three rules keep it safe:
 
 * fbp sets only flags the installed jaxlib accepts (XLA aborts the process on an
-  unknown flag or value). Support is probed once in a subprocess (~0.4 s) and cached
+  unknown flag or value). Support is probed once in a subprocess (0.4-1.4 s) and cached
   per jaxlib version under ``$FBP_CACHE_DIR`` (default ``~/.cache/fbp``).
 * A flag the user already put in ``XLA_FLAGS`` wins over fbp's (flag by flag).
 * ``FBP_XLA=off`` turns fbp's setting off; ``FBP_XLA=NAME`` forces a named setting
   (``xla``, ``conv``) whatever the model.
 
-The ``fbp`` command applies the setting of the experiment it runs (``EXPERIMENTS``)
-before JAX starts; scripts call ``fbp.configure_cpu(model=...)`` at the top. The glibc
+The ``fbp`` command applies the setting of the experiment it runs before JAX starts
+(``setting_for_experiment``: by name, else by the layers its file names); scripts call
+``fbp.configure_cpu(model=...)`` at the top. The glibc
 allocator tunables (``GLIBC_TUNABLES``) act only when given at process start; see
 the README's "Speed on CPU".
 
