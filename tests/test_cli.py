@@ -13,17 +13,16 @@ import jax
 import numpy as np
 import optax
 import pytest
+from cli_runs import EXPERIMENTS, use_test_experiments
+from cli_runs import train as _train
 
 from fbp import checkpoint as ckpt
 from fbp import cli, export, runner
 
-EXPERIMENTS = str(Path(__file__).parent / "experiments")
-
 
 @pytest.fixture(autouse=True)
 def _experiments(monkeypatch):
-    monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
-    monkeypatch.delenv("TINY_POISON", raising=False)
+    use_test_experiments(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +33,6 @@ def ref(tmp_path_factory):
         mp.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
         assert _train(out, "--epochs", 3) == 0
     return out
-
-
-def _train(out, *args, name="tiny"):
-    return cli.main(["train", name, "--out", str(out), *map(str, args)])
 
 
 def _summary(out):

@@ -8,23 +8,19 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from cli_runs import train as _train
+from cli_runs import use_test_experiments
 
-from fbp import cli, experiment, nn, runner
+from fbp import experiment, nn, runner
 from fbp import value_and_grad as fbp_value_and_grad
 from fbp.extend import accounting
 
 pytest.importorskip("dp_accounting")
 
-EXPERIMENTS = str(Path(__file__).parent / "experiments")
-
 
 @pytest.fixture(autouse=True)
 def _experiments(monkeypatch):
-    monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
-
-
-def _train(out, *args, name="tiny"):
-    return cli.main(["train", name, "--out", str(out), *map(str, args)])
+    use_test_experiments(monkeypatch)
 
 
 def _rows(out):

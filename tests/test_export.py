@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_runs import EXPERIMENTS
 
 from fbp import cli, data, experiment, export, runner
-
-EXPERIMENTS = str(Path(__file__).parent / "experiments")
 
 
 @pytest.fixture(scope="module")

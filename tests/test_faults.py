@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runs import EXPERIMENTS
 
 from fbp import checkpoint as ckpt
 from fbp import runner
 
-EXPERIMENTS = str(Path(__file__).parent / "experiments")
 ARGS = ["--epochs", "40", "--chunk-steps", "2", "--checkpoint-every", "1", "--keep", "2"]
 
 

@@ -16,17 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runs import EXPERIMENTS, use_test_experiments
+from cli_runs import train as _train
 
 from fbp import checkpoint as ckpt
 from fbp import cli, experiment, runner
 
-EXPERIMENTS = str(Path(__file__).parent / "experiments")
-
 
 @pytest.fixture(autouse=True)
 def _experiments(monkeypatch):
-    monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
-    monkeypatch.delenv("TINY_POISON", raising=False)
+    use_test_experiments(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +40,6 @@ def two_epochs(tmp_path_factory):
 
 def _copy(run, tmp_path):
     return Path(shutil.copytree(run, tmp_path / "run"))
-
-
-def _train(out, *args, name="tiny"):
-    return cli.main(["train", name, "--out", str(out), *map(str, args)])
 
 
 def _env():

@@ -3,23 +3,22 @@
 import dataclasses
 import json
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_runs import use_test_experiments
 from sklearn.datasets import load_digits
 
 from fbp import cli, experiment, nn, runner
 
-EXPERIMENTS = str(Path(__file__).parent / "experiments")
 TIME = 11  # digits rows are 8 steps; the files pad them to 11
 
 
 @pytest.fixture(autouse=True)
 def _experiments(monkeypatch):
-    monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
+    use_test_experiments(monkeypatch)
 
 
 def _write(path, *, garbage, n=150, seed=0):

@@ -20,25 +20,21 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from cli_runs import EXPERIMENTS, use_test_experiments
+from cli_runs import train as _train
 
 from fbp import checkpoint as ckpt
 from fbp import cli, experiment, export, runner, sweep
 from fbp.sweep import grid, memory
 from fbp.sweep import stack as stk
 
-EXPERIMENTS = str(Path(__file__).parent / "experiments")
 GRID = ["--seeds", "0-1", "--sweep", "lr=0.01,0.03", "--epochs", "3"]
 NAMES = ["lr-0.01_seed-0", "lr-0.01_seed-1", "lr-0.03_seed-0", "lr-0.03_seed-1"]
 
 
 @pytest.fixture(autouse=True)
 def _experiments(monkeypatch):
-    monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
-    monkeypatch.delenv("TINY_POISON", raising=False)
-
-
-def _train(out, *args, name="tiny"):
-    return cli.main(["train", name, "--out", str(out), *map(str, args)])
+    use_test_experiments(monkeypatch)
 
 
 def _summary(out):

@@ -1,0 +1,18 @@
+"""Helpers for tests that run ``fbp train`` in this process on ``tests/experiments``."""
+
+from pathlib import Path
+
+from fbp import cli
+
+EXPERIMENTS = str(Path(__file__).parent / "experiments")
+
+
+def use_test_experiments(monkeypatch) -> None:
+    """Make fbp find the test experiments (``tiny``, ``wide``...) first; ``tiny`` unpoisoned."""
+    monkeypatch.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
+    monkeypatch.delenv("TINY_POISON", raising=False)
+
+
+def train(out, *args, name: str = "tiny") -> int:
+    """``fbp train NAME --out OUT ARGS...``; returns the exit status."""
+    return cli.main(["train", name, "--out", str(out), *map(str, args)])
