@@ -141,7 +141,7 @@ def write_plots(out: Path, history: list[dict[str, Any]]) -> list[Path]:
                     for e, r in zip(epochs, history, strict=True)
                     if r.get(key) is not None
                 ]
-                lines[key].set_data(*zip(*pts, strict=True)) if pts else lines[key].set_data([], [])
+                lines[key].set_data(*(zip(*pts, strict=True) if pts else ([], [])))
                 lines[key].set_label(label if pts else "_nolegend_")
             ax.relim()
             ax.autoscale_view()
