@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.neural_network import MLPClassifier  # noqa: E402
 
-from fbp import experiment, train  # noqa: E402
+from fbp import train  # noqa: E402
+from fbp.run import experiment
 
 EXPERIMENT_FILE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "digits_mlp.py"

@@ -2,14 +2,14 @@
 
 One process with ``--xla_force_host_platform_device_count=8``: every "device" is a
 slice of the same CPU cores, so going from 1 to 8 devices cannot be faster here.
-What this measures is the **overhead** of ``fbp.parallel`` (splitting each batch,
+What this measures is the **overhead** of ``fbp.distributed.parallel`` (splitting each batch,
 the all-reduce XLA inserts, per-device dispatch), not speedup; on real accelerators
 each device brings its own compute.
 
 Workload: MLP 64-256-256-10 (ReLU), softmax cross-entropy, Adam, float32, one
 epoch of 8192 examples in global batches of 256 (32 steps, one jitted
 ``lax.scan``). Variants, timed in interleaved rounds in one process:
-``fbp.train.make_epoch`` (no mesh) and ``fbp.parallel.make_epoch`` on 1, 2, 4, 8
+``fbp.train.make_epoch`` (no mesh) and ``fbp.distributed.parallel.make_epoch`` on 1, 2, 4, 8
 devices. All see the same global batch, so they do the same arithmetic.
 
 Usage:
@@ -37,7 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from fbp import losses, nn, parallel, train  # noqa: E402
+from fbp import losses, nn, train  # noqa: E402
+from fbp.distributed import parallel  # noqa: E402
 
 
 def measure(quick: bool, rounds: int) -> dict:

@@ -3,9 +3,9 @@
 All three train experiments/digits_mlp.py (64-128-10 ReLU, Adam lr 1e-3, batch 32,
 100 epochs) once per seed:
 
-* **sweep**: ``fbp.sweep.run(exp, seeds=range(8), out=DIR)``, the code path of
+* **sweep**: ``fbp.run.sweep.run(exp, seeds=range(8), out=DIR)``, the code path of
   ``fbp train digits-mlp --seeds 0-7``: one vmapped program for all runs;
-* **sequential**: ``fbp.runner.run(exp, seed=s, out=DIR/s)`` for each seed, the code
+* **sequential**: ``fbp.run.runner.run(exp, seed=s, out=DIR/s)`` for each seed, the code
   path of ``fbp train digits-mlp --seed s``, one after the other in this process;
 * **scikit-learn**: ``MLPClassifier`` fits with the matched configuration of
   benchmarks/digits_vs_sklearn.py (``run_sklearn``), one per seed.
@@ -41,7 +41,7 @@ import common  # noqa: E402
 import jax  # noqa: E402
 from digits_vs_sklearn import EXPERIMENT_FILE, run_sklearn  # noqa: E402
 
-from fbp import experiment, runner, sweep  # noqa: E402
+from fbp.run import experiment, runner, sweep  # noqa: E402
 
 
 class CompileLog(logging.Handler):

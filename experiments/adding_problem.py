@@ -14,7 +14,7 @@ import optax
 
 from fbp import losses, nn
 from fbp.data import Dataset, Split
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 T, HIDDEN = 100, 64
 N_TRAIN, N_VAL, N_TEST = 10_000, 1_000, 2_000

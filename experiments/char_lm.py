@@ -26,7 +26,7 @@ import optax
 
 from fbp import losses, nn
 from fbp.data import Dataset, Split
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 T, WIDTH, HEADS, LAYERS = 128, 128, 4, 3
 SPLIT = (0.9, 0.05)  # train, validation fractions; the rest is test
@@ -89,7 +89,7 @@ def plot_bpc(curves: dict[str, list[tuple[float, float]]], path, xlabel: str) ->
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from fbp.runlog import save_figure
+    from fbp.figures import save_figure
 
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)

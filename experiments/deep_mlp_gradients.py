@@ -11,7 +11,7 @@ every epoch (``fbp.diagnostics.probe``) and plotted per variant.
 import optax
 
 from fbp import data, diagnostics, losses, nn
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 DEPTH, WIDTH = 10, 64
 SMALL = nn.initializers.normal(0.05)

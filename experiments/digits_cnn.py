@@ -4,7 +4,7 @@ ReLU, two max pools, dropout and a dense head; Adam with a cosine learning-rate 
 import optax
 
 from fbp import data, losses, nn
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 
 def model(ds) -> nn.Sequential:

@@ -4,7 +4,7 @@ The 64-128-10 ReLU MLP of ``digits-mlp`` (Adam, lr 3e-3, 40 epochs of batch 64).
 private variant clips every example's gradient to norm 1 and adds Gaussian noise
 whose multiplier ``fbp.extend.accounting.noise_for_epsilon`` calibrates so that the
 run's 760 steps (sampling rate 64/1257) end at the target epsilon; the runner logs the
-epsilon actually spent per epoch (``fbp.privacy``). The report tabulates test accuracy
+epsilon actually spent per epoch (``fbp.run.privacy``). The report tabulates test accuracy
 against the final epsilon and writes ``accuracy_vs_epsilon.png``.
 """
 
@@ -13,8 +13,8 @@ import logging
 import optax
 
 from fbp import data, losses, nn
-from fbp.experiment import Experiment
-from fbp.runlog import new_figure, save_figure
+from fbp.figures import new_figure, save_figure
+from fbp.run import Experiment
 
 EPOCHS, BATCH, TRAIN_EXAMPLES, CLIP, DELTA = 40, 64, 1257, 1.0, 1e-5
 TARGETS = (8.0, 3.0, 1.0)

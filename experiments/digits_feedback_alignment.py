@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from fbp import data, diagnostics, losses, nn, rules
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 LOSS = losses.softmax_cross_entropy
 FEEDBACK_KEY = 1  # the fixed random feedback matrices are drawn from this key

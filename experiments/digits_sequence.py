@@ -8,7 +8,7 @@ import optax
 
 from fbp import data, losses, nn
 from fbp.data import Dataset
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 
 def rows(seed: int) -> Dataset:

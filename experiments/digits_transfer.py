@@ -19,9 +19,9 @@ import jax
 import numpy as np
 import optax
 
-from fbp import data, finetune, losses, nn, runner
+from fbp import data, finetune, losses, nn
 from fbp.data import Dataset, Split
-from fbp.experiment import Experiment
+from fbp.run import Experiment, runner
 
 PER_CLASS = 20
 HEAD = "4"  # the output layer's key in the Sequential

@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fbp import losses, nn, runlog
+from fbp import figures, losses, nn
 from fbp.data import Dataset
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 _spec = importlib.util.spec_from_file_location(
     "fbp_experiment_adding_problem_data", Path(__file__).with_name("adding_problem.py")
@@ -65,7 +65,7 @@ def report(result) -> list[str]:
     runs = result.variants or {"run": result}
     x = jnp.asarray(result.dataset.test.x[:N_PROBE])
     y = jnp.asarray(result.dataset.test.y[:N_PROBE])
-    fig = runlog.new_figure(figsize=(16, 4.5))
+    fig = figures.new_figure(figsize=(16, 4.5))
     axes = fig.subplots(1, 3)
     lines = [
         "| variant | ‖∂L/∂x_0‖/‖∂L/∂x_T-1‖ at init | after training | test MSE |",
@@ -90,7 +90,7 @@ def report(result) -> list[str]:
     fig.tight_layout()
     out = Path(result.out) if result.out is not None else Path.cwd() / "runs" / "rnn-gradient-flow"
     out.mkdir(parents=True, exist_ok=True)
-    runlog.save_figure(fig, out / "gradient_flow.png")
+    figures.save_figure(fig, out / "gradient_flow.png")
     lines.append(f"plot: {out / 'gradient_flow.png'}")
     return lines
 

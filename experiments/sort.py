@@ -23,7 +23,7 @@ import optax
 
 from fbp import losses, nn
 from fbp.data import Dataset, Split
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 N, DIGITS = 6, 10
 WIDTH, HEADS, LAYERS = 64, 4, 2

@@ -5,7 +5,7 @@ import optax
 
 from fbp import losses, nn
 from fbp.data import Dataset, Split
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 X = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
 Y = np.array([[0], [1], [1], [0]], np.float32)

@@ -1,11 +1,14 @@
 """fbp: hand-written backpropagation in JAX, checked against jax.grad."""
 
-from fbp import diagnostics, extend, finetune, losses, nn, parallel, rules, testing, train
+from fbp import _moved, diagnostics, extend, finetune, losses, nn, rules, testing, train
 from fbp.core import Aux, Layer, Sequential, ShapeError, loss_fn, value_and_grad
+from fbp.distributed import parallel
 from fbp.memory import memory_report
 from fbp.xla_config import configure_cpu
 
 __version__ = "0.1.0"
+
+_moved.install()  # old module paths (fbp.runner, fbp.parallel, ...) for one release
 
 __all__ = [
     "Aux",

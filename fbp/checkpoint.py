@@ -94,10 +94,11 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes | str, *, sync_dir: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary name, fsync and rename.
 
     On any error (a full disk) the temporary file is removed and ``path`` is untouched.
+    ``sync_dir=False`` leaves the directory's fsync to the caller (several files in a row).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -107,7 +108,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from fbp.core import Array, Layer, Params, value_and_grad
-from fbp.runlog import new_figure, save_figure
+from fbp.figures import new_figure, save_figure
 
 STATS = ("delta_norm", "grad_norm", "w_norm", "update_ratio")
 

@@ -5,7 +5,7 @@ update; an epoch is one ``lax.scan`` over minibatches drawn by an explicit
 shuffling key, so a whole epoch is one XLA call and the step traces once.
 
 The shuffle-and-scan core is three functions that every training loop of fbp
-shares (``make_epoch`` here, the runner's chunks, ``fbp.parallel``), so that they
+shares (``make_epoch`` here, the runner's chunks, ``fbp.distributed.parallel``), so that they
 take bitwise the same steps: ``epoch_keys`` splits the train key at the start of
 an epoch, ``fbp.data.batch_order`` turns the order key into example indices, shape
 (steps, batch), and ``scan_steps`` runs the step over any slice of those rows.
@@ -68,7 +68,8 @@ def init(model: Layer, optimizer: optax.GradientTransformation, key: Array, x: A
     )
 
 
-def _all_finite(tree: Any) -> Array:
+def all_finite(tree: Any) -> Array:
+    """Whether every entry of every leaf of ``tree`` is finite (a scalar bool array)."""
     leaves = jax.tree.leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
 
@@ -80,7 +81,7 @@ def _finite_grads(grads: Any, norm: Array) -> Array:
     further pass over the gradients; only a non-finite norm (bad entries, or finite
     ones whose squares overflow) runs the entry-by-entry check.
     """
-    return jax.lax.cond(jnp.isfinite(norm), lambda g: jnp.array(True), _all_finite, grads)
+    return jax.lax.cond(jnp.isfinite(norm), lambda g: jnp.array(True), all_finite, grads)
 
 
 def step_fn(
@@ -179,7 +180,7 @@ def make_chunk(
     """Jitted ``(ts, x, y, order, lengths=None) -> (ts, metrics)``: ``scan_steps`` over rows.
 
     A run split into chunks of an epoch's ``batch_order`` takes the same steps as
-    ``make_epoch`` (the runner uses this; ``fbp.parallel.make_train_chunk`` is the
+    ``make_epoch`` (the runner uses this; ``fbp.distributed.parallel.make_train_chunk`` is the
     data-parallel form with the same signature).
 
     Args:
@@ -274,7 +275,7 @@ def eval_sums(model: Layer, loss: Callable, y_dtype: Any) -> Callable:
     ``evaluate`` adds these over batches and divides by the example count; the
     accuracy sum (correct predictions) is there for ``softmax_cross_entropy`` with
     integer labels (``y_dtype``); ``lb`` are the batch's sequence lengths, if any. The
-    function is pure, so ``fbp.sweep`` vmaps it.
+    function is pure, so ``fbp.run.sweep`` vmaps it.
     """
     classify = isinstance(loss, SoftmaxCrossEntropy) and jnp.issubdtype(y_dtype, jnp.integer)
 

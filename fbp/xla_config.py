@@ -176,7 +176,7 @@ def setting_for_experiment(experiment: Any) -> str:
     if name in EXPERIMENTS:
         return EXPERIMENTS[name]
     if path is None:
-        from fbp import experiment as fbp_experiment
+        from fbp.run import experiment as fbp_experiment
 
         path = fbp_experiment.available().get(name)
     return "conv" if path is not None and _names_conv(path) else DEFAULT

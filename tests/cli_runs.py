@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from fbp import cli
+from fbp.run import cli
 
 EXPERIMENTS = str(Path(__file__).parent / "experiments")
 

@@ -8,10 +8,10 @@ prints last. Modes:
   indivisible-batch errors, and a checkpoint saved on 8 devices resumed on 1 and 4.
 * ``sweep``: 8 CPU devices; more optimizers and seeds (slow tests).
 * ``multi CKPT_DIR [ADDRESS NUM_PROCESSES PROCESS_ID]``: one of several processes
-  joined by ``fbp.parallel.initialize`` (or ``initialize_from_env`` without the
+  joined by ``fbp.distributed.parallel.initialize`` (or ``initialize_from_env`` without the
   three arguments); trains, evaluates, saves through
-  ``fbp.parallel.save_checkpoint`` and reports its parameters' hash.
-* ``cli OUT_DIR EXPERIMENT``: ``fbp train --devices`` through ``fbp.cli.main``.
+  ``fbp.distributed.parallel.save_checkpoint`` and reports its parameters' hash.
+* ``cli OUT_DIR EXPERIMENT``: ``fbp train --devices`` through ``fbp.run.cli.main``.
 * ``connect ADDRESS NUM_PROCESSES PROCESS_ID TIMEOUT``: only ``initialize``; reports
   the error it raised and how long it took (or is ended by the watchdog).
 """
@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fbp import checkpoint, losses, nn, parallel, train
+from fbp import checkpoint, losses, nn, train
+from fbp.distributed import parallel
 
 N, FEATURES, CLASSES, BATCH = 320, 16, 5, 32  # 10 steps per epoch
 
@@ -135,7 +136,7 @@ def mode_devices() -> dict:
     out["shard_spec"] = str(parallel.shard_batch(x[:BATCH], mesh8).sharding.spec)
 
     # The runner's chunk signature (ts, x, y, order), on 4 devices.
-    from fbp import runner
+    from fbp.run import runner
 
     order = jax.random.permutation(jax.random.key(5), N).reshape(N // BATCH, BATCH)
     ref_c, _ = runner.make_train_chunk(model, loss, opt)(ts0, x, y, order)
@@ -285,7 +286,7 @@ def mode_cli(out_dir: str, experiment: str) -> dict:
     import contextlib
     import io
 
-    from fbp import cli
+    from fbp.run import cli
 
     out: dict = {}
     err = io.StringIO()

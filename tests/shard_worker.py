@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fbp import checkpoint, cli, losses, nn, parallel, train
+from fbp import checkpoint, losses, nn, train
+from fbp.distributed import parallel
+from fbp.run import cli
 
 N, FEATURES, CLASSES, BATCH = 320, 64, 10, 32
 WIDE = str(Path(__file__).with_name("experiments") / "wide.py")

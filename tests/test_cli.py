@@ -17,7 +17,7 @@ from cli_runs import EXPERIMENTS, use_test_experiments
 from cli_runs import train as _train
 
 from fbp import checkpoint as ckpt
-from fbp import cli, export, runner
+from fbp.run import cli, export, metrics, progress, runner
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +59,7 @@ def test_list_shows_descriptions(capsys):
 
 def test_train_writes_metrics_summary_plots_and_checkpoints(ref):
     out = ref
-    rows = runner.read_metrics(out / "metrics.jsonl")
+    rows = metrics.read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["step"] for r in rows] == [6, 12, 18]
     for key in ("loss", "val_loss", "val_accuracy", "lr", "grad_norm", "seconds", "skipped"):
         assert all(r[key] is not None for r in rows), key
@@ -127,11 +127,11 @@ def test_resume_continues_to_total_epochs_bitwise(ref, tmp_path, capsys):
     assert _summary(part)["params_sha256"] == _summary(ref)["params_sha256"]
     strip = [
         {k: v for k, v in r.items() if k != "seconds"}
-        for r in runner.read_metrics(part / "metrics.jsonl")
+        for r in metrics.read_metrics(part / "metrics.jsonl")
     ]
     assert strip == [
         {k: v for k, v in r.items() if k != "seconds"}
-        for r in runner.read_metrics(ref / "metrics.jsonl")
+        for r in metrics.read_metrics(ref / "metrics.jsonl")
     ]
 
 
@@ -158,7 +158,7 @@ def test_sigterm_mid_epoch_saves_and_resume_is_bitwise(ref, tmp_path, monkeypatc
     newest = ckpt.list_checkpoints(cut / "checkpoints")[-1]
     prog = ckpt.read_manifest(newest)["meta"]["progress"]
     assert (prog["epoch"], prog["pos"]) == (1, 4)
-    assert [r["epoch"] for r in runner.read_metrics(cut / "metrics.jsonl")] == [1]
+    assert [r["epoch"] for r in metrics.read_metrics(cut / "metrics.jsonl")] == [1]
     monkeypatch.setattr(runner, "make_train_chunk", real)
     assert _train(cut, "--resume") == 0
     assert _summary(cut)["params_sha256"] == _summary(ref)["params_sha256"]
@@ -175,7 +175,7 @@ def test_early_stopping_restores_best_params(tmp_path, capsys):
     assert "(best parameters of ckpt-" in capsys.readouterr().out
     assert json.loads((out / "eval.json").read_text())["test"] == pytest.approx(s["test"])
     assert s["epochs_completed"] == s["best_epoch"] + 2 < 200
-    rows = runner.read_metrics(out / "metrics.jsonl")
+    rows = metrics.read_metrics(out / "metrics.jsonl")
     assert min(r["val_loss"] for r in rows) == pytest.approx(s["best_val_loss"])
     best = export.load_run(out, which="best")
     assert runner.params_sha256(best["params"]) == s["params_sha256"]
@@ -190,12 +190,12 @@ def test_early_stopping_restores_best_params(tmp_path, capsys):
 
 def test_schedules_show_in_the_lr_column(tmp_path):
     assert _train(tmp_path / "c", "--epochs", 3, "--schedule", "cosine") == 0
-    lrs = [r["lr"] for r in runner.read_metrics(tmp_path / "c" / "metrics.jsonl")]
+    lrs = [r["lr"] for r in metrics.read_metrics(tmp_path / "c" / "metrics.jsonl")]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] < 0.01 and lrs[-1] == pytest.approx(0)
     plateau = ("--lr", 0.05, "--schedule", "plateau", "--plateau-patience", 1)
     plateau += ("--plateau-factor", 0.5)
     assert _train(tmp_path / "p", "--epochs", 25, *plateau, "--checkpoint-every", 25) == 0
-    lrs = [r["lr"] for r in runner.read_metrics(tmp_path / "p" / "metrics.jsonl")]
+    lrs = [r["lr"] for r in metrics.read_metrics(tmp_path / "p" / "metrics.jsonl")]
     assert lrs[0] == pytest.approx(0.05) and lrs == sorted(lrs, reverse=True)
     assert any(
         math.isclose(b, a * 0.5, rel_tol=1e-6) for a, b in zip(lrs[:-1], lrs[1:], strict=True)
@@ -204,11 +204,11 @@ def test_schedules_show_in_the_lr_column(tmp_path):
     assert _train(tmp_path / "q", "--epochs", 12, *plateau) == 0
     assert _train(tmp_path / "q", "--epochs", 25, "--resume") == 0
     assert _summary(tmp_path / "q")["params_sha256"] == _summary(tmp_path / "p")["params_sha256"]
-    assert [r["lr"] for r in runner.read_metrics(tmp_path / "q" / "metrics.jsonl")] == lrs
+    assert [r["lr"] for r in metrics.read_metrics(tmp_path / "q" / "metrics.jsonl")] == lrs
 
 
 def test_clip_and_weight_decay_build_into_the_optimizer():
-    from fbp.experiment import get
+    from fbp.run.experiment import get
 
     exp = dataclasses.replace(
         get(os.path.join(EXPERIMENTS, "tiny.py")), optimizer=lambda lr, steps: optax.sgd(lr)
@@ -230,7 +230,7 @@ def test_nonfinite_skip_counts_and_keeps_params_finite(tmp_path, monkeypatch, ca
     assert "skipped 1 steps with a non-finite loss" in capsys.readouterr().out
     s = _summary(out)
     assert s["skipped_steps"] == 3 and s["steps"] == 9  # 4 batches an epoch, one poisoned
-    assert [r["skipped"] for r in runner.read_metrics(out / "metrics.jsonl")] == [1, 1, 1]
+    assert [r["skipped"] for r in metrics.read_metrics(out / "metrics.jsonl")] == [1, 1, 1]
     params = export.load_run(out, which="last")["params"]
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(params))
 
@@ -275,10 +275,10 @@ def test_default_out_dir_and_readme_experiments(tmp_path, monkeypatch, capsys):
 def test_metrics_reader_tolerates_a_truncated_last_line(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
-    assert runner.read_metrics(p) == [{"epoch": 1}, {"epoch": 2}]
+    assert metrics.read_metrics(p) == [{"epoch": 1}, {"epoch": 2}]
     p.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
-        runner.read_metrics(p)
+        metrics.read_metrics(p)
 
 
 def test_resume_with_another_architecture_names_the_file_then_a_few_mismatches(
@@ -327,7 +327,7 @@ def test_resume_refuses_a_planted_pickle_without_running_it(tmp_path, capsys):
 
 def test_progress_bar_on_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
-    printer = runner._Printer(print, total=4, log_every=1)
+    printer = progress.Printer(print, total=4, log_every=1)
     assert printer.tty
     for e in (1, 4):
         printer.epoch({"epoch": e, "loss": 0.5, "val_loss": 0.25, "lr": 0.1})

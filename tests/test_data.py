@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from fbp import cli, data
+from fbp import data
+from fbp.run import cli
 
 
 @pytest.mark.parametrize(
@@ -271,7 +272,7 @@ def test_fbp_train_with_a_label_typo_exits_2_naming_file_line_and_value(tmp_path
     labels[20] = 1000000
     path = _labelled_csv(tmp_path, labels, "bad.csv")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fbp.cli", "train", "tiny", "--data", path, "--out", str(out)]
+    cmd = [sys.executable, "-m", "fbp.run.cli", "train", "tiny", "--data", path, "--out", str(out)]
     r = subprocess.run(cmd, env=_fbp_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"fbp: error: {path}: label 1000000 at line 22 is not one of")

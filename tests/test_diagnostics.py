@@ -154,13 +154,14 @@ def test_plots_leave_the_callers_matplotlib_backend_and_pyplot_alone(tmp_path):
 import sys, matplotlib
 from pathlib import Path
 matplotlib.use("svg")
-from fbp import diagnostics, runlog
+from fbp import diagnostics
+from fbp import figures
 h = [{{"epoch": 1, "grad_norm/0": 1.0, "delta_norm/0": 0.5, "loss": 1.0, "val_accuracy": 0.5}}]
 out = {str(tmp_path)!r}
 diagnostics.plot_gradient_flow(h, out + "/a.png")
 diagnostics.plot_layer_series({{"run": h}}, out + "/b.png")
 diagnostics.plot_metric({{"run": h}}, out + "/c.png")
-runlog.write_plots(Path(out), h)
+figures.write_plots(Path(out), h)
 assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
 assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
 """
@@ -176,8 +177,9 @@ def test_plot_gradient_flow_without_stats_raises(tmp_path):
 
 
 def test_report_hook_plots_the_runs_gradient_flow(tmp_path):
-    from fbp import data, runner
-    from fbp.experiment import Experiment
+    from fbp import data
+    from fbp.run import runner
+    from fbp.run.experiment import Experiment
 
     exp = Experiment(
         name="flow",

@@ -24,12 +24,14 @@ import pytest
 from jax.sharding import AbstractMesh
 from procs import fbp_lines, finish, free_port, result, start
 
-from fbp import checkpoint, cli, cluster, experiment, options, parallel, runner
+from fbp import checkpoint
+from fbp.distributed import cluster, parallel
+from fbp.run import cli, experiment, options, runner
 
 HERE = Path(__file__).parent
 TINY = str(HERE / "experiments" / "tiny.py")
 WIDE = str(HERE / "experiments" / "wide.py")
-CLI = ["-m", "fbp.cli", "train"]
+CLI = ["-m", "fbp.run.cli", "train"]
 
 
 def two_processes(tmp_path: Path, out: Path, *args: str, devices: int = 2) -> list:

@@ -11,9 +11,10 @@ import pytest
 from cli_runs import train as _train
 from cli_runs import use_test_experiments
 
-from fbp import experiment, nn, runner
+from fbp import nn
 from fbp import value_and_grad as fbp_value_and_grad
 from fbp.extend import accounting
+from fbp.run import experiment, runner
 
 pytest.importorskip("dp_accounting")
 

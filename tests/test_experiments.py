@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fbp import experiment, runner
+from fbp.run import experiment, runner
 
 
 def _run(name, tmp_path, **kwargs):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from cli_runs import EXPERIMENTS
 
-from fbp import cli, data, experiment, export, runner
+from fbp import data
+from fbp.run import cli, experiment, export, runner
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import pytest
 from cli_runs import EXPERIMENTS
 
 from fbp import checkpoint as ckpt
-from fbp import runner
+from fbp.run import metrics
 
 ARGS = ["--epochs", "40", "--chunk-steps", "2", "--checkpoint-every", "1", "--keep", "2"]
 
@@ -39,7 +39,7 @@ def _env():
 
 
 def _fbp(out, *extra):
-    return [sys.executable, "-m", "fbp.cli", "train", "tiny", "--out", str(out), *ARGS, *extra]
+    return [sys.executable, "-m", "fbp.run.cli", "train", "tiny", "--out", str(out), *ARGS, *extra]
 
 
 def _sha(out):
@@ -87,7 +87,7 @@ def _trial(tmp_path, sig, seed):
     assert ckpts, "no checkpoint committed"
     for p in ckpts:
         ckpt.read_arrays(p)
-    runner.read_metrics(out / "metrics.jsonl")  # a torn last line is tolerated
+    metrics.read_metrics(out / "metrics.jsonl")  # a torn last line is tolerated
     resumed = subprocess.run(
         _fbp(out, "--resume"), env=_env(), capture_output=True, text=True, timeout=600
     )
@@ -170,7 +170,7 @@ def _kill_chain(tmp_path, seed, kills):
                 tally["verified"] += 1
             except ckpt.CheckpointError:
                 tally["corrupt"] += 1
-        runner.read_metrics(out / "metrics.jsonl")  # a torn last line is tolerated
+        metrics.read_metrics(out / "metrics.jsonl")  # a torn last line is tolerated
     resumed = subprocess.run(
         _fbp(out, "--resume"), env=_env(), capture_output=True, text=True, timeout=600
     )

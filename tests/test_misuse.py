@@ -20,7 +20,7 @@ from cli_runs import EXPERIMENTS, use_test_experiments
 from cli_runs import train as _train
 
 from fbp import checkpoint as ckpt
-from fbp import cli, experiment, runner
+from fbp.run import cli, experiment, rundir, runner
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +49,7 @@ def _env():
 # ----------------------------------------------------------------------------- 1. one process per run directory
 
 
-# Another process holding DIR as fbp.runlog.RunLock does (flock on the directory, its
+# Another process holding DIR as fbp.run.metrics.RunLock does (flock on the directory, its
 # id in DIR/.lock), without importing JAX so that it starts at once.
 HOLD = """
 import fcntl, os, sys, time
@@ -79,9 +79,9 @@ def test_a_second_process_on_a_run_directory_is_refused_and_a_killed_ones_lock_i
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.communicate()
-    assert (out / runner.LOCK).exists()  # left behind by the killed process ...
+    assert (out / rundir.LOCK).exists()  # left behind by the killed process ...
     assert _train(out, "--epochs", 1) == 0  # ... and it does not block
-    assert not (out / runner.LOCK).exists()
+    assert not (out / rundir.LOCK).exists()
 
 
 def test_fbp_train_holds_its_run_directory_while_it_trains(tmp_path, monkeypatch):
@@ -93,7 +93,7 @@ def test_fbp_train_holds_its_run_directory_while_it_trains(tmp_path, monkeypatch
 
         def chunk(*a):
             if not seen:
-                with pytest.raises(runner.RunDirInUse, match=f"in use by process {os.getpid()}"):
+                with pytest.raises(rundir.RunDirInUse, match=f"in use by process {os.getpid()}"):
                     runner.RunLock(out)
                 seen.append(True)
             return fn(*a)
@@ -105,12 +105,12 @@ def test_fbp_train_holds_its_run_directory_while_it_trains(tmp_path, monkeypatch
 
 
 def test_a_filesystem_without_locks_trains_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
-    from fbp import runlog
+    from fbp.run import rundir
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(runlog.fcntl, "flock", no_locks)
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
     assert _train(tmp_path / "run", "--epochs", 1) == 0
     assert "cannot be locked (No locks available)" in capsys.readouterr().out
 
@@ -286,7 +286,7 @@ def test_list_skips_broken_files_with_a_warning(tmp_path, monkeypatch, capsys):
 
 def test_list_into_a_pipe_closed_early_is_quiet():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fbp.cli", "list"],
+        [sys.executable, "-m", "fbp.run.cli", "list"],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -305,7 +305,7 @@ def test_list_into_a_pipe_closed_early_is_quiet():
 @pytest.mark.slow  # a subprocess on two CPU devices; test_options checks the rule by default
 def test_a_run_saved_on_two_devices_resumes_with_plain_resume_on_one(tmp_path, capsys):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fbp.cli", "train", "tiny", "--out", str(out)]
+    cmd = [sys.executable, "-m", "fbp.run.cli", "train", "tiny", "--out", str(out)]
     done = subprocess.run([*cmd, "--devices", "2", "--epochs", "1"], env=_env(),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -382,12 +382,12 @@ def test_the_header_names_the_data_file_used(tmp_path, capsys):
 
 
 def test_progress_bar_shows_the_step_elapsed_time_and_eta(monkeypatch, capsys):
-    from fbp import runlog
+    from fbp.run import progress
 
     clock = iter([100.0, 110.0])
-    monkeypatch.setattr(runlog.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
-    printer = runlog.Printer(print, total=4, log_every=1, steps_per_epoch=6)
+    printer = progress.Printer(print, total=4, log_every=1, steps_per_epoch=6)
     printer.step(epoch=0, pos=2)  # 2 of 24 steps in 10 s: 22 left, 110 s
     out = capsys.readouterr().out
     assert "1/4" in out and "step 2/6" in out and "0:10 elapsed" in out and "ETA 1:50" in out

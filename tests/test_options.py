@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from fbp import cli, options, runner
-from fbp.experiment import Experiment
+from fbp.run import cli, options, runner
+from fbp.run.experiment import Experiment
 
 
 def test_every_option_is_a_flag_an_experiment_field_or_run_option_and_saved():
@@ -66,8 +66,8 @@ def test_a_resumed_run_takes_saved_options_but_not_its_device_count():
 
 def test_the_experiment_spec_is_a_leaf_that_imports_no_runner():
     code = (
-        "import sys, fbp.experiment, fbp.options; "
-        "print(sorted(m for m in sys.modules if m in ('fbp.runner', 'fbp.variants', 'fbp.loop')))"
+        "import sys, fbp.run.experiment, fbp.run.options; "
+        "print(sorted(m for m in sys.modules if m in ('fbp.run.runner', 'fbp.run.variants', 'fbp.run.loop')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -23,7 +23,8 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh
 
-from fbp import cluster, losses, nn, parallel, train
+from fbp import losses, nn, train
+from fbp.distributed import cluster, parallel
 
 WORKER = str(Path(__file__).with_name("parallel_worker.py"))
 
@@ -130,7 +131,7 @@ def test_step_api_on_one_device_matches_train_make_step():
 
 @pytest.mark.slow
 def test_train_chunk_on_one_device_is_bitwise_the_runners():
-    from fbp import runner
+    from fbp.run import runner
 
     model, loss, opt, x, y = small_problem()
     ts0 = train.init(model, opt, jax.random.key(1), x)
@@ -213,7 +214,7 @@ def test_indivisible_batch_names_both_numbers():
     model, loss, opt, x, _ = small_problem()
     mesh = AbstractMesh((8,), ("data",))
     msg = r"the global batch of 30 examples does not split evenly over 8 devices.*multiple of 8"
-    with pytest.raises(ValueError, match="fbp.parallel.make_epoch: " + msg):
+    with pytest.raises(ValueError, match="fbp.distributed.parallel.make_epoch: " + msg):
         parallel.make_epoch(model, loss, opt, batch_size=30, mesh=mesh)
     with pytest.raises(ValueError, match="shard_batch: " + msg):
         parallel.shard_batch(np.zeros((30, 5)), mesh)
@@ -222,7 +223,9 @@ def test_indivisible_batch_names_both_numbers():
 
 
 def test_mesh_without_data_axis_is_refused():
-    with pytest.raises(ValueError, match=r"mesh has axes \('model',\) but fbp.parallel needs"):
+    with pytest.raises(
+        ValueError, match=r"mesh has axes \('model',\) but fbp.distributed.parallel needs"
+    ):
         parallel.check_batch(8, AbstractMesh((2,), ("model",)))
 
 
@@ -396,7 +399,7 @@ def test_step_api_with_sharded_batch_agrees(eight_devices):
 def test_indivisible_batch_on_eight_devices(eight_devices):
     e = eight_devices["errors"]
     assert e["make_epoch"].startswith(
-        "fbp.parallel.make_epoch: the global batch of 30 examples "
+        "fbp.distributed.parallel.make_epoch: the global batch of 30 examples "
         "does not split evenly over 8 devices"
     )
     assert "global batch of 30 examples does not split evenly over 8 devices" in e["shard_batch"]
@@ -536,7 +539,7 @@ TINY = str(Path(__file__).with_name("experiments") / "tiny.py")
 
 
 def test_fbp_train_devices_matches_one_device_and_resumes_on_fewer(tmp_path):
-    from fbp import experiment, runner
+    from fbp.run import experiment, runner
 
     proc = start(["cli", str(tmp_path / "dp"), TINY], None)  # --devices splits the CPU itself
     runner.run(experiment.get(TINY), out=tmp_path / "ref", print_fn=lambda s: None)

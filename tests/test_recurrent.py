@@ -387,7 +387,7 @@ def test_bidirectional_refuses_stateful_layer():
 def test_experiment_adding_problem_lstm_solves_it():
     import dataclasses
 
-    from fbp import experiment, runner
+    from fbp.run import experiment, runner
 
     exp = experiment.get("adding-problem")
     result = runner.run(dataclasses.replace(exp, variants=None), print_fn=lambda s: None)
@@ -396,7 +396,7 @@ def test_experiment_adding_problem_lstm_solves_it():
 
 @pytest.mark.slow
 def test_experiment_digits_sequence_reaches_95_percent():
-    from fbp import experiment, runner
+    from fbp.run import experiment, runner
 
     result = runner.run(experiment.get("digits-sequence"), print_fn=lambda s: None)
     assert result.test["accuracy"] >= 0.95, result.test
@@ -404,7 +404,7 @@ def test_experiment_digits_sequence_reaches_95_percent():
 
 @pytest.mark.slow
 def test_experiment_rnn_gradient_flow_writes_its_plot(tmp_path):
-    from fbp import experiment, runner
+    from fbp.run import experiment, runner
 
     lines = []
     runner.run(experiment.get("rnn-gradient-flow"), out=tmp_path, print_fn=lines.append)

@@ -11,7 +11,8 @@ import pytest
 from cli_runs import use_test_experiments
 from sklearn.datasets import load_digits
 
-from fbp import cli, experiment, nn, runner
+from fbp import nn
+from fbp.run import cli, experiment, runner
 
 TIME = 11  # digits rows are 8 steps; the files pad them to 11
 

@@ -1,4 +1,4 @@
-"""Sweeps (fbp.sweep, ``fbp train --seeds/--sweep``): equivalence, files, resume, bad input.
+"""Sweeps (fbp.run.sweep, ``fbp train --seeds/--sweep``): equivalence, files, resume, bad input.
 
 The reference sweep is tiny (iris 4-8-3, 6 steps an epoch) over seeds 0, 1 and
 lr 0.01, 0.03 for 3 epochs; every run of it is compared with the same run trained
@@ -24,9 +24,9 @@ from cli_runs import EXPERIMENTS, use_test_experiments
 from cli_runs import train as _train
 
 from fbp import checkpoint as ckpt
-from fbp import cli, experiment, export, runner, sweep
-from fbp.sweep import grid, memory
-from fbp.sweep import stack as stk
+from fbp.run import cli, experiment, export, metrics, runner, sweep
+from fbp.run.sweep import grid, memory
+from fbp.run.sweep import stack as stk
 
 GRID = ["--seeds", "0-1", "--sweep", "lr=0.01,0.03", "--epochs", "3"]
 NAMES = ["lr-0.01_seed-0", "lr-0.01_seed-1", "lr-0.03_seed-0", "lr-0.03_seed-1"]
@@ -73,8 +73,8 @@ def test_each_run_matches_the_same_run_trained_alone(ref, tmp_path, name, seed, 
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         x, y = np.asarray(x), np.asarray(y)
         assert np.abs(x - y).max() <= 1e-5 * np.abs(y).max()
-    rows_a = runner.read_metrics(ref / name / "metrics.jsonl")
-    rows_b = runner.read_metrics(alone / "metrics.jsonl")
+    rows_a = metrics.read_metrics(ref / name / "metrics.jsonl")
+    rows_b = metrics.read_metrics(alone / "metrics.jsonl")
     assert [list(r) for r in rows_a] == [list(r) for r in rows_b]  # same columns, same order
     for ra, rb in zip(_strip(rows_a), _strip(rows_b), strict=True):
         assert ra == pytest.approx(rb, rel=1e-5)
@@ -146,8 +146,8 @@ def test_a_run_that_stops_early_keeps_its_best_params_while_others_go_on(tmp_pat
     alone = tmp_path / "alone"
     assert _train(alone, "--lr", 0.3, *common) == 0
     ref = _summary(alone)
-    lrs = [r["lr"] for r in runner.read_metrics(out / "lr-0.3" / "metrics.jsonl")]
-    assert lrs == [r["lr"] for r in runner.read_metrics(alone / "metrics.jsonl")]
+    lrs = [r["lr"] for r in metrics.read_metrics(out / "lr-0.3" / "metrics.jsonl")]
+    assert lrs == [r["lr"] for r in metrics.read_metrics(alone / "metrics.jsonl")]
     assert lrs[-1] < 0.3  # the plateau cut it
     for key in ("stopped_early", "best_epoch", "epochs_completed", "steps", "restored_best"):
         assert fast[key] == ref[key], key
@@ -173,8 +173,8 @@ def test_resume_continues_every_run_bitwise_also_from_different_epochs(ref, tmp_
     assert "resuming 4 of 4 runs from their checkpoints (epoch 1 step 0, epoch 2 step 0)" in out
     for name in NAMES:
         assert _summary(part / name)["params_sha256"] == _summary(ref / name)["params_sha256"]
-        assert _strip(runner.read_metrics(part / name / "metrics.jsonl")) == _strip(
-            runner.read_metrics(ref / name / "metrics.jsonl")
+        assert _strip(metrics.read_metrics(part / name / "metrics.jsonl")) == _strip(
+            metrics.read_metrics(ref / name / "metrics.jsonl")
         )
 
 
@@ -279,7 +279,7 @@ def test_more_runs_than_fit_are_refused_before_anything_is_built(tmp_path):
         import numpy as np, optax
         from fbp import losses, nn
         from fbp.data import Dataset, Split
-        from fbp.experiment import Experiment
+        from fbp.run.experiment import Experiment
 
         def data(seed):
             x = np.zeros((8, 10000), np.float32); y = np.zeros((8,), np.int32)
@@ -295,7 +295,7 @@ def test_more_runs_than_fit_are_refused_before_anything_is_built(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "fbp.cli",
+        "fbp.run.cli",
         "train",
         str(exp_file),
         "--seeds",

@@ -7,8 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from fbp import data, diagnostics, losses, nn, rules, runner
-from fbp.experiment import Experiment
+from fbp import data, diagnostics, losses, nn, rules
+from fbp.run import runner
+from fbp.run.experiment import Experiment
 
 LOSS = losses.softmax_cross_entropy
 
@@ -97,7 +98,7 @@ def test_bad_variants_raise(variants, match):
     ],
 )
 def test_comparison_experiments_run_end_to_end(name, plots, tmp_path):
-    from fbp import experiment
+    from fbp.run import experiment
 
     exp = experiment.get(name)
     lines = []

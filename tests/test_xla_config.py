@@ -10,7 +10,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from fbp import cli, nn, xla_config
+from fbp import nn, xla_config
+from fbp.run import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 YNN = "xla_cpu_experimental_ynn_fusion_type"
@@ -169,7 +170,7 @@ def test_cli_configures_from_the_experiment_name(monkeypatch):
 
 _CHILD = """
 import sys
-import fbp.cli  # importing fbp and its command starts no JAX backend
+import fbp.run.cli  # importing fbp and its command starts no JAX backend
 from fbp import xla_config
 assert not xla_config.jax_started()
 model = fbp.nn.Sequential([fbp.nn.Conv2D(32, 3)])

@@ -210,7 +210,19 @@ def ggn_vp(model: Layer, loss: Callable) -> Callable:
     return f
 
 
-def _columns(loss, pred, target, key, mc_samples, who):
+def loss_columns(loss, pred, target, key, mc_samples, who):
+    """Columns of a square root of the loss Hessian at ``pred``, exact or sampled.
+
+    Args:
+      loss, pred, target: the loss and its inputs; pred has shape (batch, C).
+      key: PRNG key, needed when ``mc_samples`` is an int.
+      mc_samples: None for the exact square root (C columns), else the number of
+        Monte-Carlo samples (columns).
+      who: the caller's name for error messages.
+
+    Returns:
+      Array of shape (K, *pred.shape): K = C exact, or mc_samples.
+    """
     if mc_samples is None:
         return loss_hessian_sqrt(loss, pred, target)
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
@@ -233,13 +245,13 @@ def diag_ggn(model: Layer, loss: Callable, *, mc_samples: int | None = None) -> 
     """
     _check_loss(loss, "diag_ggn")
     if mc_samples is not None:
-        _columns(loss, jnp.zeros((1, 1)), None, jax.random.key(0), mc_samples, "diag_ggn")
+        loss_columns(loss, jnp.zeros((1, 1)), None, jax.random.key(0), mc_samples, "diag_ggn")
     check(model, train=False)
 
     def f(params, x, target, *, key=None, state=None, train=False, lengths=None):
         check(model, train=train)
         pred, res = _forward(model, params, x, key, state, train, lengths)
-        cols = _columns(loss, pred, target, key, mc_samples, "diag_ggn")
+        cols = loss_columns(loss, pred, target, key, mc_samples, "diag_ggn")
 
         def one(s):
             return quantity(walk(model, params, res, s)[1], "sum_sq")
@@ -301,13 +313,13 @@ def kfac_factors(
         raise ValueError(f"kfac_factors: mode must be 'exact' or 'mc', got {mode!r}.")
     samples = None if mode == "exact" else mc_samples
     if samples is not None:
-        _columns(loss, jnp.zeros((1, 1)), None, jax.random.key(0), samples, "kfac_factors")
+        loss_columns(loss, jnp.zeros((1, 1)), None, jax.random.key(0), samples, "kfac_factors")
     check(model, train=False)
 
     def f(params, x, target, *, key=None, state=None, train=False, lengths=None):
         check(model, train=train)
         pred, res = _forward(model, params, x, key, state, train, lengths)
-        cols = _columns(loss, pred, target, key, samples, "kfac_factors")
+        cols = loss_columns(loss, pred, target, key, samples, "kfac_factors")
         return factors_from_columns(model, params, res, cols)
 
     return f

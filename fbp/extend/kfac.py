@@ -143,7 +143,7 @@ def optimizer(
         k_model, key = jax.random.split(key)
         pred, res = model.forward(params, x, key=k_model, train=True)
         grads, _ = model.backward(params, res, loss.backward(pred, y))
-        cols = curvature._columns(loss, pred, y, key, samples, "kfac.optimizer")
+        cols = curvature.loss_columns(loss, pred, y, key, samples, "kfac.optimizer")
         return loss(pred, y), grads, curvature.factors_from_columns(model, params, res, cols)
 
     def init(params: Params, x: Any, y: Any, key: Array) -> KFACState:

@@ -7,7 +7,7 @@ import optax
 
 from fbp import losses, nn
 from fbp.data import Dataset, Split
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 
 def data(seed: int) -> Dataset:

@@ -3,7 +3,7 @@
 import optax
 
 from fbp import data, losses, nn
-from fbp.experiment import Experiment
+from fbp.run import Experiment
 
 EXPERIMENT = Experiment(
     name="wide",

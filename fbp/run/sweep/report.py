@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from fbp import checkpoint as ckpt
-from fbp.experiment import RunResult
-from fbp.runlog import save_figure
-from fbp.sweep.grid import Point
+from fbp.figures import save_figure
+from fbp.run.experiment import RunResult
+from fbp.run.sweep.grid import Point
 
 
 def mean_std(values: Sequence[float], digits: int = 4) -> dict[str, float]:

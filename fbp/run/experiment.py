@@ -2,7 +2,7 @@
 
 An experiment file defines ``EXPERIMENT = Experiment(...)``: what data, which
 model, loss and optimizer, for how long. It has no loop, logging or saving of its
-own: ``fbp.runner.run`` (and ``fbp train NAME``) does that for every experiment
+own: ``fbp.run.runner.run`` (and ``fbp train NAME``) does that for every experiment
 alike. This module is a leaf of types: it runs nothing.
 """
 
@@ -21,7 +21,7 @@ import optax
 from fbp import train as fbp_train
 from fbp.core import Layer
 from fbp.data import Dataset
-from fbp.options import TrainingOptions
+from fbp.run.options import TrainingOptions
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,7 +29,7 @@ class Experiment(TrainingOptions):
     """What to train: every field a value or a small function of the run's config.
 
     Besides the fields below, an experiment has every training option of
-    ``fbp.options.TrainingOptions`` as a field (``epochs`` and ``lr`` required;
+    ``fbp.run.options.TrainingOptions`` as a field (``epochs`` and ``lr`` required;
     ``batch_size``, ``seed``, ``patience``, ``clip``, ``weight_decay``, ``schedule``,
     ``plateau_factor``, ``plateau_patience``, ``nonfinite``, ``keep``,
     ``checkpoint_every``): its defaults, which the command line overrides.
@@ -55,7 +55,7 @@ class Experiment(TrainingOptions):
         (e.g. pretrained ones for fine-tuning).
       variants: ``{name: {field: value}}``: run the experiment once per variant with
         those fields replaced, in ``DIR/<name>``; ``report`` then gets a RunResult whose
-        ``variants`` maps names to results (see ``fbp.variants``).
+        ``variants`` maps names to results (see ``fbp.run.variants``).
     """
 
     name: str
@@ -133,7 +133,7 @@ def _load_file(path: Path) -> Experiment:
     exp = getattr(module, "EXPERIMENT", None)
     if not isinstance(exp, Experiment):
         raise ExperimentFileError(
-            f"{path}: defines no EXPERIMENT = fbp.experiment.Experiment(...)."
+            f"{path}: defines no EXPERIMENT = fbp.run.experiment.Experiment(...)."
         )
     return exp
 

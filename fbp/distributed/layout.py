@@ -1,7 +1,7 @@
 """Where arrays live on a mesh: meshes, placement, and the layout of a train state.
 
 A one-axis ``("data",)`` mesh spans the devices of a run (every process's, after
-``fbp.cluster.initialize``). Batches are split over its axis (``shard_batch``).
+``fbp.distributed.cluster.initialize``). Batches are split over its axis (``shard_batch``).
 A train state is either replicated on every device, or, with sharded parameters,
 each large leaf of the parameters and optimizer state is split along one axis
 over ``"data"`` (``state_sharding``): the largest axis that the device count
@@ -94,7 +94,7 @@ def data_size(mesh: Mesh) -> int:
     """Number of devices on the mesh's ``"data"`` axis (the batch is split this many ways)."""
     if AXIS not in mesh.shape:
         raise ValueError(
-            f"mesh has axes {tuple(mesh.shape)} but fbp.parallel needs a {AXIS!r} axis."
+            f"mesh has axes {tuple(mesh.shape)} but fbp.distributed.parallel needs a {AXIS!r} axis."
         )
     return mesh.shape[AXIS]
 
@@ -109,7 +109,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch(batch_size: int, mesh: Mesh, where: str = "fbp.parallel") -> None:
+def check_batch(batch_size: int, mesh: Mesh, where: str = "fbp.distributed.parallel") -> None:
     """Raise ValueError unless ``batch_size`` splits evenly over the mesh's data axis."""
     n = data_size(mesh)
     if batch_size % n:

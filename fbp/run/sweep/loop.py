@@ -1,12 +1,12 @@
 """The sweep's training loop: the single-run loop's fold, over every run of a stacked state.
 
-Each run keeps what a single run keeps on the host (``fbp.loop.Progress``, its
+Each run keeps what a single run keeps on the host (``fbp.run.loop.Progress``, its
 metrics history, ``MetricsLog`` and ``Checkpointer`` in its own directory); the
 device holds the stacked train state, best parameters and order keys
 (``Stacked``). A chunk trains the runs that are at the earliest position (all of
 them, unless a resumed sweep's runs were saved at different epochs, in which case
-the ones behind catch up first); epochs close with ``fbp.loop.epoch_row`` and
-``fbp.loop.close_epoch``, the single run's own bookkeeping, so early stopping, best
+the ones behind catch up first); epochs close with ``fbp.run.loop.epoch_row`` and
+``fbp.run.loop.close_epoch``, the single run's own bookkeeping, so early stopping, best
 parameters and the plateau schedule behave per run exactly as for a run alone.
 A checkpoint of run ``i`` is its slice of the stack, in the layout of a single
 run's checkpoint, so ``fbp eval``, ``fbp export`` and ``fbp train --resume`` read it.
@@ -25,10 +25,10 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from fbp import schedules
 from fbp import train as fbp_train
 from fbp.core import Array
-from fbp.loop import (
+from fbp.run import schedules
+from fbp.run.loop import (
     Best,
     Checkpointer,
     EpochSums,
@@ -41,10 +41,11 @@ from fbp.loop import (
     close_epoch,
     epoch_row,
 )
-from fbp.options import RunOptions
-from fbp.runlog import MetricsLog, Printer, StopFlag
-from fbp.sweep.grid import Point
-from fbp.sweep.stack import Program, restructure, take, to_host
+from fbp.run.metrics import MetricsLog
+from fbp.run.options import RunOptions
+from fbp.run.progress import Printer, StopFlag
+from fbp.run.sweep.grid import Point
+from fbp.run.sweep.stack import Program, restructure, take, to_host
 
 
 @dataclasses.dataclass

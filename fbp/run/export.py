@@ -81,7 +81,7 @@ def load_run(run_dir: str | Path, *, which: str = "best", warn=print) -> dict[st
     Returns:
       dict with ``exp, config, dataset, model, params, model_state, checkpoint``.
     """
-    from fbp import runner
+    from fbp.run import runner
 
     if which not in ("best", "last"):
         raise ValueError(f"load_run: which must be 'best' or 'last', got {which!r}.")
@@ -116,7 +116,7 @@ def load_run(run_dir: str | Path, *, which: str = "best", warn=print) -> dict[st
 
 def _experiment_of(run_dir: str | Path, cfg: dict[str, Any]) -> Any:
     """The run's experiment; for a variant's run (``NAME/VARIANT``), that variant's spec."""
-    from fbp import experiment
+    from fbp.run import experiment
 
     base, _, variant = cfg["experiment"].partition("/")
     path = cfg.get("experiment_path")
@@ -156,7 +156,7 @@ def evaluate_dir(run_dir: str | Path, *, which: str = "best") -> dict[str, Any]:
 
 
 def _sha(params: Any) -> str:
-    from fbp.runner import params_sha256
+    from fbp.run.runner import params_sha256
 
     return params_sha256(params)
 

@@ -1,10 +1,10 @@
 """Sweeps: seeds × a grid of option values, trained as one vmapped program.
 
-``fbp.sweep.run(exp, seeds=..., grid=..., out=DIR)`` (and ``fbp train EXP --seeds 0-7
+``fbp.run.sweep.run(exp, seeds=..., grid=..., out=DIR)`` (and ``fbp train EXP --seeds 0-7
 --sweep lr=1e-3,3e-3``) trains every run of the product at once: their train states
 are stacked on a leading axis and each jitted chunk is one ``jax.vmap`` of the
-single-run step (``fbp.sweep.stack``); the host keeps each run's counters, metrics
-and checkpoints as a single run does (``fbp.sweep.loop``). In ``DIR``:
+single-run step (``fbp.run.sweep.stack``); the host keeps each run's counters, metrics
+and checkpoints as a single run does (``fbp.run.sweep.loop``). In ``DIR``:
 
 * ``<run>/`` for every run (``seed-3``, ``lr-0.003``, ``lr-0.003_seed-1``): the files
   of a single run (``metrics.jsonl``, ``summary.json``, plots, ``checkpoints/``),
@@ -44,16 +44,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp import checkpoint as ckpt
-from fbp import options, runner
 from fbp import train as fbp_train
-from fbp.experiment import Experiment, RunResult
-from fbp.loop import Best, Checkpointer, load_position, start_position
-from fbp.runlog import MetricsLog, Printer, RunLock, clear_owned, prepare_dir, read_metrics
-from fbp.sweep import grid as grid_mod
-from fbp.sweep import memory, report
-from fbp.sweep import stack as stk
-from fbp.sweep.grid import Point, check_grid, check_seeds, parse_grid, parse_seeds, points
-from fbp.sweep.loop import Data, Run, Stacked, position, train
+from fbp.run import options, runner
+from fbp.run.experiment import Experiment, RunResult
+from fbp.run.loop import Best, Checkpointer, load_position, start_position
+from fbp.run.metrics import MetricsLog, read_metrics
+from fbp.run.progress import Printer
+from fbp.run.report import restores_best
+from fbp.run.rundir import RunLock, clear_owned, prepare_dir
+from fbp.run.sweep import grid as grid_mod
+from fbp.run.sweep import memory, report
+from fbp.run.sweep import stack as stk
+from fbp.run.sweep.grid import Point, check_grid, check_seeds, parse_grid, parse_seeds, points
+from fbp.run.sweep.loop import Data, Run, Stacked, position, train
 
 __all__ = [
     "Point",
@@ -99,9 +102,9 @@ def run(
     """Train every run of seeds × grid as one vmapped program; report each and the table.
 
     Args:
-      exp: an ``fbp.experiment.Experiment`` (without variants).
+      exp: an ``fbp.run.experiment.Experiment`` (without variants).
       seeds: the seeds, e.g. ``range(8)``; None: the run's own seed alone.
-      grid: ``{option: values}`` over sweepable options (``fbp.options.sweepable()``:
+      grid: ``{option: values}`` over sweepable options (``fbp.run.options.sweepable()``:
         ``lr``, ``weight_decay``, ``clip``, ``patience``); runs are its product with seeds.
       out: the sweep's directory (a directory per run in it); None keeps everything in
         memory (no files, no signal handling).
@@ -254,7 +257,7 @@ def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides):
         # A run of the sweep with no checkpoint at all starts over; one whose
         # checkpoints are all unreadable is refused, like a single run.
         saved_any = resume and ckpt_dir is not None and bool(ckpt.list_checkpoints(ckpt_dir))
-        saved = runner._resume_config(ckpt_dir) if saved_any else None
+        saved = runner.resume_config(ckpt_dir) if saved_any else None
         cfg = options.resolve(exp, saved, {**overrides, **p.overrides})
         path = experiment_path or (saved or {}).get("experiment_path")
         setup, ts = runner.build(exp, cfg)
@@ -272,7 +275,7 @@ def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides):
         )
         if saved:
             resumed[p.name], position = load_position(ckpt_dir, position, warn=print_fn)
-            runner._check_resumable(position, cfg, setup)
+            runner.check_resumable(position, cfg, setup)
             run_.progress = position.progress
             run_.history[:] = [
                 r
@@ -392,7 +395,7 @@ def _arrays(runs: Sequence[Run], own_data: bool, get: Callable[[Run], Any]) -> A
 def _report(exp, pts, spec, runs, stacked, program, out, print_fn) -> SweepResult:
     """Each run's test metrics (one call for all), summary, plots; the table and the plot."""
     host = stk.to_host(stacked)
-    use_best = np.array([runner.restores_best(r.cfg, r.setup, r.progress) for r in runs])
+    use_best = np.array([restores_best(r.cfg, r.setup, r.progress) for r in runs])
     last = Best(host.state.params, host.state.model_state)
     final = jax.tree.map(
         lambda b, a: np.where(use_best.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), host.best, last

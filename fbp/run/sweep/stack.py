@@ -6,7 +6,7 @@ option values. So their train states stack into one pytree whose leaves have a
 leading axis of size ``runs``, and the single-run step (``fbp.train.step_fn``,
 scanned by ``fbp.train.scan_steps``) is ``jax.vmap``-ed over that axis. The swept
 values (``lr``, ``weight_decay``...) are per-run traced arrays: the optimizer of
-``fbp.schedules.build_optimizer`` is built inside the vmapped function from them, so
+``fbp.run.schedules.build_optimizer`` is built inside the vmapped function from them, so
 each run steps with its own values. They are weakly typed, as the Python floats
 of a single run are, so the arithmetic is the same.
 
@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp import data as fbp_data
-from fbp import schedules
 from fbp import train as fbp_train
 from fbp.core import Array
-from fbp.experiment import Experiment
-from fbp.loop import Best, Setup
-from fbp.options import RunOptions
+from fbp.run import schedules
+from fbp.run.experiment import Experiment
+from fbp.run.loop import Best, Setup
+from fbp.run.options import RunOptions
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -148,7 +148,7 @@ def build_program(
     Args:
       exp: the experiment.
       cfg: options every run shares (the swept ones come in as ``hp`` per run).
-      setup: one run's ``fbp.loop.Setup``: model, batch size, ``grad_fn``'s data set.
+      setup: one run's ``fbp.run.loop.Setup``: model, batch size, ``grad_fn``'s data set.
       total_steps: steps of a whole run (the schedules' horizon).
       own_data: each run has its own data split (stacked) rather than one shared.
     """

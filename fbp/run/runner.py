@@ -4,20 +4,21 @@
 
 * ``metrics.jsonl``: one JSON object per epoch (``epoch``, ``step``, ``loss``,
   ``val_loss``, ``val_accuracy``, ``lr``, ``grad_norm``, ``skipped``, ``seconds``;
-  ``epsilon`` under DP-SGD, see ``fbp.privacy``), appended and flushed each epoch,
+  ``epsilon`` under DP-SGD, see ``fbp.run.privacy``), appended and flushed each epoch,
   fsynced before every checkpoint;
 * ``checkpoints/ckpt-NNNNNN``: train state, best parameters, shuffling key and
   position in the epoch (``fbp.checkpoint``: safetensors + manifest, atomic);
 * ``summary.json``: test metrics, config, seed, versions, ``params_sha256``;
 * ``loss.png`` and ``metric.png``.
 
-A run has four parts, each in its own place: its options (``fbp.options``:
+A run has four parts, each in its own place: its options (``fbp.run.options``:
 experiment values, a resumed checkpoint's, overrides); what it trains, built and
 checked before ``DIR`` is touched (``build``, with the optimizer and schedule of
-``fbp.schedules``); the training loop with resume (``fbp.loop``); and the report
-(``fbp.report``: test metrics, ``summary.json``, plots, printed lines). An experiment
-with ``variants`` is run once per variant by ``fbp.variants``. Host-side
-bookkeeping (metrics file, plots, signals, progress) is in ``fbp.runlog``.
+``fbp.run.schedules``); the training loop with resume (``fbp.run.loop``); and the report
+(``fbp.run.report``: test metrics, ``summary.json``, plots, printed lines). An experiment
+with ``variants`` is run once per variant by ``fbp.run.variants``. Host-side
+bookkeeping is in ``fbp.run.metrics`` (metrics file), ``fbp.run.rundir`` (the directory
+and its lock), ``fbp.run.progress`` (progress, signals) and ``fbp.figures`` (plots).
 
 Training runs as jitted chunks of ``lax.scan`` steps (a whole epoch unless it is
 long); SIGTERM/SIGINT are served at the next chunk boundary with a checkpoint and
@@ -39,18 +40,16 @@ import jax.numpy as jnp
 import optax
 
 from fbp import checkpoint as ckpt
-from fbp import cluster, options, parallel, privacy, schedules, variants
 from fbp import data as fbp_data
 from fbp import train as fbp_train
 from fbp.core import Layer, takes_lengths
-from fbp.experiment import Experiment, RunResult
-from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
-    Best,
+from fbp.distributed import cluster, parallel
+from fbp.losses import SoftmaxCrossEntropy, accuracy
+from fbp.run import options, privacy, schedules, variants
+from fbp.run.experiment import Experiment, RunResult
+from fbp.run.loop import (
     Checkpointer,
-    EpochSums,
     Interrupted,
-    NonFiniteError,
-    Progress,
     ResumePosition,
     Setup,
     WriteError,
@@ -58,28 +57,14 @@ from fbp.loop import (  # noqa: F401  (re-exported: part of the runner's API)
     start_position,
     train,
 )
-from fbp.losses import SoftmaxCrossEntropy, accuracy
-from fbp.options import RunOptions
-from fbp.report import (  # noqa: F401  (re-exported)
+from fbp.run.metrics import MetricsLog, read_metrics
+from fbp.run.options import RunOptions
+from fbp.run.progress import Printer
+from fbp.run.report import (
     data_line,
     report,
-    reported_parameters,
-    restores_best,
 )
-from fbp.runlog import (  # noqa: F401  (re-exported: part of the runner's API)
-    LOCK,
-    OWNED,
-    MetricsLog,
-    RunDirInUse,
-    RunLock,
-    clear_owned,
-    params_sha256,
-    prepare_dir,
-    read_metrics,
-    versions,
-    write_plots,
-)
-from fbp.runlog import Printer as _Printer
+from fbp.run.rundir import RunLock, clear_owned, prepare_dir
 
 # The one-device chunk: ``fbp.train``'s shuffle-and-scan core, jitted.
 make_train_chunk = fbp_train.make_chunk
@@ -130,7 +115,7 @@ def load_data(exp: Experiment, cfg: RunOptions | Mapping[str, Any]) -> fbp_data.
 def build_optimizer(
     exp: Experiment, cfg: RunOptions | Mapping[str, Any], total_steps: int
 ) -> tuple[optax.GradientTransformation, float | Callable]:
-    """(optimizer, schedule) of a run: see ``fbp.schedules.build_optimizer``."""
+    """(optimizer, schedule) of a run: see ``fbp.run.schedules.build_optimizer``."""
     return schedules.build_optimizer(exp, _as_options(exp, cfg), total_steps)
 
 
@@ -292,14 +277,14 @@ def run(
     """Train ``exp`` (each of its variants, if it has them), evaluate, print a report.
 
     Args:
-      exp: an ``fbp.experiment.Experiment``.
+      exp: an ``fbp.run.experiment.Experiment``.
       out: the run's directory (metrics, checkpoints, summary, plots); None keeps
         everything in memory (no files, no signal handling).
       resume: continue from the newest valid checkpoint in ``out``.
       overwrite: discard what a previous run wrote in ``out``.
       print_fn: where progress and the report go.
       experiment_path: the experiment's file, recorded so ``fbp eval``/``export`` find it.
-      **overrides: any run option (``fbp.options.RunOptions``: ``epochs``, ``lr``,
+      **overrides: any run option (``fbp.run.options.RunOptions``: ``epochs``, ``lr``,
         ``seed``, ``batch_size``, ``patience``...); None means "the experiment's value".
 
     Returns:
@@ -328,10 +313,10 @@ def run_single(
 ) -> RunResult:
     """``run`` for an experiment without variants (the arguments are ``run``'s).
 
-    With ``out``, the directory is locked for the whole run (``fbp.runlog.RunLock``):
+    With ``out``, the directory is locked for the whole run (``fbp.run.rundir.RunLock``):
     a second process on it is refused at once. Everything that can fail on input
     fails in ``plan``, before the directory is written. In a run across processes
-    (``fbp.cluster``) only process 0 locks and writes ``out``; the others read its
+    (``fbp.distributed.cluster``) only process 0 locks and writes ``out``; the others read its
     checkpoints when resuming, and bad input in any process stops every process.
     """
     out_dir = Path(out) if out is not None else None
@@ -399,7 +384,7 @@ def plan(
     """
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
     # Resuming takes the saved config; explicit overrides still win (e.g. more epochs).
-    saved = _resume_config(ckpt_dir) if resume and ckpt_dir is not None else None
+    saved = resume_config(ckpt_dir) if resume and ckpt_dir is not None else None
     if saved is not None and saved.get("experiment") != exp.name:
         raise _another_experiment(exp, ckpt_dir, saved, overrides)
     cfg = resolve_config(exp, saved=saved, **overrides)
@@ -411,7 +396,7 @@ def plan(
     if saved is None:
         return Plan(cfg, config, setup, position, [], None)
     resumed_from, position = _load_resumed(ckpt_dir, position, saved, experiment_path, print_fn)
-    _check_resumable(position, cfg, setup)
+    check_resumable(position, cfg, setup)
     history = [
         r for r in read_metrics(out_dir / "metrics.jsonl") if r["epoch"] <= position.progress.epoch
     ]
@@ -444,7 +429,7 @@ def execute(
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
     saver = Checkpointer(ckpt_dir, p.config, p.cfg.keep, None, last=p.resumed_from, writer=writer)
     write_dir = out_dir if writer else None
-    printer = _Printer(
+    printer = Printer(
         print_fn,
         p.cfg.epochs,
         exp.log_every,
@@ -528,7 +513,7 @@ def _load_resumed(
         ) from None
 
 
-def _check_resumable(position: ResumePosition, cfg: RunOptions, setup: Setup) -> None:
+def check_resumable(position: ResumePosition, cfg: RunOptions, setup: Setup) -> None:
     done = position.progress.epoch
     if cfg.epochs < done:
         raise ValueError(
@@ -542,7 +527,7 @@ def _check_resumable(position: ResumePosition, cfg: RunOptions, setup: Setup) ->
         )
 
 
-def _resume_config(ckpt_dir: Path) -> dict[str, Any]:
+def resume_config(ckpt_dir: Path) -> dict[str, Any]:
     """The config in the newest checkpoint whose manifest reads (no tensor is read).
 
     Raises:

@@ -2,7 +2,7 @@
 
 The batch is sharded over the ``"data"`` axis of a ``jax.sharding.Mesh``;
 parameters and optimizer state are replicated, or with ``shard_params=True``
-(``fbp train --shard-params``) split over the same axis (``fbp.layout``). The
+(``fbp train --shard-params``) split over the same axis (``fbp.distributed.layout``). The
 train step is ``fbp.train.step_fn`` unchanged: a sharding constraint on each
 minibatch tells XLA to split the hand-written forward and backward over the
 devices, and XLA inserts the all-reduce that sums the gradient (or, with sharded
@@ -12,10 +12,10 @@ global-batch mean as on one device (up to the order of floating-point sums), and
 running statistics and dropout masks are the same too.
 
 Several processes (hosts) join with ``initialize`` (or ``initialize_from_env``,
-``fbp.cluster``) before any other JAX call; ``make_mesh()`` then spans every
+``fbp.distributed.cluster``) before any other JAX call; ``make_mesh()`` then spans every
 device of every process and the same program runs in each process. Every process
 must make the same JAX calls; the step functions here return process-local views
-of their results (``fbp.layout.StateLayout.view``), which each process may read
+of their results (``fbp.distributed.layout.StateLayout.view``), which each process may read
 and use on its own. Only ``is_main_process()`` writes files (``save_checkpoint``
 does this for checkpoints). Launching the same script in every process::
 
@@ -25,7 +25,7 @@ does this for checkpoints). Launching the same script in every process::
     JAX_COORDINATOR_ADDRESS=host0:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python train.py
     JAX_COORDINATOR_ADDRESS=host0:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 python train.py
 
-where ``train.py`` calls ``fbp.parallel.initialize_from_env()`` first.
+where ``train.py`` calls ``fbp.distributed.parallel.initialize_from_env()`` first.
 
 Examples:
   >>> import jax, jax.numpy as jnp, optax
@@ -56,14 +56,14 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from fbp import checkpoint
 from fbp import train as fbp_train
-from fbp.cluster import (  # noqa: F401  (part of fbp.parallel's API)
+from fbp.core import Layer, value_and_grad
+from fbp.distributed.cluster import (  # noqa: F401  (part of fbp.distributed.parallel's API)
     first_slurm_host,
     initialize,
     initialize_from_env,
     is_main_process,
 )
-from fbp.core import Layer, value_and_grad
-from fbp.layout import (  # noqa: F401  (part of fbp.parallel's API)
+from fbp.distributed.layout import (  # noqa: F401  (part of fbp.distributed.parallel's API)
     AXIS,
     MIN_SHARD_SIZE,
     StateLayout,
@@ -108,7 +108,7 @@ def save_checkpoint(
     local = jax.tree.map(_local_leaf, tree)
     path = checkpoint.save(directory, local, meta=meta, keep=keep) if is_main_process() else None
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("fbp.parallel.save_checkpoint")
+        multihost_utils.sync_global_devices("fbp.distributed.parallel.save_checkpoint")
     return path
 
 
@@ -163,7 +163,7 @@ def _sharded_grad_fn(
     spec = batch_sharding(mesh)
 
     def f(params, x, target, **kwargs):
-        check_batch(x.shape[0], mesh, "fbp.parallel step")
+        check_batch(x.shape[0], mesh, "fbp.distributed.parallel step")
         x = jax.lax.with_sharding_constraint(x, spec)
         target = jax.lax.with_sharding_constraint(target, spec)
         return vg(layout.constrain(params), x, target, **kwargs)
@@ -299,7 +299,7 @@ def make_epoch(
       ValueError: ``batch_size`` is not a multiple of the device count.
     """
     if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
-        check_batch(batch_size, mesh, "fbp.parallel.make_epoch")
+        check_batch(batch_size, mesh, "fbp.distributed.parallel.make_epoch")
     # else fbp.train.make_epoch raises its own error for a bad batch_size.
     layout = _layout(mesh, shard_params, min_shard_size)
     vg = _sharded_grad_fn(model, loss, layout, penalty, grad_fn)
@@ -343,7 +343,7 @@ def make_train_chunk(
     """
     mesh = mesh if isinstance(mesh, Mesh | AbstractMesh) else make_mesh(mesh)
     if batch_size is not None:
-        check_batch(batch_size, mesh, "fbp.parallel.make_train_chunk")
+        check_batch(batch_size, mesh, "fbp.distributed.parallel.make_train_chunk")
     layout = _layout(mesh, shard_params, min_shard_size)
     vg = _sharded_grad_fn(model, loss, layout, penalty, grad_fn)
     step = fbp_train.step_fn(model, loss, optimizer, grad_fn=vg, **kwargs)
@@ -385,7 +385,8 @@ def run_mesh(
     if num_processes is not None and num_processes != procs:
         raise ValueError(
             f"run: num_processes={num_processes} but this process is in a run of {procs}; "
-            "join first (fbp.parallel.initialize / initialize_from_env; fbp train does it)."
+            "join first (fbp.distributed.parallel.initialize or initialize_from_env; "
+            "fbp train does it)."
         )
     total = len(jax.devices())
     if procs > 1:

@@ -12,14 +12,14 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
-from fbp import options, sweep
-from fbp.sweep import grid as grid_mod
+from fbp.run import options, sweep
+from fbp.run.sweep import grid as grid_mod
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--seeds`` and ``--sweep`` to ``fbp train``'s parser."""
     group = parser.add_argument_group(
-        "sweeps", "many runs of the experiment trained as one vmapped program (fbp.sweep)"
+        "sweeps", "many runs of the experiment trained as one vmapped program (fbp.run.sweep)"
     )
     group.add_argument(
         "--seeds", metavar="SEEDS", help="one run per seed: a range or list, e.g. 0-7 or 0,3,5"
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace, out: Path | None) -> Callable | None:
-    """``fbp.sweep.run`` with the parsed seeds and grid, or None when no sweep is asked for.
+    """``fbp.run.sweep.run`` with the parsed seeds and grid, or None when no sweep is asked for.
 
     ``--resume`` of a directory that holds a sweep continues that sweep without the flags.
 

@@ -1,7 +1,7 @@
 """The run options, defined once: the Experiment's fields, ``fbp train``'s flags, the saved config.
 
 Every option is a field of ``TrainingOptions`` (options an experiment sets, which
-``fbp.experiment.Experiment`` inherits) or of ``RunOptions`` (those plus options of
+``fbp.run.experiment.Experiment`` inherits) or of ``RunOptions`` (those plus options of
 one run: chunking, a data file, devices). Each field's ``option(...)`` metadata holds
 its help text, its check and how it behaves on the command line and on resume, so:
 
@@ -74,7 +74,7 @@ class Option:
       metavar: the flag's value placeholder.
       resume: a resumed run takes this option from its checkpoint unless it is given
         again (False for options of one process, such as ``devices``).
-      sweepable: runs of one sweep (``fbp.sweep``) may differ in this option: a
+      sweepable: runs of one sweep (``fbp.run.sweep``) may differ in this option: a
         number that enters the compiled step as a per-run value (``lr``) or only the
         host's bookkeeping (``patience``), never a shape.
     """
@@ -155,7 +155,7 @@ class RunOptions(TrainingOptions):
     )
     devices: int | None = option(
         None,
-        help="data-parallel over N devices, the batch split evenly (fbp.parallel)",
+        help="data-parallel over N devices, the batch split evenly (fbp.distributed.parallel)",
         check=at_least(1),
         resume=False,
     )

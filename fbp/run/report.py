@@ -18,13 +18,14 @@ from typing import Any
 import jax.numpy as jnp
 
 from fbp import checkpoint as ckpt
-from fbp import privacy
 from fbp import train as fbp_train
 from fbp.data import Dataset
-from fbp.experiment import Experiment, RunResult
-from fbp.loop import Progress, ResumePosition, Setup
-from fbp.options import RunOptions
-from fbp.runlog import params_sha256, versions, write_plots
+from fbp.figures import write_plots
+from fbp.run import privacy
+from fbp.run.experiment import Experiment, RunResult
+from fbp.run.loop import Progress, ResumePosition, Setup
+from fbp.run.metrics import params_sha256, versions
+from fbp.run.options import RunOptions
 
 
 def report(
@@ -42,7 +43,7 @@ def report(
     """Final parameters, test metrics, ``summary.json``, plots and the printed report.
 
     ``test``: the final parameters' test metrics when the caller has them already
-    (``fbp.sweep`` evaluates all its runs in one call); computed here otherwise.
+    (``fbp.run.sweep`` evaluates all its runs in one call); computed here otherwise.
     """
     prog = position.progress
     use_best = restores_best(cfg, setup, prog)

@@ -23,13 +23,15 @@ import numpy as np
 import optax
 
 from fbp import checkpoint as ckpt
-from fbp import cluster, privacy, schedules
 from fbp import data as fbp_data
 from fbp import train as fbp_train
 from fbp.core import Array, Layer, Params, State
 from fbp.data import Dataset
-from fbp.options import RunOptions
-from fbp.runlog import MetricsLog, Printer, StopFlag
+from fbp.distributed import cluster
+from fbp.run import privacy, schedules
+from fbp.run.metrics import MetricsLog
+from fbp.run.options import RunOptions
+from fbp.run.progress import Printer, StopFlag
 
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
@@ -81,7 +83,7 @@ class Setup(NamedTuple):
     evaluate: Callable  # (params, model_state, x, y) -> {'loss', ['accuracy']}, jitted
     probe: Callable | None  # (ts, x, y) -> {name: scalar}, jitted
     val: tuple[Array, ...] | None  # validation (x, y[, lengths]), None when the split is empty
-    privacy: Any = None  # DP-SGD's PrivacyAccountant (fbp.privacy), None for a plain run
+    privacy: Any = None  # DP-SGD's PrivacyAccountant (fbp.run.privacy), None for a plain run
     lengths: Array | None = None  # (n,) valid steps of padded training sequences, or None
 
 
@@ -198,7 +200,7 @@ class Checkpointer:
         if self.directory is None:
             return None
         prog = position.progress
-        if not bool(fbp_train._all_finite(position.state.params)):
+        if not bool(fbp_train.all_finite(position.state.params)):
             raise NonFiniteError(
                 f"parameters became non-finite by epoch {prog.epoch}; not saved. Last good "
                 f"checkpoint: {self.last}."

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fbp import checkpoint
-from fbp.experiment import Experiment, RunResult
+from fbp.run.experiment import Experiment, RunResult
 
 
 class RunOne(Protocol):
-    """How one variant is run: ``fbp.runner.run_single``."""
+    """How one variant is run: ``fbp.run.runner.run_single``."""
 
     def __call__(
         self,
@@ -65,13 +65,13 @@ def run(
 ) -> RunResult:
     """Run every variant of ``exp`` with ``run_one`` and report the comparison.
 
-    ``fbp.runner.run`` calls this for an experiment with variants, handing it the
-    runner of one experiment (``fbp.runner.run_single``); this module drives that
+    ``fbp.run.runner.run`` calls this for an experiment with variants, handing it the
+    runner of one experiment (``fbp.run.runner.run_single``); this module drives that
     runner and needs none of its internals.
 
     Args:
       exp: an Experiment with ``variants``.
-      run_one: runs one experiment (``fbp.runner.run_single``).
+      run_one: runs one experiment (``fbp.run.runner.run_single``).
       out: the parent directory (each variant gets ``out/<name>``), or None.
       print_fn: where progress and the report go.
       **kwargs: passed to ``run_one`` for every variant (resume, overwrite, epochs...).

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fbp.experiment import Experiment
-from fbp.options import RunOptions
+from fbp.run.experiment import Experiment
+from fbp.run.options import RunOptions
 
 
 def build_schedule(cfg: RunOptions, total_steps: int) -> float | Callable:
@@ -56,14 +56,14 @@ def build_optimizer(
     """(optimizer, schedule): clip -> weight decay -> the experiment's -> plateau scale.
 
     ``cfg.lr``, ``cfg.weight_decay`` and ``cfg.clip`` may be traced arrays (one run's
-    values inside ``fbp.sweep``'s vmapped step); a traced weight decay always adds
+    values inside ``fbp.run.sweep``'s vmapped step); a traced weight decay always adds
     its term, which for a value of 0 changes no update.
     """
     schedule = build_schedule(cfg, total_steps)
     parts = []
     if cfg.clip is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip))
-    if not isinstance(cfg.weight_decay, (int, float)) or cfg.weight_decay:  # traced: fbp.sweep
+    if not isinstance(cfg.weight_decay, (int, float)) or cfg.weight_decay:  # traced: fbp.run.sweep
         parts.append(optax.add_decayed_weights(cfg.weight_decay))
     parts.append(exp.optimizer(schedule, total_steps))
     if cfg.schedule == "plateau":

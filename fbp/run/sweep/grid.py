@@ -1,7 +1,7 @@
 """What a sweep runs: seeds and a grid of option values, parsed, checked and named.
 
 A sweep is the product of a grid (``{'lr': [1e-3, 3e-3], 'weight_decay': [0, 1e-4]}``,
-options marked ``sweepable`` in ``fbp.options``) and a list of seeds. Each run is a
+options marked ``sweepable`` in ``fbp.run.options``) and a list of seeds. Each run is a
 ``Point``: its directory name and its option values.
 
 Examples:
@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from fbp import options
+from fbp.run import options
 
 _SEED = re.compile(r"^(\d+)(?:-(\d+))?$")
 

@@ -11,11 +11,11 @@ others fail rather than wait).
 
 Without ``--out``, ``fbp train NAME`` writes to ``runs/NAME-YYYYmmdd-HHMMSS``
 (``-2``, ``-3``... when that exists). ``--seeds``/``--sweep`` train many runs as one
-program (``fbp.sweep``). ``fbp train`` launched once per process (``srun``, the
+program (``fbp.run.sweep``). ``fbp train`` launched once per process (``srun``, the
 ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` variables, or
 ``--coordinator``,
 ``--num-processes``, ``--process-id``) trains one run over every process's devices;
-only process 0 prints and writes (``fbp.cluster``).
+only process 0 prints and writes (``fbp.distributed.cluster``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from pathlib import Path
 
 import jax
 
-from fbp import cluster, experiment, export, options, report, runner, xla_config
-from fbp.sweep import command as sweep_command
+from fbp import xla_config
+from fbp.distributed import cluster
+from fbp.run import experiment, export, loop, options, report, runner
+from fbp.run.sweep import command as sweep_command
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -83,7 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, given) -> int:
     main_process = cluster.is_main_process()
-    train = sweep_command.from_args(args, out) or runner.run  # --seeds/--sweep: fbp.sweep
+    train = sweep_command.from_args(args, out) or runner.run  # --seeds/--sweep: fbp.run.sweep
     try:
         train(
             exp,
@@ -98,7 +100,7 @@ def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, give
         if main_process:  # the one that saved the checkpoint
             print(f"fbp: {e}; continue with --resume.", file=sys.stderr)
         return e.exit_code
-    except runner.NonFiniteError as e:
+    except loop.NonFiniteError as e:
         if main_process:
             print(f"fbp: error: {e}", file=sys.stderr)
         return 3

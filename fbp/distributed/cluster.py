@@ -42,8 +42,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fbp import options
-from fbp.layout import request_cpu_devices
+from fbp.distributed.layout import request_cpu_devices
+from fbp.run import options
 
 
 def is_main_process() -> bool:
@@ -123,7 +123,7 @@ def initialize(
     """Join a multi-process run (``jax.distributed.initialize``) with a bounded wait.
 
     Call it first, before any other JAX call, in every process.
-    Afterwards ``jax.devices()`` (and ``fbp.parallel.make_mesh()``) list the devices
+    Afterwards ``jax.devices()`` (and ``fbp.distributed.parallel.make_mesh()``) list the devices
     of all processes. On CPU, cross-process collectives use gloo (JAX's default).
 
     Args:
@@ -155,7 +155,7 @@ def initialize(
     left = max(1.0, timeout - (time.monotonic() - start))
     done = _watchdog(
         left,
-        f"fbp.parallel.initialize: {who} could not join the run coordinated at "
+        f"fbp.distributed.parallel.initialize: {who} could not join the run coordinated at "
         f"{coordinator_address} within {timeout:g} s: not every process connected. "
         f"Check that all {num_processes} processes were started with the same address "
         f"and distinct process ids (under SLURM, launch them with srun); exiting.",

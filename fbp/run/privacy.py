@@ -13,7 +13,7 @@ written or anything compiles.
 
 Examples:
   >>> from fbp import nn, losses
-  >>> from fbp.options import RunOptions
+  >>> from fbp.run.options import RunOptions
   >>> cfg = RunOptions(epochs=1, lr=0.1, dp_clip=1.0, dp_noise=1.0)
   >>> acc = accountant(cfg, batch_size=32, n=1000)
   >>> 0 < acc.epsilon(100) < 10
@@ -33,7 +33,7 @@ from typing import Any
 from fbp.core import Layer
 from fbp.extend import accounting, dp, registry
 from fbp.extend.registry import UnsupportedLayerError
-from fbp.options import RunOptions
+from fbp.run.options import RunOptions
 
 
 def enabled(cfg: RunOptions) -> bool:
@@ -49,7 +49,7 @@ def check(
     cfg: RunOptions, *, grad_fn: Any, penalty: Any, devices: int | None = None, probe: Any = None
 ) -> None:
     """Refuse DP options that do not go together (each option's own range is
-    ``fbp.options``'s check).
+    ``fbp.run.options``'s check).
 
     Raises:
       ValueError: ``dp_noise`` without ``dp_clip``; DP with an experiment's own
@@ -84,7 +84,7 @@ def check(
         )
     if noise(cfg) > 0:
         try:
-            accounting._dp_accounting()
+            accounting.require()
         except ImportError:
             raise ValueError(
                 f"run: --dp-noise {cfg.dp_noise} > 0 needs the dp-accounting package to report "
