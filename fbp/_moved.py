@@ -13,7 +13,16 @@ import sys
 import warnings
 from types import ModuleType
 
-_RUN = ("cli", "experiment", "export", "loop", "options", "privacy", "report", "runner")
+_RUN: tuple[str, ...] = (
+    "cli",
+    "experiment",
+    "export",
+    "loop",
+    "options",
+    "privacy",
+    "report",
+    "runner",
+)
 _RUN += ("schedules", "sweep", "variants")
 MOVED = {f"fbp.{m}": f"fbp.run.{m}" for m in _RUN}
 MOVED |= {f"fbp.{m}": f"fbp.distributed.{m}" for m in ("cluster", "layout", "parallel")}

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 FORMAT = "fbp-checkpoint"
@@ -183,7 +184,8 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 def _next_name(d: Path) -> str:
     existing = list_checkpoints(d)
-    seq = int(_NAME.match(existing[-1].name).group(1)) + 1 if existing else 1
+    last = _NAME.match(existing[-1].name) if existing else None
+    seq = int(last.group(1)) + 1 if last else 1
     return f"ckpt-{seq:06d}"
 
 
@@ -389,7 +391,7 @@ def restore(arrays: dict[str, np.ndarray], manifest: dict[str, Any], template: A
         value = arrays[name]
         if _is_key(leaf):
             impl = keys.get(name) or str(jax.random.key_impl(leaf))
-            value = jax.random.wrap_key_data(value, impl=impl)
+            value = jax.random.wrap_key_data(jnp.asarray(value), impl=impl)
         leaves.append(value)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -466,6 +468,6 @@ def load_latest(
             "(fbp checkpoints are safetensors + JSON only); remove them:\n"
             + "\n".join(_reason(p, e) for p, e in unsafe)
         )
-    for _, e in refused:
-        warn(f"warning: {e} Skipping it.")
+    for _, err in refused:
+        warn(f"warning: {err} Skipping it.")
     return found

@@ -40,17 +40,34 @@ in its residuals). The rule is one and the same everywhere:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-Params = Any  # nested dict of arrays
-State = Any  # nested dict of arrays (running statistics), {} when none
-Residuals = Any  # a pytree per layer, usually a NamedTuple
+PRNGKey = jax.Array  # a key from jax.random.key (or a legacy uint32 key), as chex.PRNGKey
+PyTree = Any  # nested dicts, lists, tuples and NamedTuples of arrays
+Params = PyTree  # nested dict of arrays
+State = PyTree  # nested dict of arrays (running statistics), {} when none
+Residuals = PyTree  # a pytree per layer, usually a NamedTuple
+Shaped = Array | jax.ShapeDtypeStruct  # what init/init_state/output_shape read: shape, dtype
+
+
+class LossFunction(Protocol):
+    """What the gradient functions need of a loss: its value and its hand-written gradient.
+
+    Every loss in ``fbp.losses`` is one: ``loss(pred, target) -> scalar`` (the mean over
+    the batch) and ``loss.backward(pred, target) -> dpred``, the shape of ``pred``.
+    """
+
+    def __call__(self, pred: Array, target: Array) -> Array: ...
+
+    def backward(self, pred: Array, target: Array) -> Array: ...
 
 
 class ShapeError(ValueError):
@@ -225,7 +242,16 @@ class Sequential(Layer):
 
         return self._each(params, _as_struct(x), None, None, step)[0]
 
-    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def apply(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> Array:
         """``lengths`` (batch,), for padded sequences, reaches every layer that takes it."""
 
         def step(layer, p, v, k, s):
@@ -234,7 +260,16 @@ class Sequential(Layer):
 
         return self._each(params, x, key, state, step)[0]
 
-    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> tuple[Array, Residuals]:
         """``lengths`` (batch,), for padded sequences, reaches every layer that takes it."""
 
         def step(layer, p, v, k, s):
@@ -244,30 +279,38 @@ class Sequential(Layer):
         y, res = self._each(params, x, key, state, step)
         return y, tuple(res)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """Chain rule: ``dx_i = backward_i(dy_i)``, ``dy_{i-1} = dx_i``, last layer first."""
         dparams, dx, _ = self.backward_with_deltas(params, res, dy)
         return dparams, dx
 
-    def backward_with_deltas(self, params, res, dy):
+    def backward_with_deltas(
+        self, params: Params, res: Residuals, dy: Array
+    ) -> tuple[Params, Array, tuple[Array, ...]]:
         """``backward`` that also returns each layer's error signal (delta).
 
         Returns:
           ``(dparams, dx, deltas)``: ``deltas[i]`` is the cotangent of ``layers[i]``'s
           output (dL/dz at a Dense output), the value the chain rule passes anyway.
         """
-        dparams, deltas = {}, [None] * len(self.layers)
+        dparams: dict[str, Params] = {}
+        deltas: list[Any] = [None] * len(self.layers)
         for i in reversed(range(len(self.layers))):
             deltas[i] = dy
             dparams[str(i)], dy = self.layers[i].backward(params[str(i)], res[i], dy)
         return {str(i): dparams[str(i)] for i in range(len(self.layers))}, dy, tuple(deltas)
 
-    def next_state(self, state, res):
+    def next_state(self, state: State | None, res: Residuals) -> State | None:
         if state is None:
             return None
         return {
             str(i): layer.next_state(state[str(i)], res[i]) for i, layer in enumerate(self.layers)
         }
+
+
+def sum_arrays(terms: Iterable[Array]) -> Array:
+    """``sum`` of one or more arrays (broadcasting as ``+`` does), typed as an array."""
+    return functools.reduce(operator.add, terms)
 
 
 def _get(tree: Any, k: str) -> Any:
@@ -316,7 +359,7 @@ class Aux(NamedTuple):
 
 def value_and_grad(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     *,
     penalty: Callable | None = None,
     has_aux: bool = False,
@@ -373,7 +416,7 @@ def value_and_grad(
     return f
 
 
-def loss_fn(model: Layer, loss: Callable, *, penalty: Callable | None = None) -> Callable:
+def loss_fn(model: Layer, loss: LossFunction, *, penalty: Callable | None = None) -> Callable:
     """The plain loss ``f(params, x, target, *, key, state, train, lengths) -> scalar``.
 
     This is what ``jax.grad`` differentiates in the parity suite: the same forward,

@@ -16,9 +16,12 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:  # jax is imported where it is used, so that data loads without it
+    from jax import Array
 
 
 class Split(NamedTuple):
@@ -49,7 +52,7 @@ class Origin(NamedTuple):
     """Where the examples of a data set read from a file are in that file, for messages."""
 
     lines: np.ndarray | None  # (n,) CSV: file line of each example (1-based, header counted)
-    index: dict[str, np.ndarray]  # split name -> (n_split,) positions in file order
+    index: dict[str, np.ndarray]  # type: ignore[assignment]  # (a field, not tuple.index) split name -> (n_split,) positions in file order
 
 
 class DataError(ValueError):
@@ -225,8 +228,8 @@ def reshape(ds: Dataset, shape: tuple[int, ...], *, name: str | None = None) -> 
     def r(s: Split) -> Split:
         return s._replace(x=s.x.reshape(len(s.x), *shape))
 
-    stats = {}
-    if ds.x_mean is not None:
+    stats: dict[str, Any] = {}
+    if ds.x_mean is not None and ds.x_std is not None:
         stats = {"x_mean": ds.x_mean.reshape(shape), "x_std": ds.x_std.reshape(shape)}
     return ds._replace(
         train=r(ds.train), val=r(ds.val), test=r(ds.test), name=name or ds.name, **stats
@@ -678,7 +681,7 @@ def load_file(
         test_fraction=test_fraction,
         stratify=not regression,
     )
-    if not regression and not stated:
+    if not regression and not stated and classes is not None:
         _check_train_classes(path, y, pos[0].x, classes, where)
     x = x.astype(np.float32)
     tr, va, te = (Split(x[p.x], y[p.x], None if lengths is None else lengths[p.x]) for p in pos)
@@ -690,7 +693,7 @@ def load_file(
 # ----------------------------------------------------------------------------- batching
 
 
-def batch_order(key: object, n: int, batch_size: int) -> object:
+def batch_order(key: Array, n: int, batch_size: int) -> Array:
     """Example indices for one epoch: a permutation drawn from ``key``, shape (steps, batch).
 
     The last ``n % batch_size`` examples of the permutation are left out.
@@ -703,7 +706,7 @@ def batch_order(key: object, n: int, batch_size: int) -> object:
     return jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
 
 
-def batches(split_: Split, batch_size: int, key: object):
+def batches(split_: Split, batch_size: int, key: Array):
     """Yield shuffled host minibatches ``(x, y)`` of one epoch, in ``batch_order(key)``."""
     order = np.asarray(batch_order(key, len(split_.x), batch_size))
     for idx in order:

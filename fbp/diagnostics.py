@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fbp.core import Array, Layer, Params, value_and_grad
+from fbp.core import Array, Layer, LossFunction, Params, value_and_grad
 from fbp.figures import new_figure, save_figure
 
 STATS = ("delta_norm", "grad_norm", "w_norm", "update_ratio")
@@ -110,7 +110,7 @@ def _at(tree: Any, path: tuple) -> Any:
 
 def stats_fn(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     optimizer: optax.GradientTransformation | None = None,
     *,
     penalty: Callable | None = None,
@@ -143,7 +143,7 @@ def stats_fn(
     return probe
 
 
-def probe(model: Layer, loss: Callable, optimizer: optax.GradientTransformation) -> Callable:
+def probe(model: Layer, loss: LossFunction, optimizer: optax.GradientTransformation) -> Callable:
     """``stats_fn(model, loss, optimizer)``: the shape the runner's ``probe`` field takes."""
     return stats_fn(model, loss, optimizer)
 
@@ -179,7 +179,7 @@ def to_floats(stats: dict[str, Array]) -> dict[str, float]:
 
 def _series(history: Sequence[dict[str, Any]], stat: str) -> dict[str, tuple[list, list]]:
     """layer key -> (epochs, values) of ``stat/<key>`` over the history rows that have it."""
-    out: dict[int, tuple[list, list]] = {}
+    out: dict[str, tuple[list, list]] = {}
     for step, row in enumerate(history):
         for k, v in row.items():
             if k.startswith(stat + "/"):

@@ -32,12 +32,12 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Aux, Layer, Params, Sequential, _as_struct, layer_name
+from fbp.core import Array, Aux, LossFunction, Params, Sequential, _as_struct, layer_name
 from fbp.core import value_and_grad as _bp_value_and_grad
 from fbp.nn.dense import Dense
 from fbp.nn.initializers import get as _get_init
@@ -98,7 +98,8 @@ def init_feedback(model: Sequential, rule: str, key: Array, x: Any) -> Feedback:
     for k, i in zip(keys, dense, strict=True):
         w = shapes[str(i)]["w"]
         shape = w.shape if rule == "feedback_alignment" else (n_out, w.shape[0])
-        out[str(i)] = _get_init(model.layers[i].w_init)(k, shape, w.dtype)
+        dense_layer = cast(Dense, model.layers[i])  # _dense_indices: Dense layers only
+        out[str(i)] = _get_init(dense_layer.w_init)(k, shape, w.dtype)
     return out
 
 
@@ -120,7 +121,7 @@ def _backward(model, params, res, dpred, rule, feedback, dense):
 
 def value_and_grad(
     model: Sequential,
-    loss: Callable,
+    loss: LossFunction,
     rule: str,
     feedback: Feedback | None = None,
     *,
@@ -189,7 +190,7 @@ def alignment_angles(update: Params, grads: Params) -> dict[str, Array]:
     return out
 
 
-def alignment_probe(model: Sequential, loss: Callable, grad_fn: Callable) -> Callable:
+def alignment_probe(model: Sequential, loss: LossFunction, grad_fn: Callable) -> Callable:
     """A jitted probe ``(ts, x, y) -> {'angle/i': degrees}``: ``grad_fn``'s update vs backprop.
 
     Args:
@@ -208,6 +209,6 @@ def alignment_probe(model: Sequential, loss: Callable, grad_fn: Callable) -> Cal
     return probe
 
 
-def make(model: Layer, loss: Callable, rule: str, key: Array, x: Any) -> Callable:
+def make(model: Sequential, loss: LossFunction, rule: str, key: Array, x: Any) -> Callable:
     """``value_and_grad(model, loss, rule, init_feedback(model, rule, key, x))`` in one call."""
     return value_and_grad(model, loss, rule, init_feedback(model, rule, key, x))

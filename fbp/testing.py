@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp.core import Layer, value_and_grad
+from fbp.losses import Loss
 
 
 @dataclasses.dataclass
@@ -75,7 +76,7 @@ def rel_error(a: Any, b: Any, floor: float = 1e-30) -> float:
 
 def _leaf_errors(prefix: str, got: Any, ref: Any) -> dict[str, float]:
     got_s, ref_s = jax.tree.structure(got), jax.tree.structure(ref)
-    if got_s != ref_s:
+    if got_s != ref_s:  # type: ignore[operator]  # jaxlib stub: PyTreeDef unresolved
         raise AssertionError(f"{prefix}: tree structure {got_s} differs from reference {ref_s}")
     out = {}
     for (path, g), r in zip(
@@ -216,7 +217,7 @@ def check_layer(
 
 def check_model(
     model: Layer,
-    loss: Callable,
+    loss: Loss,
     x: Any,
     target: Any,
     *,
@@ -250,7 +251,7 @@ def check_model(
 
 
 def check_loss(
-    loss: Callable,
+    loss: Loss,
     pred: Any,
     target: Any,
     *,
@@ -281,12 +282,12 @@ def assert_layer_parity(layer: Layer, x: Any, **kwargs) -> ParityReport:
     return assert_parity(check_layer(layer, x, **kwargs))
 
 
-def assert_model_parity(model: Layer, loss: Callable, x: Any, target: Any, **kwargs):
+def assert_model_parity(model: Layer, loss: Loss, x: Any, target: Any, **kwargs):
     """``assert_parity(check_model(model, loss, x, target, **kwargs))``."""
     return assert_parity(check_model(model, loss, x, target, **kwargs))
 
 
-def assert_loss_parity(loss: Callable, pred: Any, target: Any, **kwargs) -> ParityReport:
+def assert_loss_parity(loss: Loss, pred: Any, target: Any, **kwargs) -> ParityReport:
     """``assert_parity(check_loss(loss, pred, target, **kwargs))``."""
     return assert_parity(check_loss(loss, pred, target, **kwargs))
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fbp.core import Array, Layer, Params, State, value_and_grad
+from fbp.core import Array, Layer, LossFunction, Params, State, value_and_grad
 from fbp.data import batch_order
 from fbp.losses import SoftmaxCrossEntropy, accuracy
 
@@ -86,7 +86,7 @@ def _finite_grads(grads: Any, norm: Array) -> Array:
 
 def step_fn(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     optimizer: optax.GradientTransformation,
     *,
     penalty: Callable | None = None,
@@ -175,7 +175,7 @@ def scan_steps(
 
 
 def make_chunk(
-    model: Layer, loss: Callable, optimizer: optax.GradientTransformation, **kwargs
+    model: Layer, loss: LossFunction, optimizer: optax.GradientTransformation, **kwargs
 ) -> Callable:
     """Jitted ``(ts, x, y, order, lengths=None) -> (ts, metrics)``: ``scan_steps`` over rows.
 
@@ -192,7 +192,7 @@ def make_chunk(
 
 def make_epoch(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     optimizer: optax.GradientTransformation,
     *,
     batch_size: int,
@@ -227,7 +227,7 @@ def make_epoch(
 
 def evaluate(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     params: Params,
     x: Array,
     y: Array,
@@ -269,7 +269,7 @@ def evaluate(
     return {k: v / n for k, v in total.items()}
 
 
-def eval_sums(model: Layer, loss: Callable, y_dtype: Any) -> Callable:
+def eval_sums(model: Layer, loss: LossFunction, y_dtype: Any) -> Callable:
     """``(params, model_state, xb, yb, lb=None) -> {'loss', ['accuracy']}``: batch sums, eval mode.
 
     ``evaluate`` adds these over batches and divides by the example count; the

@@ -251,13 +251,15 @@ def find_placement(
     known = (address, count, pid)
     slurm_tasks = _env_int(["SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"]) or 1
     if slurm_tasks > 1 and None in known:
-        slurm = _from_slurm()
-        address, count, pid = (k if k is not None else s for k, s in zip(known, slurm, strict=True))
+        s_address, s_count, s_pid = _from_slurm()
+        address = address if address is not None else s_address
+        count = count if count is not None else s_count
+        pid = pid if pid is not None else s_pid
     if count is not None and pid is not None:
         check_processes(count, pid, where)
     if count == 1 or (address, count, pid) == (None, None, None):
         return Placement(None, 1, 0)
-    if None in (address, count, pid):
+    if address is None or count is None or pid is None:
         raise ValueError(
             f"{where}: set all of JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
             "JAX_PROCESS_ID (or --coordinator, --num-processes, --process-id), or none; got "
@@ -290,7 +292,7 @@ def initialize_from_env(
       TimeoutError: as in ``initialize``.
     """
     where = find_placement(coordinator, num_processes, process_id)
-    if where.num_processes == 1:
+    if where.num_processes == 1 or where.coordinator is None:  # no coordinator: one process
         return False
     initialize(
         where.coordinator,
@@ -336,7 +338,7 @@ def launch(opts: Mapping[str, Any], *, out: str | None) -> Placement:
             )
     if devices:
         request_cpu_devices(devices // where.num_processes)
-    if where.num_processes > 1:
+    if where.num_processes > 1 and where.coordinator is not None:
         timeout = opts.get("coordinator_timeout") or defaults["coordinator_timeout"]
         initialize(
             where.coordinator, where.num_processes, where.process_id, timeout=timeout, exit_code=2

@@ -81,7 +81,7 @@ def request_cpu_devices(n: int) -> bool:
     """
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return False
-    if jax.config.jax_num_cpu_devices >= n:
+    if jax.config.values["jax_num_cpu_devices"] >= n:
         return False
     try:
         jax.config.update("jax_num_cpu_devices", n)

@@ -56,7 +56,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from fbp import checkpoint
 from fbp import train as fbp_train
-from fbp.core import Layer, value_and_grad
+from fbp.core import Layer, LossFunction, value_and_grad
 from fbp.distributed.cluster import (  # noqa: F401  (part of fbp.distributed.parallel's API)
     first_slurm_host,
     initialize,
@@ -152,7 +152,7 @@ class _PlacedData:
 
 def _sharded_grad_fn(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     layout: StateLayout,
     penalty: Callable | None,
     grad_fn: Callable | None,
@@ -192,9 +192,9 @@ class StateFunction:
         self.mesh = layout.mesh
         self.prepare = prepare  # (*args) -> the arguments placed on ``args``' shardings
         self.args = args
-        self._jitted: dict[Any, Callable] = {}
+        self._jitted: dict[Any, jax.stages.Wrapped] = {}
 
-    def jitted(self, placed: Any) -> Callable:
+    def jitted(self, placed: Any) -> jax.stages.Wrapped:
         """The jitted function for states shaped like ``placed`` (built once per shape)."""
         leaves, treedef = jax.tree.flatten(placed)
         key = (treedef, tuple(np.shape(x) for x in leaves))
@@ -225,7 +225,7 @@ def _layout(mesh: Mesh, shard_params: bool, min_shard_size: int) -> StateLayout:
 
 def make_step(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     optimizer: optax.GradientTransformation,
     *,
     mesh: Mesh,
@@ -261,7 +261,7 @@ def make_step(
 
 def make_epoch(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     optimizer: optax.GradientTransformation,
     *,
     batch_size: int,
@@ -312,7 +312,7 @@ def make_epoch(
 
 def make_train_chunk(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     optimizer: optax.GradientTransformation,
     *,
     mesh: Mesh | int | None,

@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer, Params, value_and_grad
+from fbp.core import Array, Layer, LossFunction, Params, value_and_grad
 from fbp.extend.layer_rules import conv_patches
 from fbp.extend.registry import Node, check, quantity, walk
 from fbp.losses import MSE, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
@@ -84,7 +84,7 @@ def _rows(pred: Array) -> int:
     return pred.size // pred.shape[-1]
 
 
-def loss_hvp(loss: Callable, pred: Array, target: Array, u: Array) -> Array:
+def loss_hvp(loss: LossFunction, pred: Array, target: Array, u: Array) -> Array:
     """``H_ℓ u``: the loss Hessian with respect to ``pred`` applied to ``u`` (shape of pred).
 
     mse: ``2u/N`` (N = pred.size); softmax CE: ``m (p ⊙ u - p (p·u)) / rows`` per row
@@ -100,7 +100,7 @@ def loss_hvp(loss: Callable, pred: Array, target: Array, u: Array) -> Array:
     return m * (p * u - p * jnp.sum(p * u, axis=-1, keepdims=True)) / _rows(pred)
 
 
-def loss_hessian_sqrt(loss: Callable, pred: Array, target: Array) -> Array:
+def loss_hessian_sqrt(loss: LossFunction, pred: Array, target: Array) -> Array:
     """Per-example square root of the loss Hessian: shape (K, *pred.shape), K = pred[0].size.
 
     For every example b, ``Σ_k S_k[b] S_k[b]ᵀ = H_b``, the Hessian of the batch loss in
@@ -128,7 +128,7 @@ def loss_hessian_sqrt(loss: Callable, pred: Array, target: Array) -> Array:
     return (where * per_class[None]).reshape((k, *pred.shape))
 
 
-def loss_sampled_sqrt(loss: Callable, pred: Array, key: Array, samples: int) -> Array:
+def loss_sampled_sqrt(loss: LossFunction, pred: Array, key: Array, samples: int) -> Array:
     """Monte-Carlo S with ``E[S Sᵀ] = H_ℓ``: shape (samples, *pred.shape).
 
     Targets are drawn from the model's predictive distribution (categorical for
@@ -158,7 +158,7 @@ def _forward(model, params, x, key, state, train, lengths):
     return model.forward(params, x, key=key, state=state, train=train, **kw)
 
 
-def hvp(model: Layer, loss: Callable) -> Callable:
+def hvp(model: Layer, loss: LossFunction) -> Callable:
     """``f(params, x, target, v, *, key, state, train, lengths) -> H v`` (params' structure).
 
     H is the Hessian of the batch loss in the parameters; forward mode over the
@@ -190,7 +190,7 @@ def jvp(model: Layer) -> Callable:
     return f
 
 
-def ggn_vp(model: Layer, loss: Callable) -> Callable:
+def ggn_vp(model: Layer, loss: LossFunction) -> Callable:
     """``f(params, x, target, v, *, key, state, train, lengths) -> G v``, G = Jᵀ H_ℓ J.
 
     ``J v`` by transposing the hand-written backward, ``H_ℓ`` by ``loss_hvp``, ``Jᵀ`` by
@@ -232,7 +232,7 @@ def loss_columns(loss, pred, target, key, mc_samples, who):
     return loss_sampled_sqrt(loss, pred, key, mc_samples)
 
 
-def diag_ggn(model: Layer, loss: Callable, *, mc_samples: int | None = None) -> Callable:
+def diag_ggn(model: Layer, loss: LossFunction, *, mc_samples: int | None = None) -> Callable:
     """``f(params, x, target, *, key, state, train, lengths) -> diag(G)`` (params' structure).
 
     Exact (BackPACK's ``DiagGGNExact``), or with ``mc_samples`` sampled columns
@@ -298,7 +298,7 @@ def _kfac_collect(node: Node, path: tuple[str, ...], out: dict) -> None:
 
 
 def kfac_factors(
-    model: Layer, loss: Callable, *, mode: str = "exact", mc_samples: int = 1
+    model: Layer, loss: LossFunction, *, mode: str = "exact", mc_samples: int = 1
 ) -> Callable:
     """``f(params, x, target, *, key, state, train, lengths) -> {path: KFACFactors}``.
 
@@ -334,7 +334,7 @@ def factors_from_columns(model: Layer, params: Params, res: Any, cols: Array) ->
         return out
 
     shapes = jax.eval_shape(one, cols[0])
-    axes = {k: KFACFactors(None, 0) for k in shapes}
+    axes = {k: KFACFactors._make((None, 0)) for k in shapes}  # vmap out_axes spec
     per_column = jax.vmap(one, out_axes=axes)(cols)
     return {k: KFACFactors(v.A, jnp.sum(v.G, axis=0)) for k, v in per_column.items()}
 

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fbp.core import Array, Aux, Layer, Params
+from fbp.core import Array, Aux, Layer, LossFunction, Params
 from fbp.extend.per_example import total_sq_norms
 from fbp.extend.registry import check, quantity, walk
 from fbp.train import make_step as _train_make_step
@@ -90,7 +90,7 @@ def clip_factors(norms: Array, clip: float) -> Array:
     return c / jnp.maximum(norms, c)
 
 
-def clipped_sum(model: Layer, loss: Callable, *, clip: float, method: str = "reweight"):
+def clipped_sum(model: Layer, loss: LossFunction, *, clip: float, method: str = "reweight"):
     """``f(params, x, target, *, key, state, train, lengths, weights) -> Clipped``.
 
     ``weights`` (batch,), optional, multiplies each example's clipped gradient (for
@@ -135,7 +135,7 @@ def add_noise(summed: Params, key: Array, *, clip: float, noise: float, n: Any) 
 
 def grad_fn(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     *,
     clip: float,
     noise: float,
@@ -196,7 +196,7 @@ def grad_fn(
 
 def make_step(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     optimizer: optax.GradientTransformation,
     *,
     clip: float,

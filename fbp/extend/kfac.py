@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer, Params
+from fbp.core import Array, Layer, LossFunction, Params
 from fbp.extend import curvature
 from fbp.extend.curvature import get_path
 from fbp.extend.registry import check
@@ -42,7 +42,7 @@ class KFACState(NamedTuple):
     factors: dict  # path -> KFACFactors, running averages
     inverses: dict  # path -> (A_inv, G_inv), damped, refreshed every ``inverse_every`` steps
     velocity: Params  # momentum buffer, params' structure
-    count: Array  # int32 scalar: steps taken
+    count: Array  # type: ignore[assignment]  # (a field, as optax names it) int32 scalar: steps
 
 
 def damped_inverses(factors: dict, damping: float) -> dict:
@@ -93,7 +93,7 @@ def precondition(grads: Params, inverses: dict) -> Params:
 
 def optimizer(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     *,
     learning_rate: float,
     damping: float = 1e-3,

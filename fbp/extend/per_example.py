@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer, Params, State
+from fbp.core import Array, Layer, LossFunction, Params, State, sum_arrays
 from fbp.extend import container_rules, layer_rules, recurrent_rules  # noqa: F401  (register)
 from fbp.extend.registry import Node, check, quantity, walk
 
@@ -66,7 +66,7 @@ class Walked(NamedTuple):
 
 def forward_and_walk(
     model: Layer,
-    loss: Callable,
+    loss: LossFunction,
     params: Params,
     x: Any,
     target: Any,
@@ -92,7 +92,7 @@ def forward_and_walk(
 
 def total_sq_norms(batch_l2: Params) -> Array:
     """Σ over leaves of per-leaf squared norms: tree of (batch,) -> (batch,)."""
-    return sum(jax.tree.leaves(batch_l2))
+    return sum_arrays(jax.tree.leaves(batch_l2))
 
 
 def _read(w: Walked, names: Sequence[str]) -> dict[str, Any]:
@@ -130,7 +130,7 @@ def _check_names(names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def quantities(model: Layer, loss: Callable, names: Sequence[str]) -> Callable:
+def quantities(model: Layer, loss: LossFunction, names: Sequence[str]) -> Callable:
     """Several per-example quantities from one forward and one backward pass.
 
     Args:
@@ -160,7 +160,7 @@ def quantities(model: Layer, loss: Callable, names: Sequence[str]) -> Callable:
     return f
 
 
-def per_example_grads(model: Layer, loss: Callable) -> Callable:
+def per_example_grads(model: Layer, loss: LossFunction) -> Callable:
     """``f(params, x, target, ...) -> (loss, grads)``, each leaf (batch, *leaf): ``∇L_b``.
 
     The mean over the batch axis is the batch gradient. See ``quantities``.
@@ -174,7 +174,7 @@ def per_example_grads(model: Layer, loss: Callable) -> Callable:
     return g
 
 
-def per_example_norms(model: Layer, loss: Callable, *, per_leaf: bool = False) -> Callable:
+def per_example_norms(model: Layer, loss: LossFunction, *, per_leaf: bool = False) -> Callable:
     """``f(params, x, target, ...) -> (loss, norms)``: ``‖∇L_b‖`` without forming ``∇L_b``.
 
     Args:

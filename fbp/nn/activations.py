@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer
+from fbp.core import Array, Layer, Params, PRNGKey, Residuals, State
 
 
 class ActRes(NamedTuple):
@@ -33,12 +33,20 @@ class _Elementwise(Layer):
         """f'(x) from the residual."""
         raise NotImplementedError
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: any shape -> y: same shape."""
         y, r = self._f(x)
         return y, ActRes(r)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         return {}, dy * self._df(res.r)
 
 
@@ -46,11 +54,19 @@ class _Elementwise(Layer):
 class Identity(Layer):
     """y = x; dx = dy. Keeps nothing."""
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: any shape -> y: x."""
         return x, ()
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         return {}, dy
 
 
@@ -181,11 +197,19 @@ class Softmax(Layer):
 
     axis: int = -1
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: any shape -> y: same shape, summing to 1 along ``axis``."""
         y = jax.nn.softmax(x, axis=self.axis)
         return y, ActRes(y)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         y = res.r
         return {}, y * (dy - jnp.sum(dy * y, axis=self.axis, keepdims=True))

@@ -76,7 +76,7 @@ class SdpaRes:
     q: Array  # (batch, heads, T, d)
     k: Array  # (batch, heads, S, d)
     v: Array  # (batch, heads, S, dv)
-    o: Array  # (batch, heads, T, dv): the output, for D = rowsum(dO ∘ O)
+    o: Array | None  # (batch, heads, T, dv): the output, for D = rowsum(dO ∘ O); None until set
     p: Array | None  # (batch, heads, T, S) E = exp(S − m), 0 where masked ("standard"), else None
     inv_sum: Array | None  # (batch, heads, T) 1 / rowsum(E) ("standard"), else None
     lse: Array | None  # (batch, heads, T) row log-sum-exp ("linear"), else None
@@ -283,11 +283,12 @@ def sdpa_forward(
 
 def _standard_keep(res: SdpaRes, t: int, s: int) -> Array | None:
     """The whole (batch, heads, T, S) keep-mask, drawn block by block as the scans draw it."""
-    if res.key is None:
+    key = res.key
+    if key is None:
         return None
     b, h = res.q.shape[:2]
     bk, nb = _block_keys(s, res.block_size)
-    keep = jax.vmap(lambda j: _keep(res.key, j, (b, h, t, bk), res.drop_rate))(jnp.arange(nb))
+    keep = jax.vmap(lambda j: _keep(key, j, (b, h, t, bk), res.drop_rate))(jnp.arange(nb))
     return jnp.moveaxis(keep, 0, 3).reshape(b, h, t, nb * bk)[..., :s]
 
 
@@ -384,15 +385,23 @@ def sdpa_backward(res: SdpaRes, do: Array) -> tuple[Array, Array, Array]:
     Returns:
       ``(dq, dk, dv)``, the shapes of q, k, v.
     """
-    if do.shape != res.o.shape:
+    o = sdpa_output(res)
+    if do.shape != o.shape:
         raise ShapeError(
             f"sdpa_backward: do has shape {tuple(do.shape)} but the output has shape "
-            f"{tuple(res.o.shape)}."
+            f"{tuple(o.shape)}."
         )
-    d = jnp.sum(do * res.o, axis=-1)
+    d = jnp.sum(do * o, axis=-1)
     if res.memory == "standard":
         return _standard_backward(res, do, d)
     return _linear_backward(res, do, d)
+
+
+def sdpa_output(res: SdpaRes) -> Array:
+    """The output O (batch, heads, T, dv) kept in the residuals of ``sdpa_forward``."""
+    if res.o is None:
+        raise ValueError("sdpa residuals without the output O; pass what sdpa_forward returned.")
+    return res.o
 
 
 def _softmax_grads(p, keep, do, vb, d, drop_rate):
@@ -404,11 +413,13 @@ def _softmax_grads(p, keep, do, vb, d, drop_rate):
 
 def _standard_backward(res: SdpaRes, do: Array, d: Array):
     t, s = res.q.shape[2], res.k.shape[2]
-    inv = res.inv_sum[..., None]
+    if res.p is None or res.inv_sum is None:
+        raise ValueError("sdpa_backward: 'standard' residuals without E and 1/l.")
+    p, inv = res.p, res.inv_sum[..., None]
     keep = _standard_keep(res, t, s)
-    dv = jnp.einsum("bhts,bhtd->bhsd", _dropped(res.p, keep, res.drop_rate), do * inv)
+    dv = jnp.einsum("bhts,bhtd->bhsd", _dropped(p, keep, res.drop_rate), do * inv)
     dp = _dropped(jnp.einsum("bhtd,bhsd->bhts", do, res.v), keep, res.drop_rate)
-    ds = res.p * (dp - d[..., None]) * inv
+    ds = p * (dp - d[..., None]) * inv
     scale = jnp.asarray(res.scale, res.q.dtype)
     dq = jnp.einsum("bhts,bhsd->bhtd", ds, res.k) * scale
     dk = jnp.einsum("bhts,bhtd->bhsd", ds, res.q) * scale

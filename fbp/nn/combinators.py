@@ -7,7 +7,18 @@ from typing import Any
 
 import jax
 
-from fbp.core import Layer, ShapeError, layer_name, lengths_kw
+from fbp.core import (
+    Array,
+    Layer,
+    Params,
+    PRNGKey,
+    Residuals,
+    Shaped,
+    ShapeError,
+    State,
+    layer_name,
+    lengths_kw,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,38 +63,56 @@ class Residual(Layer):
                 "and dtype (add a projection inside the block)."
             )
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example input, any shape the inner layer takes and keeps."""
         params = self.layer.init(key, x)
         self._check(x, self.layer.output_shape(params, x), "init")
         return params
 
-    def init_state(self, x):
+    def init_state(self, x: Shaped) -> State:
         return self.layer.init_state(x)
 
-    def output_shape(self, params, x):
+    def output_shape(self, params: Params, x: Shaped) -> jax.ShapeDtypeStruct:
         y = self.layer.output_shape(params, x)
         self._check(x, y, "output_shape")
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
 
-    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def apply(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> Array:
         """x: any shape -> y = x + layer(x): same shape; lengths: (batch,) or None."""
         kw = lengths_kw(self.layer, lengths)
         y = self.layer.apply(params, x, key=key, state=state, train=train, **kw)
         self._check(x, y, "apply")
         return x + y
 
-    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> tuple[Array, Residuals]:
         """x: any shape -> y = x + layer(x): same shape; lengths: (batch,) or None."""
         kw = lengths_kw(self.layer, lengths)
         y, res = self.layer.forward(params, x, key=key, state=state, train=train, **kw)
         self._check(x, y, "forward")
         return x + y, res
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = dy + backward_layer(dy).dx;  dparams = backward_layer(dy).dparams."""
         dparams, dx = self.layer.backward(params, res, dy)
         return dparams, dy + dx
 
-    def next_state(self, state, res):
+    def next_state(self, state: State | None, res: Residuals) -> State | None:
         return self.layer.next_state(state, res)

@@ -28,14 +28,26 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fbp.core import Array, Layer, ShapeError, check_ndim, layer_name, param_dtype
+from fbp.core import (
+    Array,
+    Layer,
+    Params,
+    PRNGKey,
+    Residuals,
+    Shaped,
+    ShapeError,
+    State,
+    check_ndim,
+    layer_name,
+    param_dtype,
+)
 from fbp.nn import initializers
 
 Padding = Any  # 'SAME' | 'VALID' | int | sequence of (low, high) pairs
@@ -147,12 +159,25 @@ class _Conv(Layer):
         initializers.get(self.w_init, name)
         initializers.get(self.b_init, name)
 
-    def init(self, key, x):
+    # __post_init__ leaves one int per spatial axis in each of these fields.
+    @property
+    def _kernel(self) -> tuple[int, ...]:
+        return cast(tuple[int, ...], self.kernel_size)
+
+    @property
+    def _stride(self) -> tuple[int, ...]:
+        return cast(tuple[int, ...], self.strides)
+
+    @property
+    def _dilate(self) -> tuple[int, ...]:
+        return cast(tuple[int, ...], self.dilation)
+
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example input, shape (batch, *spatial, in)."""
         check_ndim(self, "init", "x", x, (self._n + 2,), self._layout())
         dtype = param_dtype(x)
         kw, kb = jax.random.split(key)
-        shape = (*self.kernel_size, x.shape[-1], self.features)
+        shape = (*self._kernel, x.shape[-1], self.features)
         params = {"w": initializers.get(self.w_init)(kw, shape, dtype)}
         if self.use_bias:
             params["b"] = initializers.get(self.b_init)(kb, (self.features,), dtype)
@@ -163,9 +188,9 @@ class _Conv(Layer):
 
     def _geometry(self, x: Array, method: str) -> tuple[tuple[int, int], ...]:
         """Explicit padding for ``x``; ShapeError when a spatial axis is too short."""
-        window = [dilated(k, d) for k, d in zip(self.kernel_size, self.dilation, strict=True)]
-        pads = explicit_padding(self.padding, x.shape[1:-1], window, self.strides)
-        check_windows_fit(self, method, x, pads, window, self.strides, "the dilated kernel")
+        window = [dilated(k, d) for k, d in zip(self._kernel, self._dilate, strict=True)]
+        pads = explicit_padding(self.padding, x.shape[1:-1], window, self._stride)
+        check_windows_fit(self, method, x, pads, window, self._stride, "the dilated kernel")
         return pads
 
     def _check(self, params, x, method):
@@ -178,22 +203,30 @@ class _Conv(Layer):
             )
         return self._geometry(x, method)
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, *spatial, in) -> y: (batch, *spatial_out, features)."""
         pads = self._check(params, x, "forward")
         y = lax.conv_general_dilated(
             x,
             params["w"],
-            self.strides,
+            self._stride,
             pads,
-            rhs_dilation=self.dilation,
+            rhs_dilation=self._dilate,
             dimension_numbers=_dim_numbers(self._n),
         )
         if self.use_bias:
             y = y + params["b"]
         return y, ConvRes(x)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = dy (dilated by strides) ⋆ flip(w)ᵀ;  dw = x ⋆ dy over the batch;  db = Σ dy."""
         x, w = res.x, params["w"]
         pads = self._geometry(x, "backward")
@@ -207,9 +240,9 @@ class _Conv(Layer):
         spatial = range(self._n)
         pad_dx = []
         for i in spatial:
-            k = dilated(self.kernel_size[i], self.dilation[i])
+            k = dilated(self._kernel[i], self._dilate[i])
             lo = k - 1 - pads[i][0]
-            hi = x_shape[1 + i] + k - 1 - dilated(dy.shape[1 + i], self.strides[i]) - lo
+            hi = x_shape[1 + i] + k - 1 - dilated(dy.shape[1 + i], self._stride[i]) - lo
             pad_dx.append((lo, hi))
         w_t = jnp.swapaxes(lax.rev(w, tuple(spatial)), -1, -2)  # flipped, (*kernel, out, in)
         return lax.conv_general_dilated(
@@ -217,8 +250,8 @@ class _Conv(Layer):
             w_t,
             (1,) * self._n,
             pad_dx,
-            lhs_dilation=self.strides,
-            rhs_dilation=self.dilation,
+            lhs_dilation=self._stride,
+            rhs_dilation=self._dilate,
             dimension_numbers=_dim_numbers(self._n),
         )
 
@@ -226,18 +259,18 @@ class _Conv(Layer):
         """Correlation of x with dy, contracting the batch axis: shape (*kernel, in, out)."""
         pad_dw = []
         for i in range(self._n):
-            k = dilated(self.kernel_size[i], self.dilation[i])
+            k = dilated(self._kernel[i], self._dilate[i])
             lo = pads[i][0]
-            hi = dilated(dy.shape[1 + i], self.strides[i]) - x.shape[1 + i] + k - lo - 1
+            hi = dilated(dy.shape[1 + i], self._stride[i]) - x.shape[1 + i] + k - lo - 1
             pad_dw.append((lo, hi))
         images = jnp.moveaxis(x, (0, -1), (-1, 0))  # (in, *spatial, batch)
         kernel = jnp.moveaxis(dy, 0, -2)  # (*spatial_out, batch, out)
         g = lax.conv_general_dilated(
             images,
             kernel,
-            self.dilation,
+            self._dilate,
             pad_dw,
-            rhs_dilation=self.strides,
+            rhs_dilation=self._stride,
             dimension_numbers=_dim_numbers(self._n),
         )  # (in, *kernel, out)
         return jnp.moveaxis(g, 0, -2)

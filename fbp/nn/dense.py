@@ -9,7 +9,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer, ShapeError, check_last_dim, layer_name, param_dtype
+from fbp.core import (
+    Array,
+    Layer,
+    Params,
+    PRNGKey,
+    Residuals,
+    Shaped,
+    ShapeError,
+    State,
+    check_last_dim,
+    layer_name,
+    param_dtype,
+)
 from fbp.nn import initializers
 
 
@@ -54,7 +66,7 @@ class Dense(Layer):
         initializers.get(self.w_init, "Dense")
         initializers.get(self.b_init, "Dense")
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example input, shape (..., in)."""
         if len(x.shape) < 1:
             raise ShapeError(
@@ -70,7 +82,15 @@ class Dense(Layer):
     def _check(self, params, x, method):
         check_last_dim(self, method, "x", x, params["w"].shape[0], "params['w']")
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (..., in) -> y: (..., out)."""
         self._check(params, x, "forward")
         y = x @ params["w"]
@@ -78,7 +98,7 @@ class Dense(Layer):
             y = y + params["b"]
         return y, DenseRes(x)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = dy wᵀ;  dw = xᵀ dy;  db = Σ_batch dy  (leading axes flattened into batch)."""
         x2 = res.x.reshape(-1, res.x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])

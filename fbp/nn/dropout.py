@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer, layer_name
+from fbp.core import Array, Layer, Params, PRNGKey, Residuals, State, layer_name
 
 
 class DropoutRes(NamedTuple):
@@ -43,7 +43,15 @@ class Dropout(Layer):
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
             raise ValueError(f"Dropout: drop_rate must be in [0, 1), got {r!r}.")
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: any shape -> y: same shape."""
         if not train or self.drop_rate == 0:
             return x, DropoutRes(None)
@@ -59,6 +67,6 @@ class Dropout(Layer):
         scale = jnp.asarray(1.0 / (1.0 - self.drop_rate), v.dtype)
         return jnp.where(keep, v * scale, jnp.zeros((), v.dtype))
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = dy · keep / (1 - drop_rate) (the same mask as the forward); dx = dy at eval."""
         return {}, dy if res.keep is None else self._mask(dy, res.keep)

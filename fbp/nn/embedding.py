@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer, ShapeError, layer_name
+from fbp.core import Array, Layer, Params, PRNGKey, Residuals, Shaped, ShapeError, State, layer_name
 from fbp.nn import initializers
 
 
@@ -72,12 +72,20 @@ class Embedding(Layer):
                 "token ids in [0, vocab)."
             )
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example token ids, shape (...) int. The params are float32."""
         self._check(x, "init")
         return {"w": self._init_fn()(key, (self.vocab, self.features), jnp.float32)}
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (...) int -> y: (..., features)."""
         self._check(x, "forward")
         w = params["w"]
@@ -89,7 +97,7 @@ class Embedding(Layer):
         y = jnp.take(w, x, axis=0, mode="fill", fill_value=jnp.nan)
         return y, EmbeddingRes(x)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dw[v] = Σ_{positions p with x[p] = v} dy[p];  dx = 0 (ids are not differentiable)."""
         w = params["w"]
         ids = res.ids.reshape(-1)

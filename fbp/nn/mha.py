@@ -27,9 +27,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.core import Array, Layer, ShapeError, check_last_dim, layer_name, param_dtype
+from fbp.core import (
+    Array,
+    Layer,
+    Params,
+    PRNGKey,
+    Shaped,
+    ShapeError,
+    State,
+    check_last_dim,
+    layer_name,
+    param_dtype,
+)
 from fbp.nn import initializers
-from fbp.nn.attention import SdpaRes, check_key_lengths, check_options, sdpa_backward, sdpa_forward
+from fbp.nn.attention import (
+    SdpaRes,
+    check_key_lengths,
+    check_options,
+    sdpa_backward,
+    sdpa_forward,
+    sdpa_output,
+)
 from fbp.nn.positional import rope_backward, rope_forward
 
 
@@ -192,7 +210,7 @@ class MultiHeadAttention(Layer):
                 f"split into {self.num_heads} heads" + (" of even size." if self.rope else ".")
             )
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped | tuple[Shaped, Shaped]) -> Params:
         """x: example input (batch, T, dim), or the pair (x, context (batch, S, dim_c))."""
         xq, ctx = self._inputs(x, "init")
         dim = xq.shape[-1]
@@ -212,7 +230,9 @@ class MultiHeadAttention(Layer):
                 params[name] = jnp.zeros((n,), dtype)
         return params
 
-    def output_shape(self, params, x):
+    def output_shape(
+        self, params: Params, x: Shaped | tuple[Shaped, Shaped]
+    ) -> jax.ShapeDtypeStruct:
         xq, _ = self._inputs(x, "output_shape")
         return jax.ShapeDtypeStruct(tuple(xq.shape), xq.dtype)
 
@@ -220,16 +240,16 @@ class MultiHeadAttention(Layer):
 
     def apply(
         self,
-        params,
-        x,
+        params: Params,
+        x: Array | tuple[Array, Array],
         *,
-        key=None,
-        state=None,
-        train=False,
-        lengths=None,
-        context_lengths=None,
-        mask=None,
-    ):
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+        context_lengths: Array | None = None,
+        mask: Array | None = None,
+    ) -> Array:
         """``forward(...)[0]``."""
         kw = dict(lengths=lengths, context_lengths=context_lengths, mask=mask)
         return self.forward(params, x, key=key, state=state, train=train, **kw)[0]
@@ -245,16 +265,16 @@ class MultiHeadAttention(Layer):
 
     def forward(
         self,
-        params,
-        x,
+        params: Params,
+        x: Array | tuple[Array, Array],
         *,
-        key=None,
-        state=None,
-        train=False,
-        lengths=None,
-        context_lengths=None,
-        mask=None,
-    ):
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+        context_lengths: Array | None = None,
+        mask: Array | None = None,
+    ) -> tuple[Array, MHARes]:
         """x: (batch, T, dim) or (x, context (batch, S, dim_c)) -> y: (batch, T, dim)."""
         where = f"{layer_name(self)}.forward"
         xq, ctx = self._inputs(x, "forward")
@@ -306,7 +326,9 @@ class MultiHeadAttention(Layer):
             y = y * qmask
         return y, MHARes(xq, ctx, attn, qmask)
 
-    def backward(self, params, res, dy):
+    def backward(  # type: ignore[override]  # cross-attention: dx is the pair's cotangents
+        self, params: Params, res: MHARes, dy: Array
+    ) -> tuple[Params, Array | tuple[Array, Array]]:
         """dwo = oᵀ dy; do = dy woᵀ; sdpa_backward; rope⁻¹; dw = inputᵀ dz; dx = Σ dz wᵀ.
 
         Returns ``(dparams, dx)`` for self-attention, ``(dparams, (dx, dcontext))`` for
@@ -315,7 +337,7 @@ class MultiHeadAttention(Layer):
         if res.qmask is not None:
             dy = dy * res.qmask
         dparams = {}
-        dparams["w_o"], db_o = _weight_grads(_merge_heads(res.attn.o), dy)
+        dparams["w_o"], db_o = _weight_grads(_merge_heads(sdpa_output(res.attn)), dy)
         dq, dk, dv = sdpa_backward(res.attn, _split_heads(dy @ params["w_o"].T, self.num_heads))
         if self.rope:
             dq, dk = rope_backward(dq, base=self.rope_base), rope_backward(dk, base=self.rope_base)

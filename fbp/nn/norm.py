@@ -19,7 +19,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer, ShapeError, check_last_dim, layer_name, param_dtype
+from fbp.core import (
+    Array,
+    Layer,
+    Params,
+    PRNGKey,
+    Residuals,
+    Shaped,
+    ShapeError,
+    State,
+    check_last_dim,
+    layer_name,
+    param_dtype,
+)
 
 
 class NormRes(NamedTuple):
@@ -101,21 +113,29 @@ class BatchNorm(Layer):
         if params is not None:
             check_last_dim(self, method, "x", x, params["scale"].shape[0], "params['scale']")
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example input, shape (batch, ..., features)."""
         self._check(x, "init")
         return _affine_init(x)
 
-    def init_state(self, x):
+    def init_state(self, x: Shaped) -> State:
         """Running mean (zeros) and variance (ones), shape (features,)."""
         self._check(x, "init_state")
         dtype = param_dtype(x)
         return {"mean": jnp.zeros((x.shape[-1],), dtype), "var": jnp.ones((x.shape[-1],), dtype)}
 
-    def output_shape(self, params, x):
+    def output_shape(self, params: Params, x: Shaped) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, ..., features) -> y: same shape."""
         self._check(x, "forward", params)
         axes = tuple(range(x.ndim - 1))
@@ -134,7 +154,7 @@ class BatchNorm(Layer):
         y = xhat * params["scale"] + params["bias"]
         return y, NormRes(xhat, inv_std, mean if train else None, var if train else None)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """g = dy·scale. Train: dx = (g - mean(g) - x̂·mean(g x̂)) / √(σ²+eps).
 
         Eval: dx = g / √(σ²+eps). Both: dscale = Σ dy·x̂, dbias = Σ dy.
@@ -146,7 +166,7 @@ class BatchNorm(Layer):
             dx = _dx_through_stats(g, res.xhat, res.inv_std, tuple(range(dy.ndim - 1)))
         return _affine_grads(dy, res.xhat), dx
 
-    def next_state(self, state, res):
+    def next_state(self, state: State | None, res: Residuals) -> State | None:
         """r ← momentum · r + (1 - momentum) · batch statistic; unchanged in eval mode."""
         if state is None or res.mean is None:
             return state
@@ -180,13 +200,21 @@ class LayerNorm(Layer):
     def __post_init__(self):
         _validate_eps("LayerNorm", self.eps)
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example input, shape (..., features)."""
         if len(x.shape) < 1:
             raise ShapeError(f"{layer_name(self)}.init: x is a scalar; expected (..., features).")
         return _affine_init(x)
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (..., features) -> y: same shape."""
         check_last_dim(self, "forward", "x", x, params["scale"].shape[0], "params['scale']")
         mean = jnp.mean(x, axis=-1, keepdims=True)
@@ -195,7 +223,7 @@ class LayerNorm(Layer):
         xhat = (x - mean) * inv_std
         return xhat * params["scale"] + params["bias"], NormRes(xhat, inv_std, None, None)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = (g - mean(g) - x̂ mean(g x̂)) / √(σ²+eps) over the last axis, g = dy·scale."""
         dx = _dx_through_stats(dy * params["scale"], res.xhat, res.inv_std, -1)
         return _affine_grads(dy, res.xhat), dx

@@ -19,12 +19,25 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fbp.core import Array, Layer, ShapeError, check_ndim, layer_name
+from fbp.core import (
+    Array,
+    Layer,
+    Params,
+    PRNGKey,
+    Residuals,
+    Shaped,
+    ShapeError,
+    State,
+    check_ndim,
+    layer_name,
+    sum_arrays,
+)
 from fbp.nn.conv import (
     Padding,
     as_tuple,
@@ -73,10 +86,19 @@ class _Pool2D(Layer):
             )
         object.__setattr__(self, "padding", pad)
 
-    def _pads(self, x: Array, method: str) -> tuple[tuple[int, int], ...]:
+    # __post_init__ leaves (height, width) pairs in window and strides.
+    @property
+    def _window(self) -> tuple[int, int]:
+        return cast(tuple[int, int], self.window)
+
+    @property
+    def _stride(self) -> tuple[int, int]:
+        return cast(tuple[int, int], self.strides)
+
+    def _pads(self, x: Shaped, method: str) -> tuple[tuple[int, int], ...]:
         check_ndim(self, method, "x", x, (4,), "(batch, height, width, channels)")
-        pads = explicit_padding(self.padding, x.shape[1:3], self.window, self.strides)
-        check_windows_fit(self, method, x, pads, self.window, self.strides, "the window")
+        pads = explicit_padding(self.padding, x.shape[1:3], self._window, self._stride)
+        check_windows_fit(self, method, x, pads, self._window, self._stride, "the window")
         return pads
 
     def _reduce(self, x: Array, init: float, op, pads) -> Array:
@@ -85,23 +107,23 @@ class _Pool2D(Layer):
             x,
             init,
             op,
-            (1, *self.window, 1),
-            (1, *self.strides, 1),
+            (1, *self._window, 1),
+            (1, *self._stride, 1),
             ((0, 0), *pads, (0, 0)),
         )
 
     def _taps(self):
-        return [(i, j) for i in range(self.window[0]) for j in range(self.window[1])]
+        return [(i, j) for i in range(self._window[0]) for j in range(self._window[1])]
 
     def _tap(self, xp: Array, out_hw, i: int, j: int) -> Array:
         """Entry (i, j) of every window of the padded input: shape (N, oh, ow, C)."""
-        (sh, sw), (oh, ow) = self.strides, out_hw
+        (sh, sw), (oh, ow) = self._stride, out_hw
         limit = (xp.shape[0], i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, xp.shape[3])
         return lax.slice(xp, (0, i, j, 0), limit, (1, sh, sw, 1))
 
     def _untap(self, g: Array, padded_hw, i: int, j: int) -> Array:
         """g (N, oh, ow, C) placed at tap (i, j) of each window, in a padded-input-shaped array."""
-        (sh, sw), (_, oh, ow, _) = self.strides, g.shape
+        (sh, sw), (_, oh, ow, _) = self._stride, g.shape
         hi_h = padded_hw[0] - i - (oh - 1) * sh - 1
         hi_w = padded_hw[1] - j - (ow - 1) * sw - 1
         zero = jnp.zeros((), g.dtype)
@@ -138,37 +160,44 @@ class MaxPool2D(_Pool2D):
     strides: int | tuple[int, int] | None = None
     padding: Padding = "VALID"
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (N, H, W, C) -> y: (N, oh, ow, C)."""
         pads = self._pads(x, "forward")
         xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
-        out_hw = tuple((xp.shape[1 + a] - self.window[a]) // self.strides[a] + 1 for a in (0, 1))
+        out_hw = tuple((xp.shape[1 + a] - self._window[a]) // self._stride[a] + 1 for a in (0, 1))
         # One pass over the taps gives the maximum and which tap holds it (the first on
         # ties). Deciding the tap here, from the same values as y, keeps the backward free
         # of float comparisons: under jit XLA may recompute x in two fusions with
         # different rounding, and a test ``x == y`` in the backward could then miss.
-        y, arg = None, None
-        for t, (i, j) in enumerate(self._taps()):
+        taps = self._taps()
+        y = self._tap(xp, out_hw, *taps[0])
+        arg = jnp.zeros(y.shape, jnp.int32)
+        for t, (i, j) in enumerate(taps[1:], start=1):
             v = self._tap(xp, out_hw, i, j)
-            if y is None:
-                y, arg = v, jnp.zeros(v.shape, jnp.int32)
-            else:
-                better = v > y
-                y, arg = jnp.where(better, v, y), jnp.where(better, t, arg)
+            better = v > y
+            y, arg = jnp.where(better, v, y), jnp.where(better, t, arg)
         itype = jnp.int8 if len(self._taps()) <= 127 else jnp.int32
         return y, MaxPoolRes(arg.astype(itype), tuple(x.shape))
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx[p] = Σ_windows w: dy[w] · [p is w's first maximum (tap res.arg[w])]."""
         x = jax.ShapeDtypeStruct(res.x_shape, dy.dtype)
         pads = self._pads(x, "backward")
         padded = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads, strict=True))
         zero = jnp.zeros((), dy.dtype)
-        if self.strides == self.window:  # windows tile the input: one broadcast, no pads
+        if self._stride == self._window:  # windows tile the input: one broadcast, no pads
             hit = self._tile(res.arg) == self._tap_ids()
             dxp = self._tile_back(jnp.where(hit, self._tile(dy), zero), padded)
         else:
-            dxp = sum(
+            dxp = sum_arrays(
                 self._untap(jnp.where(res.arg == t, dy, zero), padded, i, j)
                 for t, (i, j) in enumerate(self._taps())
             )
@@ -180,7 +209,7 @@ class MaxPool2D(_Pool2D):
 
     def _tap_ids(self) -> Array:
         """Row-major tap index of each window position, shape (1, 1, kh, 1, kw, 1)."""
-        kh, kw = self.window
+        kh, kw = self._window
         ids = jnp.arange(kh, dtype=jnp.int32)[:, None] * kw + jnp.arange(kw, dtype=jnp.int32)
         return ids.reshape(1, 1, kh, 1, kw, 1)
 
@@ -215,25 +244,33 @@ class AvgPool2D(_Pool2D):
     padding: Padding = "VALID"
     count_include_pad: bool = True
 
-    def _count(self, x: Array, pads) -> Array:
+    def _count(self, x: Shaped, pads) -> Array:
         if self.count_include_pad or all(p == (0, 0) for p in pads):
-            return jnp.asarray(math.prod(self.window), x.dtype)
+            return jnp.asarray(math.prod(self._window), x.dtype)
         ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
         return self._reduce(ones, 0.0, lax.add, pads)[0]
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (N, H, W, C) -> y: (N, oh, ow, C)."""
         pads = self._pads(x, "forward")
         y = self._reduce(x, 0.0, lax.add, pads) / self._count(x, pads)
         return y, ShapeRes(tuple(x.shape))
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx[p] = Σ_windows w ∋ p: dy[w] / count[w]."""
         x = jax.ShapeDtypeStruct(res.x_shape, dy.dtype)
         pads = self._pads(x, "backward")
         padded = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads, strict=True))
         g = dy / self._count(x, pads)
-        dxp = sum(self._untap(g, padded, i, j) for i, j in self._taps())
+        dxp = sum_arrays(self._untap(g, padded, i, j) for i, j in self._taps())
         return {}, _crop(dxp, pads)
 
 
@@ -247,7 +284,15 @@ class GlobalAvgPool(Layer):
       (2, 3)
     """
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, *spatial, C) with at least one spatial axis -> y: (batch, C)."""
         if x.ndim < 3:
             raise ShapeError(
@@ -256,7 +301,7 @@ class GlobalAvgPool(Layer):
             )
         return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))), ShapeRes(tuple(x.shape))
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx[b, ..., c] = dy[b, c] / Π spatial."""
         shape = res.x_shape
         n = math.prod(shape[1:-1])
@@ -275,13 +320,21 @@ class Flatten(Layer):
       (2, 48)
     """
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, ...) with >= 1 dim -> y: (batch, prod(rest))."""
         if x.ndim < 1:
             raise ShapeError(f"{layer_name(self)}.forward: x is a scalar; expected (batch, ...).")
         return x.reshape(x.shape[0], -1), ShapeRes(tuple(x.shape))
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = reshape(dy, x.shape)."""
         return {}, dy.reshape(res.x_shape)
 
@@ -318,7 +371,15 @@ class Reshape(Layer):
             )
         object.__setattr__(self, "shape", shape)
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, ...) -> y: (batch, *shape)."""
         size = math.prod(x.shape[1:]) if x.ndim >= 1 else 0
         known = math.prod(d for d in self.shape if d != -1)
@@ -331,6 +392,6 @@ class Reshape(Layer):
             )
         return x.reshape(x.shape[0], *self.shape), ShapeRes(tuple(x.shape))
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = reshape(dy, x.shape)."""
         return {}, dy.reshape(res.x_shape)

@@ -28,7 +28,12 @@ import jax.numpy as jnp
 from fbp.core import (
     Array,
     Layer,
+    Params,
+    PRNGKey,
+    Residuals,
+    Shaped,
     ShapeError,
+    State,
     check_last_dim,
     check_ndim,
     layer_name,
@@ -133,12 +138,20 @@ class SinusoidalPositions(Layer):
         if isinstance(self.base, bool) or not isinstance(self.base, (int, float)) or self.base <= 1:
             raise ValueError(f"SinusoidalPositions: base must be a number > 1, got {self.base!r}.")
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, time, features) -> y: same shape."""
         check_ndim(self, "forward", "x", x, (3,), "(batch, time, features)")
         return x + sinusoid_table(x.shape[1], x.shape[2], self.base, x.dtype), PositionsRes()
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = dy."""
         return {}, dy
 
@@ -187,7 +200,7 @@ class LearnedPositions(Layer):
                 f"{tuple(x.shape)}) but max_len is {self.max_len}."
             )
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example input, shape (batch, time, features)."""
         self._check(x, "init")
         init = initializers.normal(0.02) if self.w_init == "gpt2" else self.w_init
@@ -197,7 +210,15 @@ class LearnedPositions(Layer):
     def _embedding(self, params) -> Embedding:
         return Embedding(self.max_len, params["w"].shape[1])
 
-    def forward(self, params, x, *, key=None, state=None, train=False):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, time, features) -> y: same shape."""
         self._check(x, "forward")
         check_last_dim(self, "forward", "x", x, params["w"].shape[1], "params['w']")
@@ -205,11 +226,11 @@ class LearnedPositions(Layer):
         table, _ = self._embedding(params).forward(params, positions)
         return x + table.astype(x.dtype), LearnedPositionsRes(positions)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dw = Embedding's scatter-add of Σ_batch dy at the positions;  dx = dy."""
         dsum = jnp.sum(dy, axis=0).astype(params["w"].dtype)
         dparams, _ = self._embedding(params).backward(params, EmbeddingRes(res.positions), dsum)
         return dparams, dy
 
-    def output_shape(self, params, x):
+    def output_shape(self, params: Params, x: Shaped) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)

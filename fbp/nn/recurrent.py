@@ -46,7 +46,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fbp.core import Array, Layer, ShapeError, check_last_dim, check_ndim, layer_name, param_dtype
+from fbp.core import (
+    Array,
+    Layer,
+    Params,
+    PRNGKey,
+    Residuals,
+    Shaped,
+    ShapeError,
+    State,
+    check_last_dim,
+    check_ndim,
+    layer_name,
+    param_dtype,
+)
 from fbp.nn.sequence import check_lengths, time_mask
 
 _UNROLL = 2
@@ -114,7 +127,7 @@ class _Recurrent(Layer):
             raise ValueError(f"{name}: w_hh_gain must be > 0, got {self.w_hh_gain!r}.")
 
     # ------------------------------------------------------------------ params and state
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example input, shape (batch, time, in).
 
         w_ih is Glorot-uniform; w_hh is ``w_hh_gain`` times an orthogonal matrix per gate;
@@ -137,14 +150,14 @@ class _Recurrent(Layer):
     def _init_biases(self, dtype) -> dict:
         return {"b": jnp.zeros((self.gates * self.hidden,), dtype)}
 
-    def init_state(self, x):
+    def init_state(self, x: Shaped) -> State:
         """Zeros {'h': (batch, H), ...} when ``stateful``; ``{}`` (stateless) otherwise."""
         if not self.stateful:
             return {}
         dtype = param_dtype(x)
         return {k: jnp.zeros((x.shape[0], self.hidden), dtype) for k in self.carry_names}
 
-    def next_state(self, state, res):
+    def next_state(self, state: State | None, res: Residuals) -> State | None:
         """The final carry of the forward pass when a state was given; ``state`` otherwise."""
         return dict(res.carry) if state else state
 
@@ -167,11 +180,29 @@ class _Recurrent(Layer):
         return {k: state[k].astype(x.dtype) for k in self.carry_names}
 
     # ------------------------------------------------------------------ forward
-    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def apply(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> Array:
         """x: (batch, time, in) -> every hidden state, (batch, time, hidden)."""
         return self.forward(params, x, key=key, state=state, train=train, lengths=lengths)[0]
 
-    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, time, in) -> y: (batch, time, hidden); lengths: (batch,) or None."""
         check_ndim(self, "forward", "x", x, (3,), "(batch, time, in)")
         check_last_dim(self, "forward", "x", x, params["w_ih"].shape[0], "params['w_ih']")
@@ -207,7 +238,7 @@ class _Recurrent(Layer):
             return None
         return jnp.asarray((np.arange(time) % self.truncate != 0).astype(np.float64), dtype)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """BPTT: a reverse scan of the cell's rule, summing dparams over the steps.
 
         Per step: dh_t = dy_t + dh carried from step t+1 (zero across a truncation edge);
@@ -216,7 +247,9 @@ class _Recurrent(Layer):
         """
         return _jit_backward(self, params, res, dy)
 
-    def backward_with_gate_deltas(self, params, res, dy):
+    def backward_with_gate_deltas(
+        self, params: Params, res: Residuals, dy: Array
+    ) -> tuple[Params, Array, Any]:
         """``backward`` that also returns the per-step gate deltas (time-major).
 
         Returns:

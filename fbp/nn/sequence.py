@@ -19,7 +19,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer, ShapeError, check_ndim, layer_name, lengths_kw
+from fbp.core import (
+    Array,
+    Layer,
+    Params,
+    PRNGKey,
+    Residuals,
+    Shaped,
+    ShapeError,
+    State,
+    check_ndim,
+    layer_name,
+    lengths_kw,
+)
 
 
 def check_lengths(layer: Any, method: str, lengths: Any, batch: int) -> None:
@@ -126,16 +138,34 @@ class Bidirectional(Layer):
                 f"Bidirectional: {layer_name(inner)} is stateful; pass a stateless layer."
             )
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example input, shape (batch, time, in)."""
         k_f, k_b = jax.random.split(key)
         return {"forward": self.layer.init(k_f, x), "backward": self.layer.init(k_b, x)}
 
-    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def apply(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> Array:
         """x: (batch, time, in) -> (batch, time, 2·hidden)."""
         return self.forward(params, x, train=train, lengths=lengths)[0]
 
-    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, time, in) -> y: (batch, time, 2·hidden); lengths: (batch,) or None."""
         check_ndim(self, "forward", "x", x, (3,), "(batch, time, in)")
         kw = {"train": train, **lengths_kw(self.layer, lengths)}
@@ -144,7 +174,7 @@ class Bidirectional(Layer):
         y = jnp.concatenate([y_f, reverse_padded(y_b, lengths)], axis=-1)
         return y, BidirectionalRes(r_f, r_b, lengths)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dy = (dy_f, dy_b) on the last axis; dx = dx_f + reverse(dx_b(reverse(dy_b)))."""
         h = dy.shape[-1] // 2
         dp_f, dx_f = self.layer.backward(params["forward"], res.fwd, dy[..., :h])
@@ -171,11 +201,29 @@ class LastStep(Layer):
       [[0.0, 1.0], [10.0, 11.0]]
     """
 
-    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def apply(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> Array:
         """x: (batch, time, H) -> (batch, H)."""
         return self.forward(params, x, lengths=lengths)[0]
 
-    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, time, H) -> y: (batch, H); lengths: (batch,) or None."""
         check_ndim(self, "forward", "x", x, (3,), "(batch, time, H)")
         batch, time = x.shape[0], x.shape[1]
@@ -188,7 +236,7 @@ class LastStep(Layer):
         y = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
         return y, LastStepRes(onehot)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = onehot[..., None] · dy[:, None, :]."""
         if dy.ndim != 2:
             raise ShapeError(

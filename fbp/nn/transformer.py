@@ -11,11 +11,23 @@ part first: dy → MLP half (dy + its dx) → attention half (da + LN₁'s dx). 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 
-from fbp.core import Array, Layer, Sequential, check_ndim, layer_name, split_key
+from fbp.core import (
+    Array,
+    Layer,
+    Params,
+    PRNGKey,
+    Residuals,
+    Sequential,
+    Shaped,
+    State,
+    check_ndim,
+    layer_name,
+    split_key,
+)
 from fbp.nn.activations import GELU
 from fbp.nn.combinators import Residual
 from fbp.nn.dense import Dense
@@ -94,7 +106,7 @@ class TransformerBlock(Layer):
         layers = [LayerNorm(self.eps), Dense(self.mlp_dim or 4 * dim), GELU(), Dense(dim)]
         return Residual(Sequential(layers + ([Dropout(self.dropout)] if self.dropout else [])))
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example input, shape (batch, time, dim)."""
         check_ndim(self, "init", "x", x, (3,), "(batch, time, dim)")
         k_attn, k_mlp = jax.random.split(key)
@@ -104,14 +116,34 @@ class TransformerBlock(Layer):
             "mlp": self._mlp(x.shape[-1]).init(k_mlp, x),
         }
 
-    def output_shape(self, params, x):
+    def output_shape(self, params: Params, x: Shaped) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
 
-    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None, mask=None):
+    def apply(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+        mask: Array | None = None,
+    ) -> Array:
         """``forward(...)[0]``."""
         return self.forward(params, x, key=key, train=train, lengths=lengths, mask=mask)[0]
 
-    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None, mask=None):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+        mask: Array | None = None,
+    ) -> tuple[Array, Residuals]:
         """x: (batch, time, dim) -> y: same shape; lengths (batch,) and mask as attention's."""
         check_ndim(self, "forward", "x", x, (3,), "(batch, time, dim)")
         k_attn, k_drop, k_mlp = split_key(key, 3)
@@ -129,12 +161,12 @@ class TransformerBlock(Layer):
             y = y * mask_t
         return y, TransformerBlockRes(r_ln1, r_attn, r_drop, r_mlp, mask_t)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """da = dy + MLP-half dx;  dx = da + LN₁ backward(attention backward(drop backward(da)))."""
         if res.mask is not None:
             dy = dy * res.mask
         d_mlp, da = self._mlp(dy.shape[-1]).backward(params["mlp"], res.mlp, dy)
         _, d_attn_out = Dropout(self.dropout).backward({}, res.drop, da)
         d_attn, dh = self._attn().backward(params["attn"], res.attn, d_attn_out)
-        d_ln1, dx = LayerNorm(self.eps).backward(params["ln1"], res.ln1, dh)
+        d_ln1, dx = LayerNorm(self.eps).backward(params["ln1"], res.ln1, cast(Array, dh))
         return {"ln1": d_ln1, "attn": d_attn, "mlp": d_mlp}, da + dx

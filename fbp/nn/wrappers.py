@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Layer, lengths_kw
+from fbp.core import Array, Layer, Params, PRNGKey, Residuals, Shaped, State, lengths_kw
 
 
 def _check_layer(owner: str, layer: Any) -> None:
@@ -56,28 +56,46 @@ class Frozen(Layer):
     def __post_init__(self):
         _check_layer("Frozen", self.layer)
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         return self.layer.init(key, x)
 
-    def init_state(self, x):
+    def init_state(self, x: Shaped) -> State:
         return self.layer.init_state(x)
 
-    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def apply(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> Array:
         """x: what ``layer`` takes -> y: what ``layer`` returns; lengths: (batch,) or None."""
         kw = lengths_kw(self.layer, lengths)
         return self.layer.apply(params, x, key=key, state=state, train=train, **kw)
 
-    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> tuple[Array, Residuals]:
         """x: what ``layer`` takes -> y: what ``layer`` returns; lengths: (batch,) or None."""
         kw = lengths_kw(self.layer, lengths)
         return self.layer.forward(params, x, key=key, state=state, train=train, **kw)
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = layer's dx;  dparams = 0 (same tree as params)."""
         _, dx = self.layer.backward(params, res, dy)
         return jax.tree.map(jnp.zeros_like, params), dx
 
-    def next_state(self, state, res):
+    def next_state(self, state: State | None, res: Residuals) -> State | None:
         return self.layer.next_state(state, res)
 
 
@@ -121,18 +139,36 @@ class Recompute(Layer):
     def __post_init__(self):
         _check_layer("Recompute", self.layer)
 
-    def init(self, key, x):
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         return self.layer.init(key, x)
 
-    def init_state(self, x):
+    def init_state(self, x: Shaped) -> State:
         return self.layer.init_state(x)
 
-    def apply(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def apply(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> Array:
         """x: what ``layer`` takes -> y: what ``layer`` returns; lengths: (batch,) or None."""
         kw = lengths_kw(self.layer, lengths)
         return self.layer.apply(params, x, key=key, state=state, train=train, **kw)
 
-    def forward(self, params, x, *, key=None, state=None, train=False, lengths=None):
+    def forward(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        key: PRNGKey | None = None,
+        state: State | None = None,
+        train: bool = False,
+        lengths: Array | None = None,
+    ) -> tuple[Array, Residuals]:
         """x: what ``layer`` takes -> y: what ``layer`` returns; keeps only x (and key, state,
         lengths)."""
         kw = lengths_kw(self.layer, lengths)
@@ -148,10 +184,10 @@ class Recompute(Layer):
         _, inner = self.layer.forward(params, x, key=res.key, state=res.state, train=train, **kw)
         return inner, dy
 
-    def backward(self, params, res, dy):
+    def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """(dparams, dx) = layer.backward(params, layer.forward(params, x)[1], dy)."""
         inner, dy = self._recompute(params, res, dy)
         return self.layer.backward(params, inner, dy)
 
-    def next_state(self, state, res):
+    def next_state(self, state: State | None, res: Residuals) -> State | None:
         return res.next_state

@@ -63,7 +63,7 @@ class Experiment(TrainingOptions):
     data: Callable[[int], Dataset]
     model: Callable[[Dataset], Layer]
     loss: Any
-    optimizer: Callable[[float, int], optax.GradientTransformation]
+    optimizer: Callable[[optax.ScalarOrSchedule, int], optax.GradientTransformation]
     penalty: Any = None
     log_every: int = 1
     report: Callable[[RunResult], list[str]] | None = None
@@ -122,6 +122,8 @@ def _load_file(path: Path) -> Experiment:
     if not path.is_file():
         raise ExperimentFileError(f"{path}: no such experiment file.")
     spec = importlib.util.spec_from_file_location(f"fbp_experiment_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ExperimentFileError(f"{path}: cannot be imported as a Python file.")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)

@@ -33,6 +33,7 @@ import numpy as np
 
 from fbp import checkpoint as ckpt
 from fbp import train as fbp_train
+from fbp.run.metrics import params_sha256
 
 LOADER = """import json, jax, numpy as np
 from safetensors.numpy import load_file
@@ -128,7 +129,12 @@ def _experiment_of(run_dir: str | Path, cfg: dict[str, Any]) -> Any:
             f"{run_dir}: a run of variant {variant!r}, which {exp.name} no longer defines "
             f"(variants: {sorted(exp.variants or {})})."
         )
-    over = {"report": None, **exp.variants[variant], "variants": None, "name": cfg["experiment"]}
+    over = {
+        "report": None,
+        **(exp.variants or {})[variant],
+        "variants": None,
+        "name": cfg["experiment"],
+    }
     return dataclasses.replace(exp, **over)
 
 
@@ -149,16 +155,10 @@ def evaluate_dir(run_dir: str | Path, *, which: str = "best") -> dict[str, Any]:
         "test": test,
         "params": which,
         "checkpoint": r["checkpoint"].name,
-        "params_sha256": _sha(r["params"]),
+        "params_sha256": params_sha256(r["params"]),
     }
     ckpt.atomic_write(Path(run_dir) / "eval.json", json.dumps(out, indent=1) + "\n")
     return out
-
-
-def _sha(params: Any) -> str:
-    from fbp.run.runner import params_sha256
-
-    return params_sha256(params)
 
 
 def export_model(
@@ -227,7 +227,7 @@ def export_model(
         "x_shape": ["batch", *feat],
         "x_dtype": "float32",
         "standardized_inside": x_mean is not None,
-        "params_sha256": _sha(params),
+        "params_sha256": params_sha256(params),
         "platforms": list(exported.platforms),
         **(info or {}),
     }

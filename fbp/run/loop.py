@@ -33,7 +33,7 @@ from fbp.run.metrics import MetricsLog
 from fbp.run.options import RunOptions
 from fbp.run.progress import Printer, StopFlag
 
-EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+EXIT_CODES: dict[int, int] = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
 
 class Interrupted(Exception):
@@ -205,7 +205,7 @@ class Checkpointer:
                 f"parameters became non-finite by epoch {prog.epoch}; not saved. Last good "
                 f"checkpoint: {self.last}."
             )
-        if not self.writer:
+        if not self.writer or self.log is None:
             return None
         self.log.sync()
         meta = {

@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from fbp.core import Layer
+from fbp.core import Layer, LossFunction
 from fbp.extend import accounting, dp, registry
 from fbp.extend.registry import UnsupportedLayerError
 from fbp.run.options import RunOptions
@@ -92,12 +92,14 @@ def check(
             ) from None
 
 
-def gradient(model: Layer, loss: Callable, cfg: RunOptions) -> Callable:
+def gradient(model: Layer, loss: LossFunction, cfg: RunOptions) -> Callable:
     """``fbp.extend.dp.grad_fn`` for the run's options (fixed-size batches).
 
     Raises:
       ValueError: a layer of ``model`` without per-example rules (named).
     """
+    if cfg.dp_clip is None:
+        raise ValueError("run: privacy.gradient needs --dp-clip.")
     try:
         registry.check(model, train=True)  # the mode the step trains in (BatchNorm mixes)
         return dp.grad_fn(model, loss, clip=cfg.dp_clip, noise=noise(cfg))

@@ -116,9 +116,10 @@ class Printer:
 
     def _times(self, epoch: int, pos: int, now: float) -> str:
         """``M:SS elapsed  ETA M:SS`` (the ETA from this process's steps per second)."""
-        steps = (epoch - 1) * self.steps_per_epoch + pos
+        spe = self.steps_per_epoch or 1  # set whenever this is called
+        steps = (epoch - 1) * spe + pos
         elapsed = now - self.t0
-        left = self.total * self.steps_per_epoch - steps
+        left = self.total * spe - steps
         rate = (steps - self.start) / elapsed if elapsed > 0 else 0.0
         eta = _clock(left / rate) if rate > 0 else "?"
         return f"{_clock(elapsed)} elapsed  ETA {eta}"

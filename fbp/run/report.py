@@ -71,8 +71,9 @@ def report(
     if out_dir is not None:
         summary = _summary(exp, config, position, final.params, test, history, last_ckpt)
         summary.update(restored_best=use_best, evaluated=which)
-        if getattr(setup.chunk, "layout", None) is not None:  # devices, processes, bytes
-            summary["parallel"] = setup.chunk.layout.memory()
+        layout = getattr(setup.chunk, "layout", None)
+        if layout is not None:  # devices, processes, bytes
+            summary["parallel"] = layout.memory()
         if setup.privacy is not None:
             summary["privacy"] = privacy.summary(cfg, setup.privacy, int(position.state.step))
         ckpt.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")

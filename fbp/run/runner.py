@@ -170,8 +170,9 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
         batch_size=bs,
         num_processes=cfg.num_processes,
     )
+    chunk: Callable
     if mesh is not None:  # data parallel: the batch split over a mesh, same steps
-        chunk = parallel.make_train_chunk(
+        sharded = parallel.make_train_chunk(
             model,
             exp.loss,
             opt,
@@ -181,11 +182,12 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
             grad_fn=grad_fn,
             shard_params=cfg.shard_params,
         )
-        chunk.layout.place(ts)  # on the mesh in its layout (chunk.layout.memory() reads it)
+        sharded.layout.place(ts)  # on the mesh in its layout (chunk.layout.memory() reads it)
+        chunk = sharded
     else:
         chunk = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
     probe = jax.jit(exp.probe(model, exp.loss, opt)) if exp.probe is not None else None
-    val = None
+    val: tuple[jax.Array, ...] | None = None
     if len(ds.val.x):
         val = (jnp.asarray(ds.val.x), jnp.asarray(ds.val.y))
         if lengths is not None:
@@ -295,7 +297,9 @@ def run(
         anything is written. NonFiniteError: under ``nonfinite='halt'``.
       Interrupted: SIGTERM/SIGINT, after saving a checkpoint.
     """
-    kwargs = dict(resume=resume, overwrite=overwrite, experiment_path=experiment_path)
+    kwargs: dict[str, Any] = dict(
+        resume=resume, overwrite=overwrite, experiment_path=experiment_path
+    )
     if exp.variants:
         return variants.run(exp, run_single, out=out, print_fn=print_fn, **kwargs, **overrides)
     return run_single(exp, out=out, print_fn=print_fn, **kwargs, **overrides)
@@ -342,8 +346,9 @@ def run_single(
             # Every process passed its checks and starts from the same point, or all stop.
             prog = p.position.progress
             cluster.inputs_ok(prog.epoch, prog.pos, int(p.position.state.step))
-            if getattr(p.setup.chunk, "layout", None) is not None:
-                print_fn(parallel.describe_memory(p.setup.chunk.layout.memory()))
+            layout = getattr(p.setup.chunk, "layout", None)
+            if layout is not None:
+                print_fn(parallel.describe_memory(layout.memory()))
             return execute(
                 exp,
                 p,
@@ -385,7 +390,7 @@ def plan(
     ckpt_dir = out_dir / "checkpoints" if out_dir is not None else None
     # Resuming takes the saved config; explicit overrides still win (e.g. more epochs).
     saved = resume_config(ckpt_dir) if resume and ckpt_dir is not None else None
-    if saved is not None and saved.get("experiment") != exp.name:
+    if saved is not None and ckpt_dir is not None and saved.get("experiment") != exp.name:
         raise _another_experiment(exp, ckpt_dir, saved, overrides)
     cfg = resolve_config(exp, saved=saved, **overrides)
     if experiment_path is None and saved:
@@ -393,7 +398,7 @@ def plan(
     config = saved_config(exp, cfg, experiment_path)
     setup, ts = build(exp, cfg)
     position = start_position(ts, setup.steps_per_epoch)
-    if saved is None:
+    if saved is None or out_dir is None or ckpt_dir is None:  # (saved needs a directory)
         return Plan(cfg, config, setup, position, [], None)
     resumed_from, position = _load_resumed(ckpt_dir, position, saved, experiment_path, print_fn)
     check_resumable(position, cfg, setup)
@@ -441,9 +446,9 @@ def execute(
     try:
         if write_dir is not None:
             if overwrite:
-                clear_owned(out_dir)
-            ckpt.clean_temporaries(ckpt_dir)
-            saver.log = MetricsLog(out_dir / "metrics.jsonl", history)
+                clear_owned(write_dir)
+            ckpt.clean_temporaries(write_dir / "checkpoints")
+            saver.log = MetricsLog(write_dir / "metrics.jsonl", history)
         position = train(
             p.setup,
             p.cfg,
@@ -465,7 +470,7 @@ def execute(
                 saver.log.close()
         if write_dir is not None and saver.last is None and not isinstance(e, Interrupted):
             with contextlib.suppress(OSError):
-                clear_owned(out_dir)
+                clear_owned(write_dir)
         if isinstance(e, OSError):
             raise WriteError.of(e, saver.last) from e
         raise

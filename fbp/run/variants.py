@@ -37,7 +37,7 @@ class RunOne(Protocol):
 def check(exp: Experiment) -> None:
     """Raise ValueError unless every variant names a dict of existing Experiment fields."""
     fields = {f.name for f in dataclasses.fields(exp)} - {"name", "variants"}
-    for name, over in exp.variants.items():
+    for name, over in (exp.variants or {}).items():
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(
                 f"{exp.name}: variant names must be non-empty strings without '/', got {name!r}."
@@ -84,7 +84,7 @@ def run(
     check(exp)
     out_dir = Path(out) if out is not None else None
     results = {}
-    for name, over in exp.variants.items():
+    for name, over in (exp.variants or {}).items():
         print_fn(f"=== {exp.name} / {name}")
         sub = dataclasses.replace(
             exp, **{"report": None, **over, "variants": None, "name": f"{exp.name}/{name}"}

@@ -37,7 +37,7 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -231,13 +231,14 @@ def _open_dirs(out: Path, spec: dict[str, Any], pts, runs: Sequence[Run], overwr
     """Lock and make every run's directory, clear what ``overwrite`` discards, write the spec."""
     locks = []
     try:
-        locks += [RunLock(r.out) for r in runs]
+        dirs = [cast(Path, r.out) for r in runs]  # every run has one when the sweep has
+        locks += [RunLock(d) for d in dirs]
         if overwrite:
-            for r in runs:
-                clear_owned(r.out)
+            for d in dirs:
+                clear_owned(d)
             _clear_sweep_files(out)
-        for r in runs:
-            ckpt.clean_temporaries(r.out / "checkpoints")
+        for d in dirs:
+            ckpt.clean_temporaries(d / "checkpoints")
         full = {**spec, "experiment_path": runs[0].config.get("experiment_path")}
         full["runs"] = [p.name for p in pts]
         ckpt.atomic_write(out / SPEC, json.dumps(full, indent=1) + "\n")
@@ -379,9 +380,13 @@ def _clear_sweep_files(out: Path) -> None:
 def _data(runs: Sequence[Run], hp: dict[str, Any], own_data: bool) -> Data:
     val = None
     if runs[0].setup.val is not None:
-        val = tuple(_arrays(runs, own_data, lambda r, k=k: r.setup.val[k]) for k in (0, 1))
+        val = tuple(_arrays(runs, own_data, _val_field(k)) for k in (0, 1))
     x = _arrays(runs, own_data, lambda r: r.setup.x)
     return Data(hp, x, _arrays(runs, own_data, lambda r: r.setup.y), val)
+
+
+def _val_field(k: int) -> Callable[[Run], Any]:
+    return lambda r: cast(tuple, r.setup.val)[k]  # called only when runs have val
 
 
 def _arrays(runs: Sequence[Run], own_data: bool, get: Callable[[Run], Any]) -> Any:

@@ -104,8 +104,9 @@ def save(runs: Sequence[Run], stacked: Stacked, which: Sequence[int], pool: Thre
     """
     host = to_host(stacked)
     todo = [(i, position(runs, host, i)) for i in which]
-    todo = [(i, p) for i, p in todo if runs[i].saver.directory and not runs[i].saver.holds(p)]
-    list(pool.map(lambda ip: runs[ip[0]].saver.save(ip[1]), todo))
+    savers = {i: s for i in which if (s := runs[i].saver) is not None}
+    todo = [(i, p) for i, p in todo if savers[i].directory and not savers[i].holds(p)]
+    list(pool.map(lambda ip: savers[ip[0]].save(ip[1]), todo))
 
 
 def train(
@@ -182,11 +183,11 @@ def _halt_on_nonfinite(runs: Sequence[Run], group: Sequence[int], m: dict[str, A
     for i in group:
         skipped = np.asarray(m["skipped"][i])
         if skipped.any():
-            pos = ResumePosition(None, None, None, runs[i].progress)
+            pos = ResumePosition._make((None, None, None, runs[i].progress))  # progress only
             mine = {"skipped": skipped}
             raise NonFiniteError(
                 f"run {runs[i].point.name}: "
-                + _nonfinite_message(pos, mine, runs[i].saver.last if runs[i].saver else None)
+                + _nonfinite_message(pos, mine, s.last if (s := runs[i].saver) else None)
             )
 
 

@@ -113,12 +113,13 @@ def comparison_plot(path: Path, rows: Sequence[dict[str, Any]], results: Mapping
         length = max((len(c) for c in curves), default=0)
         mean, lo, hi = [], [], []
         for e in range(length):
-            vals = [
-                c[min(e, len(c) - 1)] for c in curves if c and c[min(e, len(c) - 1)] is not None
-            ]
+            at_e = (c[min(e, len(c) - 1)] for c in curves if c)
+            vals = [v for v in at_e if v is not None]
             m = statistics.fmean(vals) if vals else math.nan
             s = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            mean.append(m), lo.append(m - s), hi.append(m + s)
+            mean.append(m)
+            lo.append(m - s)
+            hi.append(m + s)
         epochs = range(1, length + 1)
         label = row["group"] or "all runs"
         (line,) = ax.plot(epochs, mean, label=f"{label} (n={len(row['runs'])})")

@@ -70,8 +70,9 @@ class HostKeys(np.ndarray):
 def _stack(xs: Sequence[np.ndarray]) -> np.ndarray:
     out = np.stack([np.asarray(x) for x in xs])
     if isinstance(xs[0], HostKeys):
-        out = out.view(HostKeys)
-        out.impl = xs[0].impl
+        keys = out.view(HostKeys)
+        keys.impl = xs[0].impl
+        return keys
     return out
 
 
@@ -87,7 +88,7 @@ def _host(x: Any) -> Any:
 
 def _on_device(a: np.ndarray) -> Any:
     if isinstance(a, HostKeys):
-        return jax.random.wrap_key_data(np.asarray(a), impl=a.impl)
+        return jax.random.wrap_key_data(jnp.asarray(a), impl=a.impl)
     return jnp.asarray(a)
 
 
