@@ -83,7 +83,7 @@ def layer_name(layer: Any) -> str:
 
 
 def check_ndim(layer: Any, method: str, name: str, x: Any, ndims: Sequence[int], what: str):
-    """Raise ShapeError unless ``x.ndim`` is one of ``ndims``."""
+    """Raise ShapeError unless ``x.ndim`` is one of ``ndims``; x: an array of any shape."""
     if x.ndim not in ndims:
         raise ShapeError(
             f"{layer_name(layer)}.{method}: {name} has shape {tuple(x.shape)} but expected "
@@ -92,7 +92,7 @@ def check_ndim(layer: Any, method: str, name: str, x: Any, ndims: Sequence[int],
 
 
 def check_last_dim(layer: Any, method: str, name: str, x: Any, size: int, what: str):
-    """Raise ShapeError unless the last axis of ``x`` has ``size`` entries."""
+    """Raise ShapeError unless ``x`` has shape (..., size)."""
     if x.ndim < 1 or x.shape[-1] != size:
         raise ShapeError(
             f"{layer_name(layer)}.{method}: {name} has shape {tuple(x.shape)} but {what} "
@@ -158,12 +158,15 @@ def _as_struct(x: Any) -> jax.ShapeDtypeStruct:
 
 
 def param_dtype(x: Any):
-    """Parameters follow a floating input's dtype; float32 otherwise (e.g. token ids)."""
+    """Parameters follow a floating input's dtype; float32 otherwise (e.g. token ids).
+
+    x: an input of any shape (an array or ShapeDtypeStruct); only its dtype is read.
+    """
     return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
 
 
 def split_key(key: Array | None, n: int) -> list[Array | None]:
-    """``n`` independent keys from ``key``, or ``n`` Nones when there is no key."""
+    """``n`` independent keys from ``key`` (a scalar key, shape ()), or ``n`` Nones."""
     if key is None:
         return [None] * n
     return list(jax.random.split(key, n))
@@ -280,7 +283,10 @@ class Sequential(Layer):
         return y, tuple(res)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """Chain rule: ``dx_i = backward_i(dy_i)``, ``dy_{i-1} = dx_i``, last layer first."""
+        """Chain rule: ``dx_i = backward_i(dy_i)``, ``dy_{i-1} = dx_i``, last layer first.
+
+        dy: the cotangent of the output, its shape; returns dx in the shape of x.
+        """
         dparams, dx, _ = self.backward_with_deltas(params, res, dy)
         return dparams, dx
 
@@ -309,7 +315,7 @@ class Sequential(Layer):
 
 
 def sum_arrays(terms: Iterable[Array]) -> Array:
-    """``sum`` of one or more arrays (broadcasting as ``+`` does), typed as an array."""
+    """``sum`` of one or more arrays, typed as an array; the shapes broadcast as ``+``'s."""
     return functools.reduce(operator.add, terms)
 
 

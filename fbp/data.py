@@ -543,8 +543,8 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_npz_lengths(path: str, x: np.ndarray) -> np.ndarray | None:
-    """An ``.npz`` file's ``lengths`` array (padded sequences), checked against its x;
-    None when it has none.
+    """An ``.npz`` file's ``lengths`` array, shape (n,), checked against its x of shape
+    (n, time, ...); None when it has none.
 
     Raises:
       DataError: as ``validate_lengths``, naming the file.

@@ -173,7 +173,7 @@ def report(result: Any) -> list[str]:
 
 
 def to_floats(stats: dict[str, Array]) -> dict[str, float]:
-    """Host floats of a stats dict (for metrics.jsonl)."""
+    """Host floats of a stats dict of scalars, shape () each (for metrics.jsonl)."""
     return {k: float(v) for k, v in stats.items()}
 
 

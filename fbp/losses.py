@@ -75,7 +75,7 @@ class Loss:
         return jnp.sum(per_entry * w) / total
 
     def backward(self, pred: Array, target: Array, where: Array | None = None) -> Array:
-        """dpred = w · dl/dpred / Σw: the gradient of the (masked) mean."""
+        """dpred = w · dl/dpred / Σw: the gradient of the (masked) mean, the shape of pred."""
         self._check(pred, target)
         shape = pred.shape if self._per_entry_ndim(pred) == pred.ndim else pred.shape[:-1]
         w, total = self._weights(tuple(shape), where, pred.dtype)
@@ -246,7 +246,7 @@ class CausalLMLoss(Loss):
         return softmax_cross_entropy(pred, target, w)
 
     def backward(self, pred: Array, target: Array, where: Array | None = None) -> Array:
-        """dpred = w · (softmax(pred) − onehot(target)) / Σw, w = 0 on ignored targets."""
+        """dpred = w · (softmax(pred) − onehot(target)) / Σw, shape (batch, time, vocab)."""
         target, w = self._masked(target, where)
         return softmax_cross_entropy.backward(pred, target, w)
 

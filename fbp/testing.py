@@ -260,7 +260,10 @@ def check_loss(
     rtol: float | None = None,
     fd_rtol: float | None = None,
 ) -> ParityReport:
-    """Compare ``loss.backward`` with ``jax.grad`` of ``loss`` with respect to ``pred``."""
+    """Compare ``loss.backward`` with ``jax.grad`` of ``loss`` at ``pred``.
+
+    pred: shape (batch, ...); target: as the loss takes it.
+    """
     value = jax.jit(lambda p: loss(p, target, where))
     got = jax.jit(lambda p: loss.backward(p, target, where))(pred)
     ref = jax.jit(jax.grad(value))(pred)

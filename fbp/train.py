@@ -143,7 +143,7 @@ def make_step(model, loss, optimizer, **kwargs) -> Callable:
 
 
 def epoch_keys(key: Array) -> tuple[Array, Array]:
-    """Split the train key at the start of an epoch: (train key from now on, order key).
+    """Split the train key (shape ()) at an epoch's start: (train key from now on, order key).
 
     The order key draws the epoch's example order (``fbp.data.batch_order``); a
     checkpoint taken inside an epoch stores it, so a resumed run finishes the same epoch.

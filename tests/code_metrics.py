@@ -31,7 +31,7 @@ ARRAY_NAMES = {
     "h", "c", "h0", "c0", "q", "k", "v", "dout", "mask", "inputs", "targets", "images",
     "tokens", "scores", "probs", "positions", "features",
 }  # fmt: skip
-SHAPE_RE = re.compile(r"shape|\((batch|time|\.\.\.|B|T|N|n|b)\b|\(\w+, \w+")
+SHAPE_RE = re.compile(r"shape|\(\.\.\.|\((batch|time|B|T|N|n|b)\b|\(\w+, [\w.]+")
 
 
 def modules(root: Path = PACKAGE) -> Iterator[tuple[Path, ast.Module]]:

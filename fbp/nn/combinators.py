@@ -110,7 +110,10 @@ class Residual(Layer):
         return x + y, res
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx = dy + backward_layer(dy).dx;  dparams = backward_layer(dy).dparams."""
+        """dx = dy + backward_layer(dy).dx;  dparams = backward_layer(dy).dparams.
+
+        dy and dx have x's shape.
+        """
         dparams, dx = self.layer.backward(params, res, dy)
         return dparams, dy + dx
 

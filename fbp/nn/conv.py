@@ -117,7 +117,7 @@ def out_size(n: int, pad: tuple[int, int], window: int, stride: int) -> int:
 
 
 def check_windows_fit(layer, method, x, pads, window, strides, what: str) -> None:
-    """ShapeError unless every spatial axis of x (padded) holds at least one window."""
+    """ShapeError unless every spatial axis of x (batch, *spatial, C), padded, holds a window."""
     for axis in range(len(window)):
         n, p, k, s = x.shape[1 + axis], pads[axis], window[axis], strides[axis]
         if out_size(n, p, k, s) < 1:

@@ -99,7 +99,7 @@ class Dense(Layer):
         return y, DenseRes(x)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx = dy wᵀ;  dw = xᵀ dy;  db = Σ_batch dy  (leading axes flattened into batch)."""
+        """dx = dy wᵀ;  dw = xᵀ dy;  db = Σ_batch dy;  dy (..., out) -> dx (..., in)."""
         x2 = res.x.reshape(-1, res.x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
         dparams = {"w": x2.T @ dy2}

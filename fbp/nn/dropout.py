@@ -68,5 +68,5 @@ class Dropout(Layer):
         return jnp.where(keep, v * scale, jnp.zeros((), v.dtype))
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx = dy · keep / (1 - drop_rate) (the same mask as the forward); dx = dy at eval."""
+        """dx = dy · keep / (1 - drop_rate) (the forward's mask), dx = dy at eval; x's shape."""
         return {}, dy if res.keep is None else self._mask(dy, res.keep)

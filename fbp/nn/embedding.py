@@ -98,7 +98,10 @@ class Embedding(Layer):
         return y, EmbeddingRes(x)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dw[v] = Σ_{positions p with x[p] = v} dy[p];  dx = 0 (ids are not differentiable)."""
+        """dw[v] = Σ_{p: x[p] = v} dy[p];  dx = 0 (ids).
+
+        dy: shape (..., features); dw: (vocab, features).
+        """
         w = params["w"]
         ids = res.ids.reshape(-1)
         dw = jnp.zeros_like(w).at[ids].add(dy.reshape(-1, w.shape[1]).astype(w.dtype), mode="drop")

@@ -158,6 +158,7 @@ class BatchNorm(Layer):
         """g = dy·scale. Train: dx = (g - mean(g) - x̂·mean(g x̂)) / √(σ²+eps).
 
         Eval: dx = g / √(σ²+eps). Both: dscale = Σ dy·x̂, dbias = Σ dy.
+        dy and dx have shape (batch, ..., features).
         """
         g = dy * params["scale"]
         if res.mean is None:
@@ -224,6 +225,9 @@ class LayerNorm(Layer):
         return xhat * params["scale"] + params["bias"], NormRes(xhat, inv_std, None, None)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx = (g - mean(g) - x̂ mean(g x̂)) / √(σ²+eps) over the last axis, g = dy·scale."""
+        """dx = (g - mean(g) - x̂ mean(g x̂)) / √(σ²+eps) over the last axis, g = dy·scale.
+
+        dy and dx have shape (..., features).
+        """
         dx = _dx_through_stats(dy * params["scale"], res.xhat, res.inv_std, -1)
         return _affine_grads(dy, res.xhat), dx

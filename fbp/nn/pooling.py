@@ -188,7 +188,10 @@ class MaxPool2D(_Pool2D):
         return y, MaxPoolRes(arg.astype(itype), tuple(x.shape))
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx[p] = Σ_windows w: dy[w] · [p is w's first maximum (tap res.arg[w])]."""
+        """dx[p] = Σ_windows w: dy[w] · [p is w's first maximum].
+
+        dy: shape (N, oh, ow, C); dx: (N, H, W, C).
+        """
         x = jax.ShapeDtypeStruct(res.x_shape, dy.dtype)
         pads = self._pads(x, "backward")
         padded = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads, strict=True))
@@ -265,7 +268,7 @@ class AvgPool2D(_Pool2D):
         return y, ShapeRes(tuple(x.shape))
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx[p] = Σ_windows w ∋ p: dy[w] / count[w]."""
+        """dx[p] = Σ_windows w ∋ p: dy[w] / count[w];  dy (N, oh, ow, C) -> dx (N, H, W, C)."""
         x = jax.ShapeDtypeStruct(res.x_shape, dy.dtype)
         pads = self._pads(x, "backward")
         padded = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads, strict=True))
@@ -302,7 +305,7 @@ class GlobalAvgPool(Layer):
         return jnp.mean(x, axis=tuple(range(1, x.ndim - 1))), ShapeRes(tuple(x.shape))
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx[b, ..., c] = dy[b, c] / Π spatial."""
+        """dx[b, ..., c] = dy[b, c] / Π spatial;  dy (batch, C) -> dx (batch, *spatial, C)."""
         shape = res.x_shape
         n = math.prod(shape[1:-1])
         g = (dy / n).reshape(shape[0], *([1] * (len(shape) - 2)), shape[-1])

@@ -152,7 +152,7 @@ class SinusoidalPositions(Layer):
         return x + sinusoid_table(x.shape[1], x.shape[2], self.base, x.dtype), PositionsRes()
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx = dy."""
+        """dx = dy, shape (batch, time, dim)."""
         return {}, dy
 
 
@@ -227,7 +227,10 @@ class LearnedPositions(Layer):
         return x + table.astype(x.dtype), LearnedPositionsRes(positions)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dw = Embedding's scatter-add of Σ_batch dy at the positions;  dx = dy."""
+        """dw = Embedding's scatter-add of Σ_batch dy at the positions;  dx = dy.
+
+        dy and dx have shape (batch, time, dim).
+        """
         dsum = jnp.sum(dy, axis=0).astype(params["w"].dtype)
         dparams, _ = self._embedding(params).backward(params, EmbeddingRes(res.positions), dsum)
         return dparams, dy

@@ -237,7 +237,10 @@ class LastStep(Layer):
         return y, LastStepRes(onehot)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx = onehot[..., None] · dy[:, None, :]."""
+        """dx = onehot[..., None] · dy[:, None, :].
+
+        dy: shape (batch, features); dx: (batch, time, features).
+        """
         if dy.ndim != 2:
             raise ShapeError(
                 f"LastStep().backward: dy has shape {tuple(dy.shape)} but expected (batch, H)."

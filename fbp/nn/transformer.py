@@ -162,7 +162,10 @@ class TransformerBlock(Layer):
         return y, TransformerBlockRes(r_ln1, r_attn, r_drop, r_mlp, mask_t)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """da = dy + MLP-half dx;  dx = da + LN₁ backward(attention backward(drop backward(da)))."""
+        """da = dy + MLP-half dx;  dx = da + LN₁ backward(attention backward(drop backward(da))).
+
+        dy and dx have shape (batch, time, dim).
+        """
         if res.mask is not None:
             dy = dy * res.mask
         d_mlp, da = self._mlp(dy.shape[-1]).backward(params["mlp"], res.mlp, dy)

@@ -91,7 +91,7 @@ class Frozen(Layer):
         return self.layer.forward(params, x, key=key, state=state, train=train, **kw)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx = layer's dx;  dparams = 0 (same tree as params)."""
+        """dx = layer's dx (x's shape);  dparams = 0 (same tree as params)."""
         _, dx = self.layer.backward(params, res, dy)
         return jax.tree.map(jnp.zeros_like, params), dx
 
@@ -170,7 +170,7 @@ class Recompute(Layer):
         lengths: Array | None = None,
     ) -> tuple[Array, Residuals]:
         """x: what ``layer`` takes -> y: what ``layer`` returns; keeps only x (and key, state,
-        lengths)."""
+        lengths, shape (batch,))."""
         kw = lengths_kw(self.layer, lengths)
         y, inner = self.layer.forward(params, x, key=key, state=state, train=train, **kw)
         new_state = self.layer.next_state(state, inner)

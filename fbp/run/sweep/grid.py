@@ -38,7 +38,7 @@ class Point(NamedTuple):
 
 
 def value_text(v: Any) -> str:
-    """A value as names and tables show it: the shortest text that reads back as it."""
+    """A value (a number, or an array of shape ()) as names and tables show it, read back as it."""
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 

@@ -200,7 +200,10 @@ def build_program(
 
 @jax.jit
 def keep_best(best: Best, state: fbp_train.TrainState, improved: Array) -> Best:
-    """The best parameters: ``state``'s for the runs whose epoch ``improved``, else ``best``."""
+    """The best parameters: ``state``'s for the runs whose epoch ``improved``, else ``best``.
+
+    improved: shape (runs,), bool.
+    """
     return Best(
         where(improved, state.params, best.params),
         where(improved, state.model_state, best.model_state),
