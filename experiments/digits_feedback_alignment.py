@@ -35,7 +35,7 @@ def model(ds):
 
 
 def rule_grad_fn(m, rule):
-    return rules.make(m, LOSS, rule, jax.random.key(FEEDBACK_KEY), X_EXAMPLE)
+    return rules.grad_fn(m, LOSS, rule, jax.random.key(FEEDBACK_KEY), X_EXAMPLE)
 
 
 def variant(rule):

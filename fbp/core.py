@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import inspect
 import operator
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -150,10 +151,11 @@ class Layer:
 
     def output_shape(self, params: Params, x: Any) -> jax.ShapeDtypeStruct:
         """Shape and dtype of ``apply(params, x)`` without computing it."""
-        return jax.eval_shape(lambda p, v: self.apply(p, v), params, _as_struct(x))
+        return jax.eval_shape(lambda p, v: self.apply(p, v), params, as_struct(x))
 
 
-def _as_struct(x: Any) -> jax.ShapeDtypeStruct:
+def as_struct(x: Any) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of ``x`` (an array or ShapeDtypeStruct of any shape)."""
     return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
 
 
@@ -225,15 +227,15 @@ class Sequential(Layer):
             p = layer.init(k, v)
             return layer.output_shape(p, v), p
 
-        _, ps = self._each(None, _as_struct(x), key, None, step)
+        _, ps = self._each(None, as_struct(x), key, None, step)
         return {str(i): p for i, p in enumerate(ps)}
 
     def init_state(self, x: Any) -> State:
         def step(layer, p, v, _, __):
             return layer.output_shape(p, v), layer.init_state(v)
 
-        params = jax.eval_shape(self.init, jax.random.key(0), _as_struct(x))
-        _, ss = self._each(params, _as_struct(x), None, None, step)
+        params = jax.eval_shape(self.init, jax.random.key(0), as_struct(x))
+        _, ss = self._each(params, as_struct(x), None, None, step)
         return {str(i): s for i, s in enumerate(ss)}
 
     def output_shape(self, params: Params, x: Any) -> jax.ShapeDtypeStruct:
@@ -243,7 +245,7 @@ class Sequential(Layer):
         def step(layer, p, v, _, __):
             return layer.output_shape(p, v), None
 
-        return self._each(params, _as_struct(x), None, None, step)[0]
+        return self._each(params, as_struct(x), None, None, step)[0]
 
     def apply(
         self,
@@ -344,7 +346,7 @@ def lengths_kw(layer: Layer, lengths: Any) -> dict:
     return {"lengths": lengths}
 
 
-def _model_lengths_kw(owner: str, model: Layer, lengths: Any) -> dict:
+def model_lengths_kw(owner: str, model: Layer, lengths: Any) -> dict:
     """``lengths_kw`` for the model of ``value_and_grad``/``loss_fn``, which must take it."""
     if lengths is not None and not takes_lengths(model):
         raise TypeError(
@@ -353,6 +355,24 @@ def _model_lengths_kw(owner: str, model: Layer, lengths: Any) -> dict:
             "Bidirectional, Frozen, Recompute) do."
         )
     return lengths_kw(model, lengths)
+
+
+def renamed_keyword(owner: str, old: str, old_value: Any, new: str, new_value: Any) -> Any:
+    """The value of keyword ``new``, taking a value given under its old name ``old``.
+
+    The old name works for one release, with a DeprecationWarning; giving both is a
+    TypeError. A value of None counts as not given.
+    """
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise TypeError(f"{owner}: got both {new}= and its deprecated name {old}=; pass {new}=.")
+    warnings.warn(
+        f"{owner}: {old}= is deprecated and will be removed in the next release; use {new}=.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
 
 
 class Aux(NamedTuple):
@@ -402,7 +422,7 @@ def value_and_grad(
     """
 
     def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
-        kw = _model_lengths_kw("value_and_grad", model, lengths)
+        kw = model_lengths_kw("value_and_grad", model, lengths)
         pred, res = model.forward(params, x, key=key, state=state, train=train, **kw)
         value = loss(pred, target)
         dpred = loss.backward(pred, target)
@@ -438,7 +458,7 @@ def loss_fn(model: Layer, loss: LossFunction, *, penalty: Callable | None = None
     """
 
     def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
-        kw = _model_lengths_kw("loss_fn", model, lengths)
+        kw = model_lengths_kw("loss_fn", model, lengths)
         value = loss(model.apply(params, x, key=key, state=state, train=train, **kw), target)
         if penalty is not None:
             value = value + penalty(params)

@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from fbp.core import Layer, Params, Sequential, _as_struct, layer_name
+from fbp.core import Layer, Params, Sequential, as_struct, layer_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +101,11 @@ def memory_report(
         res = tuple(res) if isinstance(model, Sequential) else (res,)
         return tuple(jax.tree.leaves(r) for r in res), jax.tree.leaves(y)
 
-    closed = jax.make_jaxpr(fwd)(params, _as_struct(x))
+    closed = jax.make_jaxpr(fwd)(params, as_struct(x))
     outs = closed.jaxpr.outvars
-    shapes = jax.eval_shape(fwd, params, _as_struct(x))[0]
+    shapes = jax.eval_shape(fwd, params, as_struct(x))[0]
     seen: set = set()
-    rows, pos, v = [], 0, _as_struct(x)
+    rows, pos, v = [], 0, as_struct(x)
     for i, layer in enumerate(layers):
         own = shared = 0
         for aval in shapes[i]:

@@ -31,13 +31,23 @@ Examples:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 
-from fbp.core import Array, Aux, LossFunction, Params, Sequential, _as_struct, layer_name
+from fbp.core import (
+    Array,
+    Aux,
+    LossFunction,
+    Params,
+    Sequential,
+    as_struct,
+    layer_name,
+    model_lengths_kw,
+)
 from fbp.core import value_and_grad as _bp_value_and_grad
 from fbp.nn.dense import Dense
 from fbp.nn.initializers import get as _get_init
@@ -88,11 +98,11 @@ def init_feedback(model: Sequential, rule: str, key: Array, x: Any) -> Feedback:
         layer other than Dense.
     """
     _check(model, rule)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), _as_struct(x))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), as_struct(x))
     dense = _dense_indices(model, shapes, rule)
     if rule not in ("feedback_alignment", "direct_feedback_alignment"):
         return {}
-    n_out = jax.eval_shape(model.apply, shapes, _as_struct(x)).shape[-1]
+    n_out = jax.eval_shape(model.apply, shapes, as_struct(x)).shape[-1]
     keys = jax.random.split(key, len(dense))
     out = {}
     for k, i in zip(keys, dense, strict=True):
@@ -130,7 +140,8 @@ def value_and_grad(
     """A ``grad_fn`` for ``fbp.train.step_fn(grad_fn=...)`` that learns by ``rule``.
 
     Same signature and outputs as ``fbp.value_and_grad(model, loss, has_aux=True)``:
-    ``f(params, x, target, *, key=None, state=None, train=True) -> ((loss, Aux), grads)``;
+    ``f(params, x, target, *, key=None, state=None, train=True, lengths=None) ->
+    ((loss, Aux), grads)``;
     the "grads" are the rule's weight updates (before the optimizer), not dL/dθ,
     except for ``"backprop"``.
 
@@ -151,7 +162,7 @@ def value_and_grad(
         return _bp_value_and_grad(model, loss, penalty=penalty, has_aux=True)
     feedback = feedback or {}
 
-    def f(params, x, target, *, key=None, state=None, train=True):
+    def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
         dense = _dense_indices(model, params, rule)
         missing = [i for i in dense if rule != "sign_symmetry" and str(i) not in feedback]
         if missing:
@@ -159,7 +170,8 @@ def value_and_grad(
                 f"rules: {rule} needs a feedback matrix for Dense layer(s) {missing}; "
                 "pass feedback=rules.init_feedback(model, rule, key, x)."
             )
-        pred, res = model.forward(params, x, key=key, state=state, train=train)
+        kw = model_lengths_kw("rules.value_and_grad", model, lengths)
+        pred, res = model.forward(params, x, key=key, state=state, train=train, **kw)
         value = loss(pred, target)
         grads = _backward(model, params, res, loss.backward(pred, target), rule, feedback, dense)
         if penalty is not None:
@@ -209,6 +221,21 @@ def alignment_probe(model: Sequential, loss: LossFunction, grad_fn: Callable) ->
     return probe
 
 
-def make(model: Sequential, loss: LossFunction, rule: str, key: Array, x: Any) -> Callable:
-    """``value_and_grad(model, loss, rule, init_feedback(model, rule, key, x))`` in one call."""
+def grad_fn(model: Sequential, loss: LossFunction, rule: str, key: Array, x: Any) -> Callable:
+    """``value_and_grad(model, loss, rule, init_feedback(model, rule, key, x))`` in one call.
+
+    The result goes to ``fbp.train.step_fn(grad_fn=...)``; ``x``: an example input,
+    shape (batch, in), for the feedback matrices' shapes.
+    """
     return value_and_grad(model, loss, rule, init_feedback(model, rule, key, x))
+
+
+def make(model: Sequential, loss: LossFunction, rule: str, key: Array, x: Any) -> Callable:
+    """Deprecated name of ``grad_fn`` (factories are named after what they return)."""
+    warnings.warn(
+        "fbp.rules.make is deprecated and will be removed in the next release; "
+        "use fbp.rules.grad_fn (same arguments).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return grad_fn(model, loss, rule, key, x)

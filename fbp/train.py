@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fbp.core import Array, Layer, LossFunction, Params, State, value_and_grad
+from fbp.core import Array, Layer, LossFunction, Params, State, renamed_keyword, value_and_grad
 from fbp.data import batch_order
 from fbp.losses import SoftmaxCrossEntropy, accuracy
 
@@ -232,45 +232,46 @@ def evaluate(
     x: Array,
     y: Array,
     *,
-    model_state: State | None = None,
+    state: State | None = None,
     batch_size: int = 4096,
     lengths: Array | None = None,
+    model_state: State | None = None,
 ) -> dict[str, float]:
     """Loss (and accuracy for classification) over a whole split, in eval mode.
 
     Args:
       x: inputs, shape (n, ...); y: targets, shape (n, ...).
-      model_state: running statistics for layers that have them (``ts.model_state``);
+      state: running statistics for layers that have them (``ts.model_state``);
         required when the model has such layers.
       batch_size: examples per jitted call (bounds memory).
       lengths: valid steps of padded sequences, shape (n,), or None.
+      model_state: the old name of ``state``, deprecated (a DeprecationWarning).
 
     Raises:
-      ValueError: the model has running statistics and ``model_state`` is None.
+      ValueError: the model has running statistics and ``state`` is None.
 
     Returns:
       ``{'loss': ..., 'accuracy': ...}`` (accuracy for ``softmax_cross_entropy`` only).
     """
-    if not model_state and jax.tree.leaves(jax.eval_shape(model.init_state, x[:1])):
+    state = renamed_keyword("evaluate", "model_state", model_state, "state", state)
+    if not state and jax.tree.leaves(jax.eval_shape(model.init_state, x[:1])):
         raise ValueError(
             f"evaluate: {type(model).__name__} has running statistics (e.g. BatchNorm) but "
-            "model_state is None; pass model_state=ts.model_state (the trained running state)."
+            "state is None; pass state=ts.model_state (the trained running state)."
         )
     sums = jax.jit(eval_sums(model, loss, y.dtype))
     n = x.shape[0]
     total: dict[str, float] = {}
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        part = sums(
-            params, model_state or {}, x[sl], y[sl], None if lengths is None else lengths[sl]
-        )
+        part = sums(params, state or {}, x[sl], y[sl], None if lengths is None else lengths[sl])
         for k, v in part.items():
             total[k] = total.get(k, 0.0) + float(v)
     return {k: v / n for k, v in total.items()}
 
 
 def eval_sums(model: Layer, loss: LossFunction, y_dtype: Any) -> Callable:
-    """``(params, model_state, xb, yb, lb=None) -> {'loss', ['accuracy']}``: batch sums, eval mode.
+    """``(params, state, xb, yb, lb=None) -> {'loss', ['accuracy']}``: batch sums, eval mode.
 
     ``evaluate`` adds these over batches and divides by the example count; the
     accuracy sum (correct predictions) is there for ``softmax_cross_entropy`` with
@@ -279,9 +280,9 @@ def eval_sums(model: Layer, loss: LossFunction, y_dtype: Any) -> Callable:
     """
     classify = isinstance(loss, SoftmaxCrossEntropy) and jnp.issubdtype(y_dtype, jnp.integer)
 
-    def sums(params, model_state, xb, yb, lb=None):
+    def sums(params, state, xb, yb, lb=None):
         kw = {} if lb is None else {"lengths": lb}
-        pred = model.apply(params, xb, state=model_state or None, train=False, **kw)
+        pred = model.apply(params, xb, state=state or None, train=False, **kw)
         n = yb.shape[0]
         out = {"loss": loss(pred, yb) * n}
         if classify:

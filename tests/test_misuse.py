@@ -342,12 +342,10 @@ def test_evaluating_a_batchnorm_model_without_its_state_names_the_keyword():
     model = nn.Sequential([nn.Dense(4), nn.BatchNorm(), nn.Dense(3)])
     x, y = jnp.ones((8, 5)), jnp.zeros((8,), jnp.int32)
     params = model.init(__import__("jax").random.key(0), x)
-    with pytest.raises(ValueError, match=r"evaluate: .*running statistics.*pass model_state="):
+    with pytest.raises(ValueError, match=r"evaluate: .*running statistics.*pass state="):
         train.evaluate(model, losses.softmax_cross_entropy, params, x, y)
     state = model.init_state(x)
-    assert "loss" in train.evaluate(
-        model, losses.softmax_cross_entropy, params, x, y, model_state=state
-    )
+    assert "loss" in train.evaluate(model, losses.softmax_cross_entropy, params, x, y, state=state)
 
 
 # ----------------------------------------------------------------------------- 10. consistency

@@ -218,12 +218,12 @@ def shard_batch(batch: Any, mesh: Mesh, *, process_local: bool = False) -> Any:
     )
 
 
-def _local_leaf(x: Any) -> Any:
+def local_leaf(x: Any) -> Any:
     """A leaf this process can use alone: itself when local, else a local copy (or gather)."""
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return x
     if _is_key(x):
-        data = _local_leaf(jax.random.key_data(x))
+        data = local_leaf(jax.random.key_data(x))
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     if x.is_fully_replicated:
         return x.addressable_data(0)  # this process's first device's copy; no transfer
@@ -375,7 +375,7 @@ class StateLayout:
         if jax.process_count() == 1:
             return tree
         leaves, treedef = jax.tree.flatten(tree)
-        local = [_local_leaf(x) for x in leaves]
+        local = [local_leaf(x) for x in leaves]
         if remember:
             self._given = {id(v): (v, x) for v, x in zip(local, leaves, strict=True)}
         return jax.tree.unflatten(treedef, local)

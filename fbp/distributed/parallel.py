@@ -67,13 +67,13 @@ from fbp.distributed.layout import (  # noqa: F401  (part of fbp.distributed.par
     AXIS,
     MIN_SHARD_SIZE,
     StateLayout,
-    _local_leaf,
     batch_sharding,
     bytes_per_device,
     check_batch,
     data_size,
     describe_memory,
     leaf_spec,
+    local_leaf,
     make_mesh,
     place,
     replicate,
@@ -105,7 +105,7 @@ def save_checkpoint(
     Returns:
       The checkpoint's path in process 0, None in the others.
     """
-    local = jax.tree.map(_local_leaf, tree)
+    local = jax.tree.map(local_leaf, tree)
     path = checkpoint.save(directory, local, meta=meta, keep=keep) if is_main_process() else None
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("fbp.distributed.parallel.save_checkpoint")

@@ -162,11 +162,12 @@ def hvp(model: Layer, loss: LossFunction) -> Callable:
     """``f(params, x, target, v, *, key, state, train, lengths) -> H v`` (params' structure).
 
     H is the Hessian of the batch loss in the parameters; forward mode over the
-    hand-written gradient. ``train`` defaults to False (deterministic curvature).
+    hand-written gradient. ``train`` defaults to True, as for every function fbp
+    returns: pass ``train=False`` for the model in eval mode (dropout off).
     """
     vg = value_and_grad(model, loss)
 
-    def f(params, x, target, v, *, key=None, state=None, train=False, lengths=None):
+    def f(params, x, target, v, *, key=None, state=None, train=True, lengths=None):
         def grad(p):
             return vg(p, x, target, key=key, state=state, train=train, lengths=lengths)[1]
 
@@ -182,7 +183,7 @@ def jvp(model: Layer) -> Callable:
     of the hand-written backward ``dpred ↦ dparams`` (``jax.linear_transpose``).
     """
 
-    def f(params, x, v, *, key=None, state=None, train=False, lengths=None):
+    def f(params, x, v, *, key=None, state=None, train=True, lengths=None):
         pred, res = _forward(model, params, x, key, state, train, lengths)
         back = jax.linear_transpose(lambda d: model.backward(params, res, d)[0], pred)
         return pred, back(v)[0]
@@ -194,11 +195,11 @@ def ggn_vp(model: Layer, loss: LossFunction) -> Callable:
     """``f(params, x, target, v, *, key, state, train, lengths) -> G v``, G = Jᵀ H_ℓ J.
 
     ``J v`` by transposing the hand-written backward, ``H_ℓ`` by ``loss_hvp``, ``Jᵀ`` by
-    the hand-written backward. ``train`` defaults to False.
+    the hand-written backward. ``train`` defaults to True (``train=False``: eval mode).
     """
     _check_loss(loss, "ggn_vp")
 
-    def f(params, x, target, v, *, key=None, state=None, train=False, lengths=None):
+    def f(params, x, target, v, *, key=None, state=None, train=True, lengths=None):
         pred, res = _forward(model, params, x, key, state, train, lengths)
 
         def back(d):
@@ -236,7 +237,7 @@ def diag_ggn(model: Layer, loss: LossFunction, *, mc_samples: int | None = None)
     """``f(params, x, target, *, key, state, train, lengths) -> diag(G)`` (params' structure).
 
     Exact (BackPACK's ``DiagGGNExact``), or with ``mc_samples`` sampled columns
-    (``DiagGGNMC``; then ``key`` samples the targets). ``train`` defaults to False.
+    (``DiagGGNMC``; then ``key`` samples the targets). ``train`` defaults to True.
 
     Raises:
       UnsupportedLayerError: a layer without a per-example rule (now) or one that
@@ -248,7 +249,7 @@ def diag_ggn(model: Layer, loss: LossFunction, *, mc_samples: int | None = None)
         loss_columns(loss, jnp.zeros((1, 1)), None, jax.random.key(0), mc_samples, "diag_ggn")
     check(model, train=False)
 
-    def f(params, x, target, *, key=None, state=None, train=False, lengths=None):
+    def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
         check(model, train=train)
         pred, res = _forward(model, params, x, key, state, train, lengths)
         cols = loss_columns(loss, pred, target, key, mc_samples, "diag_ggn")
@@ -306,7 +307,7 @@ def kfac_factors(
     for ``params['0']``); only Dense and Conv layers get factors. ``mode="exact"``
     walks the C columns of the loss Hessian's square root back (KFLR); ``"mc"`` walks
     ``mc_samples`` columns from targets sampled with ``key`` (K-FAC). ``train``
-    defaults to False.
+    defaults to True.
     """
     _check_loss(loss, "kfac_factors")
     if mode not in ("exact", "mc"):
@@ -316,7 +317,7 @@ def kfac_factors(
         loss_columns(loss, jnp.zeros((1, 1)), None, jax.random.key(0), samples, "kfac_factors")
     check(model, train=False)
 
-    def f(params, x, target, *, key=None, state=None, train=False, lengths=None):
+    def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
         check(model, train=train)
         pred, res = _forward(model, params, x, key, state, train, lengths)
         cols = loss_columns(loss, pred, target, key, samples, "kfac_factors")

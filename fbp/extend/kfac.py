@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from fbp.core import Array, Layer, LossFunction, Params
 from fbp.extend import curvature
@@ -91,6 +92,70 @@ def precondition(grads: Params, inverses: dict) -> Params:
     return out
 
 
+def _check_options(who, learning_rate, damping, decay, momentum, mode, kl_clip, inverse_every):
+    """ValueError naming ``who`` and the option unless every option is in its range."""
+    for name, v, lo in (("learning_rate", learning_rate, 0), ("damping", damping, 0)):
+        if not v > lo:
+            raise ValueError(f"{who}: {name} must be > 0, got {v!r}.")
+    for name, v in (("decay", decay), ("momentum", momentum)):
+        if not 0 <= v < 1:
+            raise ValueError(f"{who}: {name} must be in [0, 1), got {v!r}.")
+    if mode not in ("mc", "exact"):
+        raise ValueError(f"{who}: mode must be 'mc' or 'exact', got {mode!r}.")
+    if isinstance(inverse_every, bool) or not isinstance(inverse_every, int) or inverse_every < 1:
+        raise ValueError(f"{who}: inverse_every must be an int >= 1, got {inverse_every!r}.")
+    if kl_clip is not None and not kl_clip > 0:
+        raise ValueError(f"{who}: kl_clip must be None or > 0, got {kl_clip!r}.")
+
+
+class _Options(NamedTuple):
+    learning_rate: float
+    damping: float
+    decay: float
+    momentum: float
+    kl_clip: float | None
+    inverse_every: int
+
+
+def _factors_fn(model: Layer, loss: LossFunction, mode: str, who: str) -> Callable:
+    """``(params, x, y, key) -> (loss, grads, factors)`` from one forward and its walks."""
+    samples = 1 if mode == "mc" else None
+
+    def run(params, x, y, key):
+        k_model, key = jax.random.split(key)
+        pred, res = model.forward(params, x, key=k_model, train=True)
+        grads, _ = model.backward(params, res, loss.backward(pred, y))
+        cols = curvature.loss_columns(loss, pred, y, key, samples, who)
+        return loss(pred, y), grads, curvature.factors_from_columns(model, params, res, cols)
+
+    return run
+
+
+def _kl_scale(pg: Params, grads: Params, o: _Options) -> Params:
+    """``pg`` times ``min(1, √(κ / (lr² |p·g|)))`` (no change without ``kl_clip``)."""
+    if o.kl_clip is None:
+        return pg
+    leaves = zip(jax.tree.leaves(pg), jax.tree.leaves(grads), strict=True)
+    pdotg = sum(jnp.vdot(a, b) for a, b in leaves)
+    nu = jnp.minimum(1.0, jnp.sqrt(o.kl_clip / (o.learning_rate**2 * jnp.abs(pdotg))))
+    return jax.tree.map(lambda v: v * nu.astype(v.dtype), pg)
+
+
+def _update(grads: Params, state: KFACState, new: dict, o: _Options, decay) -> tuple:
+    """``(updates, state)``: average the factors, refresh the inverses, precondition."""
+    factors = jax.tree.map(lambda a, n: decay * a + (1 - decay) * n, state.factors, new)
+    inverses = jax.lax.cond(
+        (state.count + 1) % o.inverse_every == 0,
+        lambda f: damped_inverses(f, o.damping),
+        lambda f: state.inverses,
+        factors,
+    )
+    pg = _kl_scale(precondition(grads, inverses), grads, o)
+    velocity = jax.tree.map(lambda v, g: o.momentum * v + g, state.velocity, pg)
+    updates = jax.tree.map(lambda v: -o.learning_rate * v, velocity)
+    return updates, KFACState(factors, inverses, velocity, state.count + 1)
+
+
 def optimizer(
     model: Layer,
     loss: LossFunction,
@@ -104,6 +169,10 @@ def optimizer(
     inverse_every: int = 1,
 ) -> tuple[Callable, Callable]:
     """A K-FAC optimizer as ``(init, step)`` pure functions (jit ``step``).
+
+    The same algorithm as ``transformation`` (an optax ``GradientTransformation``),
+    standalone: ``step`` takes the batch and computes the gradient and the factors
+    from one forward pass, and ``init`` takes its factors from a first batch.
 
     Args:
       model, loss: what to train (Dense/Conv layers are preconditioned; the other
@@ -120,31 +189,14 @@ def optimizer(
 
     Returns:
       ``init(params, x, y, key) -> KFACState`` (factors from a first batch) and
-      ``step(params, state, x, y, key) -> (params, state, loss)``.
+      ``step(params, state, x, y, key) -> (params, state, loss)``; x: inputs, shape
+      (batch, ...), y: targets as the loss takes them.
     """
-    for name, v, lo in (("learning_rate", learning_rate, 0), ("damping", damping, 0)):
-        if not v > lo:
-            raise ValueError(f"kfac.optimizer: {name} must be > 0, got {v!r}.")
-    for name, v in (("decay", decay), ("momentum", momentum)):
-        if not 0 <= v < 1:
-            raise ValueError(f"kfac.optimizer: {name} must be in [0, 1), got {v!r}.")
-    if mode not in ("mc", "exact"):
-        raise ValueError(f"kfac.optimizer: mode must be 'mc' or 'exact', got {mode!r}.")
-    if isinstance(inverse_every, bool) or not isinstance(inverse_every, int) or inverse_every < 1:
-        raise ValueError(
-            f"kfac.optimizer: inverse_every must be an int >= 1, got {inverse_every!r}."
-        )
-    if kl_clip is not None and not kl_clip > 0:
-        raise ValueError(f"kfac.optimizer: kl_clip must be None or > 0, got {kl_clip!r}.")
+    opts = (learning_rate, damping, decay, momentum, mode, kl_clip, inverse_every)
+    _check_options("kfac.optimizer", *opts)
     check(model, train=True)
-    samples = 1 if mode == "mc" else None
-
-    def grads_and_factors(params, x, y, key):
-        k_model, key = jax.random.split(key)
-        pred, res = model.forward(params, x, key=k_model, train=True)
-        grads, _ = model.backward(params, res, loss.backward(pred, y))
-        cols = curvature.loss_columns(loss, pred, y, key, samples, "kfac.optimizer")
-        return loss(pred, y), grads, curvature.factors_from_columns(model, params, res, cols)
+    o = _Options(learning_rate, damping, decay, momentum, kl_clip, inverse_every)
+    grads_and_factors = _factors_fn(model, loss, mode, "kfac.optimizer")
 
     def init(params: Params, x: Any, y: Any, key: Array) -> KFACState:
         _, _, factors = grads_and_factors(params, x, y, key)
@@ -154,21 +206,84 @@ def optimizer(
 
     def step(params, state, x, y, key):
         value, grads, new = grads_and_factors(params, x, y, key)
-        factors = jax.tree.map(lambda o, n: decay * o + (1 - decay) * n, state.factors, new)
-        inverses = jax.lax.cond(
-            (state.count + 1) % inverse_every == 0,
-            lambda f: damped_inverses(f, damping),
-            lambda f: state.inverses,
-            factors,
-        )
-        pg = precondition(grads, inverses)
-        if kl_clip is not None:
-            leaves = zip(jax.tree.leaves(pg), jax.tree.leaves(grads), strict=True)
-            pdotg = sum(jnp.vdot(a, b) for a, b in leaves)
-            nu = jnp.minimum(1.0, jnp.sqrt(kl_clip / (learning_rate**2 * jnp.abs(pdotg))))
-            pg = jax.tree.map(lambda v: v * nu.astype(v.dtype), pg)
-        velocity = jax.tree.map(lambda v, g: momentum * v + g, state.velocity, pg)
-        params = jax.tree.map(lambda p, v: p - learning_rate * v, params, velocity)
-        return params, KFACState(factors, inverses, velocity, state.count + 1), value
+        updates, state = _update(grads, state, new, o, decay)
+        params = jax.tree.map(jnp.add, params, updates)
+        return params, state, value
 
     return init, step
+
+
+def transformation(
+    model: Layer,
+    loss: LossFunction,
+    example_x: Any,
+    *,
+    learning_rate: float,
+    damping: float = 1e-3,
+    decay: float = 0.95,
+    momentum: float = 0.9,
+    mode: str = "mc",
+    kl_clip: float | None = 1e-3,
+    inverse_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+    """K-FAC as an optax ``GradientTransformationExtraArgs``: chain it, apply its updates.
+
+    ``update(grads, state, params, *, x, target, key)`` takes the gradient (from
+    ``fbp.value_and_grad``) and the batch it came from; from the batch it computes the
+    Kronecker factors (one forward, the loss Hessian's columns walked back), averages
+    them with the old ones (the first update takes them whole) and returns
+    ``-learning_rate ·`` the momentum of the preconditioned gradient, as
+    ``optax.sgd`` returns its updates. ``optax.chain`` hands the batch on.
+
+    Args:
+      model, loss: as ``optimizer``.
+      example_x: an input like the batches', e.g. ``x[:1]`` or a
+        ``jax.ShapeDtypeStruct``, shape (batch, ...): ``init(params)`` sizes the
+        factors from it (they do not depend on the batch size).
+      learning_rate, damping, decay, momentum, mode, kl_clip, inverse_every: as
+        ``optimizer``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, fbp
+      >>> from fbp import extend, losses, nn
+      >>> model = nn.Sequential([nn.Dense(8), nn.Tanh(), nn.Dense(3)])
+      >>> x, y = jax.random.normal(jax.random.key(0), (32, 4)), jnp.arange(32) % 3
+      >>> loss = losses.softmax_cross_entropy
+      >>> opt = extend.kfac.transformation(model, loss, x[:1], learning_rate=0.1)
+      >>> params = model.init(jax.random.key(1), x)
+      >>> state = opt.init(params)
+      >>> _, grads = fbp.value_and_grad(model, loss)(params, x, y)
+      >>> updates, state = opt.update(grads, state, params, x=x, target=y, key=jax.random.key(2))
+      >>> params = optax.apply_updates(params, updates)
+      >>> int(state.count)
+      1
+    """
+    opts = (learning_rate, damping, decay, momentum, mode, kl_clip, inverse_every)
+    _check_options("kfac.transformation", *opts)
+    check(model, train=True)
+    o = _Options(learning_rate, damping, decay, momentum, kl_clip, inverse_every)
+    factors_of = _factors_fn(model, loss, mode, "kfac.transformation")
+    x_struct = jax.ShapeDtypeStruct(tuple(example_x.shape), example_x.dtype)
+
+    def init(params: Params) -> KFACState:
+        def shapes(p, xs):
+            pred, res = model.forward(p, xs, train=False)
+            cols = jnp.zeros((1, *pred.shape), pred.dtype)
+            return curvature.factors_from_columns(model, p, res, cols)
+
+        structs = jax.eval_shape(shapes, params, x_struct)
+        factors = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), structs)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        inverses = damped_inverses(factors, damping)
+        return KFACState(factors, inverses, zeros, jnp.zeros((), jnp.int32))
+
+    def update(grads, state, params=None, *, x, target, key, **extra):
+        """``(updates, state)`` for the gradient ``grads`` of the batch ``(x, target)``."""
+        del extra  # other transformations' arguments in an optax.chain
+        if params is None:
+            raise ValueError("kfac.transformation: update needs params (the factors' forward).")
+        _, _, new = factors_of(params, x, target, key)
+        decay_now = jnp.where(state.count == 0, 0.0, decay)
+        return _update(grads, state, new, o, decay_now)
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -167,7 +167,8 @@ def per_example_grads(model: Layer, loss: LossFunction) -> Callable:
     """
     f = quantities(model, loss, ("batch_grad",))
 
-    def g(params, x, target, **kw):
+    def g(params, x, target, *, key=None, state=None, train=True, lengths=None):
+        kw = dict(key=key, state=state, train=train, lengths=lengths)
         value, q = f(params, x, target, **kw)
         return value, q["batch_grad"]
 
@@ -186,7 +187,8 @@ def per_example_norms(model: Layer, loss: LossFunction, *, per_leaf: bool = Fals
     """
     f = quantities(model, loss, ("batch_l2",) if per_leaf else ("grad_norm",))
 
-    def g(params, x, target, **kw):
+    def g(params, x, target, *, key=None, state=None, train=True, lengths=None):
+        kw = dict(key=key, state=state, train=train, lengths=lengths)
         value, q = f(params, x, target, **kw)
         return value, q["batch_l2" if per_leaf else "grad_norm"]
 

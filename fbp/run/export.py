@@ -148,7 +148,7 @@ def evaluate_dir(run_dir: str | Path, *, which: str = "best") -> dict[str, Any]:
         r["params"],
         jnp.asarray(ds.test.x),
         jnp.asarray(ds.test.y),
-        model_state=r["model_state"],
+        state=r["model_state"],
         lengths=None if ds.test.lengths is None else jnp.asarray(ds.test.lengths),
     )
     out = {

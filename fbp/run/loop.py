@@ -314,7 +314,7 @@ def _run_epoch_steps(
         m = jax.device_get(m)
         dt = time.perf_counter() - t0
         if cfg.nonfinite == "halt" and np.asarray(m["skipped"]).any():
-            raise NonFiniteError(_nonfinite_message(position, m, saver.last))
+            raise NonFiniteError(nonfinite_message(position, m, saver.last))
         prog = position.progress
         position = position._replace(
             state=ts,
@@ -329,7 +329,8 @@ def _run_epoch_steps(
     return position
 
 
-def _nonfinite_message(position: ResumePosition, m: dict[str, Any], last: Path | None) -> str:
+def nonfinite_message(position: ResumePosition, m: dict[str, Any], last: Path | None) -> str:
+    """The message of a run halted by a non-finite step (``m['skipped']`` per step)."""
     prog = position.progress
     batch = prog.pos + int(np.argmax(np.asarray(m["skipped"])))
     kept = f"the last good checkpoint {last.name} is kept." if last else "no checkpoint was saved."

@@ -56,7 +56,7 @@ def report(
             final.params,
             jnp.asarray(ds.test.x),
             jnp.asarray(ds.test.y),
-            model_state=final.model_state,
+            state=final.model_state,
             lengths=None if ds.test.lengths is None else jnp.asarray(ds.test.lengths),
         )
     result = RunResult(

@@ -37,9 +37,9 @@ from fbp.run.loop import (
     Progress,
     ResumePosition,
     Setup,
-    _nonfinite_message,
     close_epoch,
     epoch_row,
+    nonfinite_message,
 )
 from fbp.run.metrics import MetricsLog
 from fbp.run.options import RunOptions
@@ -187,7 +187,7 @@ def _halt_on_nonfinite(runs: Sequence[Run], group: Sequence[int], m: dict[str, A
             mine = {"skipped": skipped}
             raise NonFiniteError(
                 f"run {runs[i].point.name}: "
-                + _nonfinite_message(pos, mine, s.last if (s := runs[i].saver) else None)
+                + nonfinite_message(pos, mine, s.last if (s := runs[i].saver) else None)
             )
 
 
