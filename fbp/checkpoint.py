@@ -41,6 +41,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
 FORMAT = "fbp-checkpoint"
 VERSION = 1
@@ -222,8 +224,6 @@ def save(
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     arrays, keys = flatten(tree)
-    from safetensors.numpy import save as st_save
-
     blob = st_save(arrays) if arrays else st_save({"__empty__": np.zeros((0,), np.uint8)})
     manifest = {
         "format": FORMAT,
@@ -342,8 +342,6 @@ def read_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
             f"checkpoint {p}: {tensor_file.name} fails its SHA-256 check ({len(blob)} bytes, "
             f"manifest says {manifest.get('file_bytes')}); it is truncated or altered."
         )
-    from safetensors.numpy import load as st_load
-
     try:
         arrays = st_load(bytes(blob))
     except Exception as e:  # safetensors raises its own error types

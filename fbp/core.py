@@ -347,7 +347,10 @@ def lengths_kw(layer: Layer, lengths: Any) -> dict:
 
 
 def model_lengths_kw(owner: str, model: Layer, lengths: Any) -> dict:
-    """``lengths_kw`` for the model of ``value_and_grad``/``loss_fn``, which must take it."""
+    """``lengths_kw`` for the model of ``value_and_grad``/``loss_fn``, which must take it.
+
+    lengths: valid steps per sequence, shape (batch,), or None.
+    """
     if lengths is not None and not takes_lengths(model):
         raise TypeError(
             f"{owner}: lengths= was given but {layer_name(model)}.forward takes no lengths; "

@@ -15,13 +15,15 @@ Examples:
 
 from __future__ import annotations
 
+import codecs
+import csv
+import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
-
-if TYPE_CHECKING:  # jax is imported where it is used, so that data loads without it
-    from jax import Array
+from jax import Array
 
 
 class Split(NamedTuple):
@@ -435,8 +437,6 @@ def _check_stats(ds: Dataset) -> None:
 
 def _refuse_binary(path: str) -> None:
     """DataError naming ``path`` unless its start reads as UTF-8 text without NUL bytes."""
-    import codecs
-
     with open(path, "rb") as f:
         head = f.read(8192)
     kinds = {b"\x1f\x8b": "gzip-compressed", b"PK\x03\x04": "a zip archive (.npz, .xlsx...)"}
@@ -454,8 +454,6 @@ def _refuse_binary(path: str) -> None:
 
 def _read_csv_rows(path: str) -> tuple[list[list[str]], list[int], list[str] | None]:
     """The non-blank rows of a CSV, the file line of each (1-based), and the header if any."""
-    import csv
-
     _refuse_binary(path)
     rows, lines = [], []
     try:
@@ -561,8 +559,6 @@ def read_npz_lengths(path: str, x: np.ndarray) -> np.ndarray | None:
 
 def _read_file(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(x, y, lines)`` of a CSV (last column y; ``lines`` as ``_parse_csv``) or NPZ (None)."""
-    import os
-
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory; expected a .csv or .npz file.")
     if not os.path.isfile(path):
@@ -657,8 +653,6 @@ def load_file(
         ``validate_arrays`` finds, named by the file's line (a CSV's, counting the header
         line, columns from 1) or array row (an NPZ's).
     """
-    import os
-
     x, y, lines = _read_file(path)
     where = _locator(lines)
     x, y = validate_arrays(x, y, name=path, features=features, where=where)
@@ -698,8 +692,6 @@ def batch_order(key: Array, n: int, batch_size: int) -> Array:
 
     The last ``n % batch_size`` examples of the permutation are left out.
     """
-    import jax
-
     if not 1 <= batch_size <= n:
         raise ValueError(f"batch_order: need 1 <= batch_size <= n={n}, got {batch_size}.")
     steps = n // batch_size

@@ -231,7 +231,7 @@ def grad_fn(model: Sequential, loss: LossFunction, rule: str, key: Array, x: Any
 
 
 def make(model: Sequential, loss: LossFunction, rule: str, key: Array, x: Any) -> Callable:
-    """Deprecated name of ``grad_fn`` (factories are named after what they return)."""
+    """Deprecated name of ``grad_fn`` (a factory is named after what it returns); x (batch, in)."""
     warnings.warn(
         "fbp.rules.make is deprecated and will be removed in the next release; "
         "use fbp.rules.grad_fn (same arguments).",

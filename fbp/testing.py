@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fbp.core import Layer, value_and_grad
+from fbp.core import Layer, Sequential, layer_name, loss_fn, value_and_grad
 from fbp.losses import Loss
 
 
@@ -235,8 +235,6 @@ def check_model(
       **kwargs: ``key``, ``state``, ``train``, ``lengths``, passed to both.
       rtol, fd_rtol: tolerances (defaults by dtype; 0 asks for exact agreement).
     """
-    from fbp.core import loss_fn
-
     k_init, k_fd = jax.random.split(jax.random.key(seed))
     params = model.init(k_init, x) if params is None else params
     value, grads = jax.jit(lambda p: value_and_grad(model, loss)(p, x, target, **kwargs))(params)
@@ -296,8 +294,6 @@ def assert_loss_parity(loss: Loss, pred: Any, target: Any, **kwargs) -> ParityRe
 
 
 def layer_repr(layer: Any) -> str:
-    from fbp.core import Sequential, layer_name
-
     if isinstance(layer, Sequential):
         return "Sequential[" + ", ".join(layer_repr(sub) for sub in layer.layers) + "]"
     return layer_name(layer)

@@ -53,6 +53,9 @@ from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from fbp.core import Layer
+from fbp.nn.conv import ConvND
+
 ENV_SWITCH = "FBP_XLA"
 OFF = frozenset({"off", "0", "false", "no", "none"})
 
@@ -124,8 +127,6 @@ def jax_started() -> bool:
 
 def _layers(obj: Any, depth: int = 0):
     """Every Layer inside ``obj`` (fields of dataclasses, lists, tuples, dicts)."""
-    from fbp.core import Layer
-
     if depth > 50:
         return
     if isinstance(obj, Layer):
@@ -147,9 +148,7 @@ def setting_for(model: Any) -> str:
     Args:
       model: an fbp Layer (a Sequential, a wrapper, ...); nested layers count.
     """
-    from fbp.nn.conv import _Conv
-
-    if any(isinstance(layer, _Conv) for layer in _layers(model)):
+    if any(isinstance(layer, ConvND) for layer in _layers(model)):
         return "conv"
     return DEFAULT
 
@@ -184,9 +183,7 @@ def setting_for_experiment(experiment: Any) -> str:
 
 def _names_conv(path: Path) -> bool:
     """Whether a Python file mentions a convolution layer class (by name, statically)."""
-    from fbp.nn.conv import _Conv
-
-    conv = {c.__name__ for c in _Conv.__subclasses__()}
+    conv = {c.__name__ for c in ConvND.__subclasses__()}
     try:
         tree = ast.parse(Path(path).read_text())
     except (OSError, SyntaxError, ValueError):

@@ -17,3 +17,21 @@ def test_py_typed_ships_with_the_package():
     assert (code_metrics.PACKAGE / "py.typed").is_file()
     pyproject = (code_metrics.ROOT / "pyproject.toml").read_text()
     assert '[tool.setuptools.package-data]\nfbp = ["py.typed"]' in pyproject
+
+
+def test_no_function_is_over_60_lines_of_code():
+    assert code_metrics.long_functions(60) == []
+
+
+# What a function may import inside itself: heavy modules needed by one feature only
+# (scikit-learn, matplotlib), an optional dependency (dp-accounting), jax's private
+# backend state (with a fallback), and fbp.run from the library (xla_config's one look).
+DEFERRED = ("sklearn", "matplotlib", "dp_accounting", "jax._src", "fbp.run")
+
+
+def test_in_function_imports_only_defer_heavy_or_optional_modules():
+    def module(stmt):
+        return stmt.split()[1]
+
+    bad = [i for i in code_metrics.inner_imports() if not module(i[3]).startswith(DEFERRED)]
+    assert not bad, f"imports inside functions: {bad}"

@@ -219,7 +219,10 @@ def shard_batch(batch: Any, mesh: Mesh, *, process_local: bool = False) -> Any:
 
 
 def local_leaf(x: Any) -> Any:
-    """A leaf this process can use alone: itself when local, else a local copy (or gather)."""
+    """A leaf this process can use alone: itself when local, else a local copy (or gather).
+
+    x: an array of any shape, or another leaf (returned as it is); the result has x's shape.
+    """
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return x
     if _is_key(x):

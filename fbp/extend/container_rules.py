@@ -55,7 +55,7 @@ def _residual_backward(layer, params, res, dy):
 
 
 def _recompute_backward(layer, params, res, dy):
-    inner, dy = layer._recompute(params, res, dy)
+    inner, dy = layer.recompute(params, res, dy)
     return walk(layer.layer, params, inner, dy)
 
 

@@ -56,7 +56,7 @@ from fbp.core import Array, Layer, LossFunction, Params, value_and_grad
 from fbp.extend.layer_rules import conv_patches
 from fbp.extend.registry import Node, check, quantity, walk
 from fbp.losses import MSE, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
-from fbp.nn.conv import _Conv
+from fbp.nn.conv import ConvND
 from fbp.nn.dense import Dense
 
 SUPPORTED_LOSSES = "mse, softmax_cross_entropy, sigmoid_binary_cross_entropy"
@@ -286,7 +286,7 @@ def _layer_inputs(layer, ctx) -> tuple[Array, Array]:
 
 def _kfac_collect(node: Node, path: tuple[str, ...], out: dict) -> None:
     layer, ctx = node.layer, node.ctx
-    if isinstance(layer, (Dense, _Conv)):
+    if isinstance(layer, (Dense, ConvND)):
         a, d = _layer_inputs(layer, ctx)
         b, t = a.shape[0], a.shape[1]
         a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])

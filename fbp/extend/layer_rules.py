@@ -104,7 +104,7 @@ def conv_patches(layer, x):
     L is the number of output positions; ``y = patches @ w.reshape(K, out)``.
     """
     n = layer._n
-    pads = layer._geometry(x, "per-example")
+    pads = layer.geometry(x, "per-example")
     dims = ("NHWC", "HWIO", "NHWC") if n == 2 else ("NWC", "WIO", "NWC")
     p = lax.conv_general_dilated_patches(
         x,
@@ -148,7 +148,7 @@ def _conv_batch_l2(layer, ctx):
 def _conv_weighted(layer, ctx, w):
     x, dy = ctx
     dyw = dy * w.astype(dy.dtype).reshape((-1,) + (1,) * (dy.ndim - 1))
-    out = {"w": layer._dw(x, dyw, layer._geometry(x, "per-example"))}
+    out = {"w": layer.weight_grad(x, dyw, layer.geometry(x, "per-example"))}
     if layer.use_bias:
         out["b"] = jnp.sum(dyw, axis=tuple(range(dy.ndim - 1)))
     return out

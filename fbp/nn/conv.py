@@ -133,8 +133,8 @@ def _dim_numbers(n: int) -> tuple[str, str, str]:
     return (f"N{s}C", f"{s}IO", f"N{s}C")
 
 
-class _Conv(Layer):
-    """Shared N-d convolution; subclasses set ``_n`` (number of spatial axes)."""
+class ConvND(Layer):
+    """The shared base of Conv1D and Conv2D (not built directly): ``_n`` spatial axes."""
 
     _n = 0
     features: int
@@ -186,8 +186,8 @@ class _Conv(Layer):
     def _layout(self) -> str:
         return "(batch, length, in)" if self._n == 1 else "(batch, height, width, in)"
 
-    def _geometry(self, x: Array, method: str) -> tuple[tuple[int, int], ...]:
-        """Explicit padding for ``x``; ShapeError when a spatial axis is too short."""
+    def geometry(self, x: Array, method: str) -> tuple[tuple[int, int], ...]:
+        """Explicit padding for ``x`` (batch, *spatial, in); ShapeError if an axis is too short."""
         window = [dilated(k, d) for k, d in zip(self._kernel, self._dilate, strict=True)]
         pads = explicit_padding(self.padding, x.shape[1:-1], window, self._stride)
         check_windows_fit(self, method, x, pads, window, self._stride, "the dilated kernel")
@@ -201,7 +201,7 @@ class _Conv(Layer):
                 f"{layer_name(self)}.{method}: x has shape {tuple(x.shape)} but params['w'] "
                 f"{tuple(w.shape)} expects {w.shape[-2]} input channels on the last axis."
             )
-        return self._geometry(x, method)
+        return self.geometry(x, method)
 
     def forward(
         self,
@@ -227,10 +227,13 @@ class _Conv(Layer):
         return y, ConvRes(x)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx = dy (dilated by strides) ⋆ flip(w)ᵀ;  dw = x ⋆ dy over the batch;  db = Σ dy."""
+        """dx = dy (dilated by strides) ⋆ flip(w)ᵀ;  dw = x ⋆ dy over the batch;  db = Σ dy.
+
+        dy: shape (batch, *spatial_out, features); dx: (batch, *spatial, in).
+        """
         x, w = res.x, params["w"]
-        pads = self._geometry(x, "backward")
-        dparams = {"w": self._dw(x, dy, pads)}
+        pads = self.geometry(x, "backward")
+        dparams = {"w": self.weight_grad(x, dy, pads)}
         if self.use_bias:
             dparams["b"] = jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
         return dparams, self._dx(x.shape, w, dy, pads)
@@ -255,7 +258,7 @@ class _Conv(Layer):
             dimension_numbers=_dim_numbers(self._n),
         )
 
-    def _dw(self, x, dy, pads):
+    def weight_grad(self, x: Array, dy: Array, pads: Sequence[tuple[int, int]]) -> Array:
         """Correlation of x with dy, contracting the batch axis: shape (*kernel, in, out)."""
         pad_dw = []
         for i in range(self._n):
@@ -277,7 +280,7 @@ class _Conv(Layer):
 
 
 @dataclasses.dataclass(frozen=True)
-class Conv2D(_Conv):
+class Conv2D(ConvND):
     """2-D convolution (cross-correlation, as in every framework) on NHWC input.
 
     Args:
@@ -319,7 +322,7 @@ class Conv2D(_Conv):
 
 
 @dataclasses.dataclass(frozen=True)
-class Conv1D(_Conv):
+class Conv1D(ConvND):
     """1-D convolution over time on batch-major sequences (batch, time, in).
 
     Args: as ``Conv2D``, with one int (or one pair) per hyperparameter.

@@ -263,6 +263,20 @@ class MultiHeadAttention(Layer):
         b = jnp.concatenate([params[f"b_{n}"] for n in names]) if self.use_bias else None
         return _affine(a, w, b)
 
+    def _heads(self, params: Params, xq: Array, ctx: Array | None) -> tuple[Array, Array, Array]:
+        """q (batch, heads, T, d), k and v (batch, heads, S, d): projected, split, rotated."""
+        h = self.num_heads
+        if ctx is None:
+            q, k, v = (
+                _split_heads(a, h) for a in jnp.split(self._project(params, xq, "qkv"), 3, -1)
+            )
+        else:
+            q = _split_heads(self._project(params, xq, "q"), h)
+            k, v = (_split_heads(a, h) for a in jnp.split(self._project(params, ctx, "kv"), 2, -1))
+        if self.rope:
+            q, k = rope_forward(q, base=self.rope_base), rope_forward(k, base=self.rope_base)
+        return q, k, v
+
     def forward(
         self,
         params: Params,
@@ -296,18 +310,8 @@ class MultiHeadAttention(Layer):
             lengths = check_key_lengths(where, lengths, xq.shape[0], xq.shape[1], "lengths")
             qmask = (jnp.arange(xq.shape[1])[None, :] < lengths[:, None])[..., None]
             qmask = qmask.astype(xq.dtype)
-        h = self.num_heads
-        if ctx is None:
-            q, k, v = (
-                _split_heads(a, h) for a in jnp.split(self._project(params, xq, "qkv"), 3, -1)
-            )
-            key_lengths = lengths
-        else:
-            q = _split_heads(self._project(params, xq, "q"), h)
-            k, v = (_split_heads(a, h) for a in jnp.split(self._project(params, ctx, "kv"), 2, -1))
-            key_lengths = context_lengths
-        if self.rope:
-            q, k = rope_forward(q, base=self.rope_base), rope_forward(k, base=self.rope_base)
+        q, k, v = self._heads(params, xq, ctx)
+        key_lengths = lengths if ctx is None else context_lengths
         o, attn = sdpa_forward(
             q,
             k,

@@ -177,7 +177,8 @@ class Recompute(Layer):
         train_flag = () if train else None
         return y, RecomputeRes(x, key, state, new_state, train_flag, kw.get("lengths"))
 
-    def _recompute(self, params, res, dy):
+    def recompute(self, params: Params, res: RecomputeRes, dy: Array) -> tuple[Residuals, Array]:
+        """The wrapped layer's residuals, recomputed from the kept x (batch, ...), and dy."""
         x, dy = jax.lax.optimization_barrier((res.x, dy))
         kw = {} if res.lengths is None else {"lengths": res.lengths}
         train = res.train is not None
@@ -186,7 +187,7 @@ class Recompute(Layer):
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """(dparams, dx) = layer.backward(params, layer.forward(params, x)[1], dy)."""
-        inner, dy = self._recompute(params, res, dy)
+        inner, dy = self.recompute(params, res, dy)
         return self.layer.backward(params, inner, dy)
 
     def next_state(self, state: State | None, res: Residuals) -> State | None:

@@ -30,9 +30,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save as st_save
 
 from fbp import checkpoint as ckpt
 from fbp import train as fbp_train
+from fbp.run import experiment, runner
 from fbp.run.metrics import params_sha256
 
 LOADER = """import json, jax, numpy as np
@@ -82,8 +84,6 @@ def load_run(run_dir: str | Path, *, which: str = "best", warn=print) -> dict[st
     Returns:
       dict with ``exp, config, dataset, model, params, model_state, checkpoint``.
     """
-    from fbp.run import runner
-
     if which not in ("best", "last"):
         raise ValueError(f"load_run: which must be 'best' or 'last', got {which!r}.")
     cfg = run_config(run_dir)
@@ -117,8 +117,6 @@ def load_run(run_dir: str | Path, *, which: str = "best", warn=print) -> dict[st
 
 def _experiment_of(run_dir: str | Path, cfg: dict[str, Any]) -> Any:
     """The run's experiment; for a variant's run (``NAME/VARIANT``), that variant's spec."""
-    from fbp.run import experiment
-
     base, _, variant = cfg["experiment"].partition("/")
     path = cfg.get("experiment_path")
     exp = experiment.get(path if path and Path(path).is_file() else base)
@@ -211,8 +209,6 @@ def export_model(
     exported = jax.export.export(jax.jit(infer))(
         specs, jax.ShapeDtypeStruct((batch, *feat), jnp.float32)
     )
-    from safetensors.numpy import save as st_save
-
     try:
         blob = bytes(exported.serialize())
     except ImportError as e:  # jax.export serializes with flatbuffers, an optional jax dep

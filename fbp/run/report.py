@@ -50,15 +50,7 @@ def report(
     final = position.state._replace(**position.best._asdict()) if use_best else position.state
     ds = setup.dataset
     if test is None:
-        test = fbp_train.evaluate(
-            setup.model,
-            exp.loss,
-            final.params,
-            jnp.asarray(ds.test.x),
-            jnp.asarray(ds.test.y),
-            state=final.model_state,
-            lengths=None if ds.test.lengths is None else jnp.asarray(ds.test.lengths),
-        )
+        test = _test_metrics(exp, setup, final)
     result = RunResult(
         exp, config, setup.model, ds, final, history, test, prog.train_seconds, out_dir
     )
@@ -67,10 +59,9 @@ def report(
             f"early stop at epoch {prog.epoch}: best validation loss "
             f"{prog.best_val:.4f} at epoch {prog.best_epoch} (parameters restored)"
         )
-    which = "best" if use_best else "last"
     if out_dir is not None:
         summary = _summary(exp, config, position, final.params, test, history, last_ckpt)
-        summary.update(restored_best=use_best, evaluated=which)
+        summary.update(restored_best=use_best, evaluated="best" if use_best else "last")
         layout = getattr(setup.chunk, "layout", None)
         if layout is not None:  # devices, processes, bytes
             summary["parallel"] = layout.memory()
@@ -79,8 +70,41 @@ def report(
         ckpt.atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         if history:
             write_plots(out_dir, history)
+    _print_report(exp, cfg, setup, position, test, use_best, out_dir, print_fn)
+    for line in exp.report(result) if exp.report else []:
+        print_fn(line)
+    return result
+
+
+def _test_metrics(exp: Experiment, setup: Setup, final: fbp_train.TrainState) -> dict[str, float]:
+    """The final parameters' loss (and accuracy) on the test split, in eval mode."""
+    ds = setup.dataset
+    return fbp_train.evaluate(
+        setup.model,
+        exp.loss,
+        final.params,
+        jnp.asarray(ds.test.x),
+        jnp.asarray(ds.test.y),
+        state=final.model_state,
+        lengths=None if ds.test.lengths is None else jnp.asarray(ds.test.lengths),
+    )
+
+
+def _print_report(
+    exp: Experiment,
+    cfg: RunOptions,
+    setup: Setup,
+    position: ResumePosition,
+    test: dict[str, float],
+    use_best: bool,
+    out_dir: Path | None,
+    print_fn: Callable[[str], None],
+) -> None:
+    """The printed report: data, test metrics and which parameters, time, privacy, outputs."""
+    prog = position.progress
     print_fn(f"== {exp.name}: {exp.description}")
-    print_fn(data_line(cfg, ds))
+    print_fn(data_line(cfg, setup.dataset))
+    which = "best" if use_best else "last"
     restored = ": early stopping restored them" if use_best else ""
     epoch = prog.best_epoch if use_best else prog.epoch
     print_fn(f"test {_fmt(test)}  ({which} parameters, epoch {epoch}{restored})")
@@ -91,9 +115,6 @@ def report(
         print_fn(_privacy_line(privacy.summary(cfg, setup.privacy, int(position.state.step))))
     if out_dir is not None:
         print_fn(f"outputs in {out_dir}")
-    for line in exp.report(result) if exp.report else []:
-        print_fn(line)
-    return result
 
 
 def restores_best(cfg: RunOptions, setup: Setup, prog: Progress) -> bool:

@@ -159,39 +159,9 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     _check_labels(model, ts, ds, exp.loss)
     if bs > n:
         raise ValueError(f"run: batch_size={bs} is larger than the {n} training examples.")
-    grad_fn = exp.grad_fn(model, ds) if exp.grad_fn is not None else None
-    accountant = None
-    if privacy.enabled(cfg):  # DP-SGD: clipped, noised gradient; epsilon per epoch
-        grad_fn = privacy.gradient(model, exp.loss, cfg)
-        accountant = privacy.accountant(cfg, batch_size=bs, n=n)
-    mesh = parallel.run_mesh(
-        devices=cfg.devices,
-        shard_params=cfg.shard_params,
-        batch_size=bs,
-        num_processes=cfg.num_processes,
-    )
-    chunk: Callable
-    if mesh is not None:  # data parallel: the batch split over a mesh, same steps
-        sharded = parallel.make_train_chunk(
-            model,
-            exp.loss,
-            opt,
-            mesh=mesh,
-            batch_size=bs,
-            penalty=exp.penalty,
-            grad_fn=grad_fn,
-            shard_params=cfg.shard_params,
-        )
-        sharded.layout.place(ts)  # on the mesh in its layout (chunk.layout.memory() reads it)
-        chunk = sharded
-    else:
-        chunk = make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
+    grad_fn, accountant = _gradient(exp, cfg, model, ds, bs)
+    chunk = _train_chunk(exp, cfg, model, opt, ts, bs, grad_fn)
     probe = jax.jit(exp.probe(model, exp.loss, opt)) if exp.probe is not None else None
-    val: tuple[jax.Array, ...] | None = None
-    if len(ds.val.x):
-        val = (jnp.asarray(ds.val.x), jnp.asarray(ds.val.y))
-        if lengths is not None:
-            val += (jnp.asarray(ds.val.lengths),)
     setup = Setup(
         ds,
         model,
@@ -204,11 +174,66 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
         chunk,
         make_eval(model, exp.loss),
         probe,
-        val,
+        _val_arrays(ds, lengths),
         privacy=accountant,
         lengths=lengths,
     )
     return setup, ts
+
+
+def _gradient(
+    exp: Experiment, cfg: RunOptions, model: Layer, ds: fbp_data.Dataset, bs: int
+) -> tuple[Callable | None, Any]:
+    """The step's ``grad_fn`` (None: ``fbp.value_and_grad``) and the DP accountant or None."""
+    grad_fn = exp.grad_fn(model, ds) if exp.grad_fn is not None else None
+    if not privacy.enabled(cfg):
+        return grad_fn, None
+    # DP-SGD: clipped, noised gradient; epsilon per epoch
+    n = len(ds.train.x)
+    return privacy.gradient(model, exp.loss, cfg), privacy.accountant(cfg, batch_size=bs, n=n)
+
+
+def _train_chunk(
+    exp: Experiment,
+    cfg: RunOptions,
+    model: Layer,
+    opt: optax.GradientTransformation,
+    ts: fbp_train.TrainState,
+    bs: int,
+    grad_fn: Callable | None,
+) -> Callable:
+    """The jitted chunk of steps: on one device, or data parallel over a mesh."""
+    mesh = parallel.run_mesh(
+        devices=cfg.devices,
+        shard_params=cfg.shard_params,
+        batch_size=bs,
+        num_processes=cfg.num_processes,
+    )
+    if mesh is None:
+        return make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
+    # data parallel: the batch split over a mesh, same steps
+    chunk = parallel.make_train_chunk(
+        model,
+        exp.loss,
+        opt,
+        mesh=mesh,
+        batch_size=bs,
+        penalty=exp.penalty,
+        grad_fn=grad_fn,
+        shard_params=cfg.shard_params,
+    )
+    chunk.layout.place(ts)  # on the mesh in its layout (chunk.layout.memory() reads it)
+    return chunk
+
+
+def _val_arrays(ds: fbp_data.Dataset, lengths: jax.Array | None) -> tuple[jax.Array, ...] | None:
+    """The validation split on the device, ``(x, y[, lengths])``, or None when empty."""
+    if not len(ds.val.x):
+        return None
+    val: tuple[jax.Array, ...] = (jnp.asarray(ds.val.x), jnp.asarray(ds.val.y))
+    if lengths is not None:
+        val += (jnp.asarray(ds.val.lengths),)
+    return val
 
 
 def _reads_lengths(layer: Any) -> bool:
