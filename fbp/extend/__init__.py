@@ -2,9 +2,9 @@
 
 Per-example gradients and their norms (``per_example``), DP-SGD (``dp``) with a
 privacy accountant (``accounting``), and curvature: Hessian- and Gauss-Newton-vector
-products, the exact GGN diagonal and K-FAC factors (``curvature``), plus a K-FAC
-preconditioner (``kfac``). Per-layer rules live in a registry keyed by layer type
-(``registry``); the layers themselves are unchanged.
+products, the exact GGN diagonal and K-FAC factors (``curvature``), plus K-FAC
+(``kfac``: an optax transformation, or a standalone optimizer). Per-layer rules live
+in a registry keyed by layer type (``registry``); the layers themselves are unchanged.
 """
 
 from fbp.extend import accounting, curvature, dp, kfac

@@ -19,7 +19,7 @@ Each run's result is that of the same run trained alone (``fbp train EXP --seed 
 every run; a run that stops early keeps its best parameters and no longer changes.
 
 Examples:
-  >>> from fbp import experiment, sweep
+  >>> from fbp.run import experiment, sweep
   >>> exp = experiment.get("xor")
   >>> result = sweep.run(exp, seeds=[0, 1], grid={"lr": [1.0, 2.0]}, epochs=50,
   ...                    print_fn=lambda line: None)
