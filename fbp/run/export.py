@@ -33,6 +33,7 @@ import numpy as np
 
 from fbp import checkpoint as ckpt
 from fbp import train as fbp_train
+from fbp.run.metrics import params_sha256
 
 LOADER = """import json, jax, numpy as np
 from safetensors.numpy import load_file
@@ -149,16 +150,10 @@ def evaluate_dir(run_dir: str | Path, *, which: str = "best") -> dict[str, Any]:
         "test": test,
         "params": which,
         "checkpoint": r["checkpoint"].name,
-        "params_sha256": _sha(r["params"]),
+        "params_sha256": params_sha256(r["params"]),
     }
     ckpt.atomic_write(Path(run_dir) / "eval.json", json.dumps(out, indent=1) + "\n")
     return out
-
-
-def _sha(params: Any) -> str:
-    from fbp.run.runner import params_sha256
-
-    return params_sha256(params)
 
 
 def export_model(
@@ -227,7 +222,7 @@ def export_model(
         "x_shape": ["batch", *feat],
         "x_dtype": "float32",
         "standardized_inside": x_mean is not None,
-        "params_sha256": _sha(params),
+        "params_sha256": params_sha256(params),
         "platforms": list(exported.platforms),
         **(info or {}),
     }
