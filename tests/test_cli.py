@@ -67,7 +67,7 @@ def test_train_writes_metrics_summary_plots_and_checkpoints(ref):
     assert s["config"]["seed"] == 0 and s["epochs_completed"] == 3 and s["steps"] == 18
     assert {"loss", "accuracy"} <= set(s["test"]) and s["versions"]["jax"]
     last = export.load_run(out, which="last")
-    assert s["params_sha256"] == runner.params_sha256(last["params"])
+    assert s["params_sha256"] == metrics.params_sha256(last["params"])
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "metric.png").stat().st_size > 1000
     assert len(ckpt.list_checkpoints(out / "checkpoints")) == 3
@@ -178,8 +178,8 @@ def test_early_stopping_restores_best_params(tmp_path, capsys):
     rows = metrics.read_metrics(out / "metrics.jsonl")
     assert min(r["val_loss"] for r in rows) == pytest.approx(s["best_val_loss"])
     best = export.load_run(out, which="best")
-    assert runner.params_sha256(best["params"]) == s["params_sha256"]
-    assert runner.params_sha256(export.load_run(out, which="last")["params"]) != s["params_sha256"]
+    assert metrics.params_sha256(best["params"]) == s["params_sha256"]
+    assert metrics.params_sha256(export.load_run(out, which="last")["params"]) != s["params_sha256"]
     # stopped after 2 epochs and resumed: the same best epoch, the same final parameters
     part = tmp_path / "part"
     assert _train(part, "--epochs", 2, "--lr", 0.3, "--patience", 2) == 0

@@ -13,7 +13,7 @@ import pytest
 from cli_runs import EXPERIMENTS
 
 from fbp import data
-from fbp.run import cli, experiment, export, runner
+from fbp.run import cli, experiment, export, metrics, runner
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_export_files_and_manifest(exported):
     meta = json.loads((d / "export.json").read_text())
     assert meta["x_shape"] == ["batch", 4] and meta["classes"] == 3
     assert meta["standardized_inside"] and "input/mean" in meta["inputs"]
-    assert meta["params_sha256"] == export._sha(run["params"])
+    assert meta["params_sha256"] == metrics.params_sha256(run["params"])
 
 
 def test_exported_predictions_equal_the_in_process_model(exported):

@@ -90,7 +90,7 @@ def test_sweep_directory_table_and_plot(ref, capsys):
         assert {"metrics.jsonl", "summary.json", "loss.png", "metric.png", "checkpoints"} <= files
         s = _summary(ref / name)
         params = export.load_run(ref / name, which="last")["params"]
-        assert s["params_sha256"] == runner.params_sha256(params)
+        assert s["params_sha256"] == metrics.params_sha256(params)
     doc = json.loads((ref / "sweep.json").read_text())
     assert doc["seeds"] == [0, 1] and doc["grid"] == {"lr": [0.01, 0.03]}
     assert [row["group"] for row in doc["table"]] == ["lr=0.01", "lr=0.03"]
@@ -153,7 +153,7 @@ def test_a_run_that_stops_early_keeps_its_best_params_while_others_go_on(tmp_pat
         assert fast[key] == ref[key], key
     assert fast["test"]["accuracy"] == ref["test"]["accuracy"]
     best = export.load_run(out / "lr-0.3", which="best")["params"]
-    assert runner.params_sha256(best) == fast["params_sha256"]
+    assert metrics.params_sha256(best) == fast["params_sha256"]
     last = export.load_run(out / "lr-0.3", which="last")
     assert last["checkpoint"].name == "ckpt-000001"  # saved once, when the whole sweep ended
     table = json.loads((out / "sweep.json").read_text())["table"]

@@ -98,7 +98,7 @@ def experiment_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("FBP_EXPERIMENTS"):
         dirs += [Path(p) for p in os.environ["FBP_EXPERIMENTS"].split(os.pathsep)]
-    dirs += [Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments"]
+    dirs += [Path.cwd() / "experiments", Path(__file__).resolve().parents[2] / "experiments"]
     seen, out = set(), []
     for d in dirs:
         if d.is_dir() and d.resolve() not in seen:
