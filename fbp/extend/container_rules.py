@@ -31,7 +31,8 @@ def _delegate(name):
     return f
 
 
-def _container(backward, children) -> Rule:
+def container_rule(backward, children) -> Rule:
+    """A rule whose quantities are its backward's nodes' (ctx: a Node or {key: Node})."""
     return Rule(
         backward,
         _delegate("batch_grad"),
@@ -92,10 +93,10 @@ def _frozen_total(layer, ctx, *args):
 
 _one_child = lambda layer: (layer.layer,)  # noqa: E731
 
-register(Sequential, _container(_sequential_backward, lambda layer: layer.layers))
-register(Residual, _container(_residual_backward, _one_child))
-register(Recompute, _container(_recompute_backward, _one_child))
-register(Bidirectional, _container(_bidirectional_backward, _one_child))
+register(Sequential, container_rule(_sequential_backward, lambda layer: layer.layers))
+register(Residual, container_rule(_residual_backward, _one_child))
+register(Recompute, container_rule(_recompute_backward, _one_child))
+register(Bidirectional, container_rule(_bidirectional_backward, _one_child))
 register(
     Frozen,
     Rule(

@@ -48,7 +48,12 @@ import jax
 import jax.numpy as jnp
 
 from fbp.core import Array, Layer, LossFunction, Params, State, sum_arrays
-from fbp.extend import container_rules, layer_rules, recurrent_rules  # noqa: F401  (register)
+from fbp.extend import (  # noqa: F401  (register the rules)
+    attention_rules,
+    container_rules,
+    layer_rules,
+    recurrent_rules,
+)
 from fbp.extend.registry import Node, check, quantity, walk
 
 NAMES = ("grad", "batch_grad", "batch_l2", "grad_norm", "sum_grad_squared", "variance")

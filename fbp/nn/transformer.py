@@ -106,6 +106,10 @@ class TransformerBlock(Layer):
         layers = [LayerNorm(self.eps), Dense(self.mlp_dim or 4 * dim), GELU(), Dense(dim)]
         return Residual(Sequential(layers + ([Dropout(self.dropout)] if self.dropout else [])))
 
+    def parts(self, dim: int) -> tuple[LayerNorm, MultiHeadAttention, Dropout, Residual]:
+        """The block's layers (LN₁, attention, output dropout, MLP half) for width ``dim``."""
+        return LayerNorm(self.eps), self._attn(), Dropout(self.dropout), self._mlp(dim)
+
     def init(self, key: PRNGKey, x: Shaped) -> Params:
         """x: example input, shape (batch, time, dim)."""
         check_ndim(self, "init", "x", x, (3,), "(batch, time, dim)")
