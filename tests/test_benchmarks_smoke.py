@@ -210,3 +210,20 @@ def test_conv_backward_stays_canonical_inside_a_scan(conv_dims):
     canonical = "b01f_01io->b01f" if conv_dims == 2 else "b0f_0io->b0f"
     assert len(labels) == 5  # two forwards, two dw, dx of the second (the first's is dead)
     assert set(labels) == {canonical}
+
+
+def test_extensions_attention_quick_prints_every_variant_and_checks_the_clipped_sum(capsys):
+    _load("extensions_attention").main(["--quick"])
+    out = capsys.readouterr().out
+    rows = {r[0]: r for r in _table_rows(out)}
+    for name in (
+        "plain gradient",
+        "per-example norms",
+        "DP clipped sum (reweight)",
+        "DP clipped sum (second_backward)",
+        "jax.vmap(jax.grad)",
+    ):
+        assert float(rows[name][1].split()[0]) > 0
+        assert float(rows[name][5].split()[0]) >= 0
+    err = float(re.search(r"Max relative \|clipped sum - vmap\(grad\)'s\|: (\S+)\.", out).group(1))
+    assert err < 1e-4
