@@ -100,8 +100,9 @@ def variants(quick: bool, time: int):
     for name, f in jits.items():
         analysis = f.lower(params, x, y).compile().memory_analysis()
         temp[name] = analysis.temp_size_in_bytes / 2**20 if analysis is not None else float("nan")
-    ours, ref = jits["DP clipped sum (reweight)"](params, x, y), jits["jax.vmap(jax.grad)"](
-        params, x, y
+    ours, ref = (
+        jits["DP clipped sum (reweight)"](params, x, y),
+        jits["jax.vmap(jax.grad)"](params, x, y),
     )
     pairs = zip(jax.tree.leaves(ours.summed), jax.tree.leaves(ref[0]), strict=True)
     err = max(float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v))) for u, v in pairs)
@@ -120,7 +121,8 @@ def _row(name, times, cpu, temp):
     goal, verdict = "", ""
     if target is not None:
         mem_ok = name == "per-example norms" or mratio <= MEMORY_TARGET
-        goal = f"<= {target[1]}x" + ("" if name == "per-example norms" else f", mem <= {MEMORY_TARGET}x")
+        mem_goal = "" if name == "per-example norms" else f", mem <= {MEMORY_TARGET}x"
+        goal = f"<= {target[1]}x{mem_goal}"
         verdict = "yes" if max(ratio, cratio) <= target[1] and mem_ok else "no"
     return [
         name,

@@ -246,8 +246,8 @@ def test_nonfinite_halt_names_the_run(tmp_path, monkeypatch, capsys):
             r"lr is both swept \(--sweep lr=\.\.\.\) and set alone",
         ),
         (
-            ["--seeds", "0-1", "--devices", "2"],
-            r"--devices cannot be combined with --seeds/--sweep",
+            ["--seeds", "0-2", "--devices", "2"],
+            r"--devices 2 but this process sees 1 device|--devices 2 must divide the number of runs",
         ),
     ],
 )
@@ -382,3 +382,66 @@ def test_digits_mlp_sweep_of_8_seeds_matches_8_runs_alone(tmp_path):
             worst = max(worst, float(np.abs(x - y).max() / np.abs(y).max()))
     assert worst < 1e-2, worst
     print(f"largest relative parameter difference over 8 runs: {worst:.2e}")
+
+
+# ----------------------------------------------------------------------------- variants, devices
+
+
+def test_an_experiment_with_variants_is_swept_once_per_variant(tmp_path):
+    """Each variant is its own sweep in DIR/<variant>; its runs equal that variant's sweep."""
+    import dataclasses
+
+    import optax
+
+    base = experiment.get("tiny")
+    exp = dataclasses.replace(
+        base, variants={"adam": {}, "sgd": {"optimizer": lambda lr, steps: optax.sgd(lr)}}
+    )
+    lines = []
+    result = sweep.run(exp, seeds=[0, 1], epochs=1, out=tmp_path / "sw", print_fn=lines.append)
+    assert list(result.runs) == ["adam/seed-0", "adam/seed-1", "sgd/seed-0", "sgd/seed-1"]
+    assert [row["group"] for row in result.table] == ["adam", "sgd"]
+    assert (tmp_path / "sw" / "sgd" / "seed-1" / "summary.json").is_file()
+    assert (tmp_path / "sw" / "adam" / "sweep.md").is_file()
+    assert "== tiny: 2 variants" in "\n".join(lines)
+    sgd = dataclasses.replace(base, optimizer=lambda lr, steps: optax.sgd(lr))
+    alone = sweep.run(sgd, seeds=[0, 1], epochs=1, print_fn=lambda s: None)
+    np.testing.assert_array_equal(
+        result.runs["sgd/seed-1"].state.params["0"]["w"],
+        alone.runs["seed-1"].state.params["0"]["w"],
+    )
+
+
+def test_a_sweep_split_over_two_devices_matches_one_device(tmp_path):
+    """``--devices 2`` splits the 4 runs over two (fake CPU) devices; same results."""
+    code = textwrap.dedent(
+        """
+        import json, sys
+        import numpy as np
+        from fbp.run import experiment, sweep
+        exp = experiment.get("tiny")
+        kw = dict(seeds=[0, 1], grid={"lr": [0.01, 0.03]}, epochs=2, print_fn=lambda s: None)
+        one = sweep.run(exp, **kw)
+        lines = []
+        two = sweep.run(exp, devices=2, out=sys.argv[1], **{**kw, "print_fn": lines.append})
+        assert any("4 runs in one program on 2 devices" in s for s in lines), lines
+        leaf = lambda r: np.asarray(r.state.params["0"]["w"])
+        err = max(float(np.max(np.abs(leaf(one.runs[k]) - leaf(two.runs[k])))) for k in one.runs)
+        print(json.dumps({"runs": sorted(two.runs), "err": err}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        FBP_EXPERIMENTS=EXPERIMENTS,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "sw")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["runs"] == sorted(NAMES)
+    assert out["err"] < 1e-6
+    assert (tmp_path / "sw" / NAMES[0] / "summary.json").is_file()

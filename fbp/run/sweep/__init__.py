@@ -45,7 +45,7 @@ import numpy as np
 
 from fbp import checkpoint as ckpt
 from fbp import train as fbp_train
-from fbp.run import options, runner
+from fbp.run import options, runner, variants
 from fbp.run.experiment import Experiment, RunResult
 from fbp.run.loop import Best, Checkpointer, load_position, start_position
 from fbp.run.metrics import MetricsLog, read_metrics
@@ -102,7 +102,8 @@ def run(
     """Train every run of seeds × grid as one vmapped program; report each and the table.
 
     Args:
-      exp: an ``fbp.run.experiment.Experiment`` (without variants).
+      exp: an ``fbp.run.experiment.Experiment``; one with variants is swept once per
+        variant, in ``out/<variant>`` (runs named ``<variant>/<run>`` in the result).
       seeds: the seeds, e.g. ``range(8)``; None: the run's own seed alone.
       grid: ``{option: values}`` over sweepable options (``fbp.run.options.sweepable()``:
         ``lr``, ``weight_decay``, ``clip``, ``patience``); runs are its product with seeds.
@@ -112,7 +113,8 @@ def run(
       overwrite: discard what a previous sweep wrote in ``out``.
       print_fn: where progress and the summary go.
       experiment_path: the experiment's file, recorded for ``fbp eval``/``export``.
-      **overrides: run options every run shares (``epochs``, ``batch_size``...).
+      **overrides: run options every run shares (``epochs``, ``batch_size``...);
+        ``devices=N`` splits the runs over N devices (N must divide their number).
 
     Returns:
       A ``SweepResult``.
@@ -128,6 +130,11 @@ def run(
     if seeds is None and not grid:
         raise ValueError("sweep: nothing to sweep; give seeds or a grid of option values.")
     _check_request(exp, seeds, grid, overrides)
+    if exp.variants:
+        kw = dict(resume=resume, overwrite=overwrite, print_fn=print_fn)
+        return _variants(exp, seeds, grid, out, experiment_path, kw, overrides)
+    # the runs are split over the devices; no single run is data-parallel
+    devices = overrides.pop("devices", None)
     spec = {
         "experiment": exp.name,
         "seeds": list(seeds) if seeds is not None else None,
@@ -135,12 +142,15 @@ def run(
     }
     pts = points(seeds, grid)
     if out is None:
-        return _sweep(exp, pts, spec, None, resume, overwrite, print_fn, experiment_path, overrides)
+        return _sweep(
+            exp, pts, spec, None, resume, overwrite, print_fn, experiment_path, overrides, devices
+        )
     lock = RunLock(Path(out))
     try:
         return _sweep(
-            exp, pts, spec, Path(out), resume, overwrite, print_fn, experiment_path, overrides
-        )
+            exp, pts, spec, Path(out), resume, overwrite, print_fn, experiment_path, overrides,
+            devices,
+        )  # fmt: skip
     finally:
         lock.release(remove_dir=True)
 
@@ -158,12 +168,21 @@ def saved_spec(out: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def _check_request(exp, seeds, grid, overrides) -> None:
-    if exp.variants:
-        raise ValueError(
-            f"sweep: {exp.name} has variants; sweep one of them (an experiment without variants)."
-        )
-    if overrides.get("devices"):
-        raise ValueError("sweep: --devices cannot be combined with --seeds/--sweep (one device).")
+    variants.check(exp)
+    devices = overrides.get("devices")
+    if devices:
+        n_runs = len(points(seeds, grid))
+        if devices > jax.device_count():
+            raise ValueError(
+                f"sweep: --devices {devices} but this process sees {jax.device_count()} device(s)."
+            )
+        if n_runs % devices:
+            raise ValueError(
+                f"sweep: --devices {devices} must divide the number of runs ({n_runs}): each "
+                "device trains the same number of runs."
+            )
+        if overrides.get("shard_params"):
+            raise ValueError("sweep: --shard-params does not apply to a sweep (runs are split).")
     if seeds is not None and overrides.get("seed") is not None:
         raise ValueError("sweep: --seed and --seeds both given; give the seeds with --seeds.")
     for name in grid:
@@ -171,10 +190,67 @@ def _check_request(exp, seeds, grid, overrides) -> None:
             raise ValueError(f"sweep: {name} is both swept (--sweep {name}=...) and set alone.")
 
 
+# ----------------------------------------------------------------------------- variants
+
+
+def _variants(exp, seeds, grid, out, experiment_path, kw, overrides) -> SweepResult:
+    """The sweep of each variant in ``out/<variant>``, then one table of them all.
+
+    Each variant is its own program (variants may differ in model or optimizer); the
+    result's runs are named ``<variant>/<run>`` and its table rows ``<variant>: <point>``.
+    """
+    results = {}
+    for name, over in (exp.variants or {}).items():
+        kw["print_fn"](f"=== {exp.name} / {name}")
+        sub = dataclasses.replace(
+            exp, **{"report": None, **over, "variants": None, "name": f"{exp.name}/{name}"}
+        )
+        sub_out = Path(out) / name if out is not None else None
+        results[name] = run(
+            sub, seeds=seeds, grid=grid, out=sub_out, experiment_path=experiment_path,
+            **kw, **overrides,
+        )  # fmt: skip
+    table = [
+        {**row, "group": f"{name}: {row['group']}" if row["group"] else name}
+        for name, r in results.items()
+        for row in r.table
+    ]
+    kw["print_fn"](f"== {exp.name}: {len(results)} variants\n" + report.markdown(table))
+    return SweepResult(
+        exp,
+        {f"{n}/{k}": v for n, r in results.items() for k, v in r.runs.items()},
+        [p for r in results.values() for p in r.points],
+        table,
+        sum(r.train_seconds for r in results.values()),
+        Path(out) if out is not None else None,
+        {f"{n}/{k}": v for n, r in results.items() for k, v in r.reports.items()},
+    )
+
+
+def _place(stacked: Stacked, data: Data, devices: int | None, own_data: bool):
+    """With ``devices``, split the run axis over that many devices (shared data replicated)."""
+    if not devices:
+        return stacked, data
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("runs",))
+    runs_axis = NamedSharding(mesh, PartitionSpec("runs"))
+    whole = NamedSharding(mesh, PartitionSpec())
+    stacked = jax.device_put(stacked, runs_axis)
+    shared = runs_axis if own_data else whole
+    data = Data(
+        jax.device_put(data.hp, runs_axis),
+        jax.device_put(data.x, shared),
+        jax.device_put(data.y, shared),
+        None if data.val is None else jax.device_put(data.val, shared),
+    )
+    return stacked, data
+
+
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, overrides):
+def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, overrides, devices):
     # ---- everything that can fail on input, before DIR is touched
     cfgs = [options.resolve(exp, None, {**overrides, **p.overrides}) for p in pts]
     own_data = len({c.seed for c in cfgs}) > 1
@@ -209,8 +285,10 @@ def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, ov
             stk.stack([p.order_key for p in positions]),
         )
         data = _data(runs, stk.hyperparams([p.overrides for p in pts], hp_names), own_data)
+        stacked, data = _place(stacked, data, devices, own_data)
         program = stk.build_program(exp, shared, runs[0].setup, total, own_data=own_data)
-        print_fn(f"sweep {exp.name}: {len(runs)} runs in one program ({_describe(spec)})")
+        on = f" on {devices} devices" if devices else ""
+        print_fn(f"sweep {exp.name}: {len(runs)} runs in one program{on} ({_describe(spec)})")
         printer = Printer(print_fn, shared.epochs, exp.log_every)
         try:
             stacked = train(
