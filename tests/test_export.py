@@ -154,3 +154,28 @@ def test_export_of_a_variants_parent_dir_names_the_variants(tmp_path):
     (tmp_path / "comparison.json").write_text("{}")
     with pytest.raises(ValueError, match=r"a run of several variants; name one of them: .*/a\."):
         export.run_config(tmp_path)
+
+
+def test_export_of_a_sequence_model_carries_lengths_and_integer_ids(tmp_path):
+    """A model over padded token sequences exports as ``(arrays, x int32, lengths)``."""
+    from fbp import nn
+
+    model = nn.Sequential(
+        [nn.Embedding(7, 8), nn.TransformerBlock(2, causal=True, rope=True), nn.Dense(7)]
+    )
+    x = np.random.default_rng(0).integers(0, 7, (3, 5)).astype(np.int32)
+    lengths = np.array([5, 2, 4], np.int32)
+    params = jax.tree.map(lambda v: v.astype(jnp.float32), model.init(jax.random.key(0), x))
+    d = export.export_model(model, params, {}, x, tmp_path / "export", lengths=True)
+    meta = json.loads((d / "export.json").read_text())
+    assert meta["lengths"] is True and meta["x_dtype"] == "int32"
+    assert "np.asarray(x, np.int32), lengths)" in (d / "README.txt").read_text()
+    from safetensors.numpy import load_file
+
+    fn = jax.export.deserialize(bytearray((d / "model.jaxexport").read_bytes()))
+    arrays = load_file(d / "params.safetensors")
+    got = np.asarray(fn.call([arrays[k] for k in meta["inputs"]], x, lengths))
+    want = np.asarray(model.apply(params, jnp.asarray(x), lengths=jnp.asarray(lengths)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.all(got[1, 2:] == want[1, 2:])  # padded steps as the model gives them
+    assert fn.call([arrays[k] for k in meta["inputs"]], x[:1], lengths[:1]).shape == (1, 5, 7)

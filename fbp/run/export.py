@@ -6,7 +6,10 @@
   with ``jax.export`` (StableHLO; the batch axis is symbolic), the data set's
   preprocessing included (``fbp.data.preprocess``: the train split's mean and std for
   every experiment whose data is standardised), so ``x`` is raw features, shape
-  (batch, features...), float32, and ``y`` what the trained model predicts for them;
+  (batch, features...), float32 (int32 token ids for integer data), and ``y`` what
+  the trained model predicts for them; for a sequence experiment with ``lengths``
+  (padded sequences) the function is ``(arrays, x, lengths) -> outputs``, lengths
+  int32 of shape (batch,), and ``export.json`` says ``"lengths": true``;
 * ``params.safetensors``: its arrays (parameters, running state, input statistics);
 * ``export.json``: the order of the arrays, the input shape, classes, ``params_sha256``;
 * ``README.txt``: the loader below, which needs only jax, numpy and safetensors::
@@ -43,7 +46,7 @@ d = "{d}"
 fn = jax.export.deserialize(bytearray(open(f"{{d}}/model.jaxexport", "rb").read()))
 arrays = load_file(f"{{d}}/params.safetensors")
 names = json.load(open(f"{{d}}/export.json"))["inputs"]
-y = fn.call([arrays[k] for k in names], np.asarray(x, np.float32))  # x: raw features
+y = fn.call([arrays[k] for k in names], np.asarray(x, {dtype}){lengths})  # x: raw features
 """
 
 
@@ -169,6 +172,7 @@ def export_model(
     x_mean: np.ndarray | None = None,
     x_std: np.ndarray | None = None,
     info: dict[str, Any] | None = None,
+    lengths: bool = False,
 ) -> Path:
     """Serialize ``x -> model.apply(params, (x - mean) / std)`` with ``jax.export``.
 
@@ -181,6 +185,8 @@ def export_model(
       x_mean, x_std: standardisation statistics, shape (features...), baked in
         (``fbp.data.preprocess``'s map); None: the model takes raw features as they are.
       info: extra JSON fields for ``export.json``.
+      lengths: the model takes ``lengths`` (batch,) int32 (padded sequences): the
+        exported function is then ``(arrays, x, lengths)``.
 
     Returns:
       ``out`` as a Path.
@@ -198,17 +204,21 @@ def export_model(
     names = list(arrays)
     leaves, treedef = jax.tree.flatten(inputs)
 
-    def infer(flat, x):
+    x_dtype = np.int32 if np.issubdtype(np.asarray(example_x).dtype, np.integer) else np.float32
+
+    def infer(flat, x, *seq_lengths):
         tree = jax.tree.unflatten(treedef, flat)
         if "input" in tree:
             x = (x - tree["input"]["mean"]) / tree["input"]["std"]
-        return model.apply(tree["params"], x, state=tree["model_state"] or None, train=False)
+        kw = {"lengths": seq_lengths[0]} if seq_lengths else {}
+        return model.apply(tree["params"], x, state=tree["model_state"] or None, train=False, **kw)
 
     specs = [jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for v in leaves]
     (batch,) = jax.export.symbolic_shape("batch")
-    exported = jax.export.export(jax.jit(infer))(
-        specs, jax.ShapeDtypeStruct((batch, *feat), jnp.float32)
-    )
+    args = [jax.ShapeDtypeStruct((batch, *feat), x_dtype)]
+    if lengths:
+        args.append(jax.ShapeDtypeStruct((batch,), np.int32))
+    exported = jax.export.export(jax.jit(infer))(specs, *args)
     try:
         blob = bytes(exported.serialize())
     except ImportError as e:  # jax.export serializes with flatbuffers, an optional jax dep
@@ -221,14 +231,18 @@ def export_model(
     meta = {
         "inputs": names,
         "x_shape": ["batch", *feat],
-        "x_dtype": "float32",
+        "x_dtype": np.dtype(x_dtype).name,
+        "lengths": lengths,
         "standardized_inside": x_mean is not None,
         "params_sha256": params_sha256(params),
         "platforms": list(exported.platforms),
         **(info or {}),
     }
     ckpt.atomic_write(out / "export.json", json.dumps(meta, indent=1) + "\n")
-    ckpt.atomic_write(out / "README.txt", LOADER.format(d=out))
+    loader = LOADER.format(
+        d=out, dtype=f"np.{np.dtype(x_dtype).name}", lengths=", lengths" if lengths else ""
+    )
+    ckpt.atomic_write(out / "README.txt", loader)
     return out
 
 
@@ -249,4 +263,5 @@ def export_dir(run_dir: str | Path, *, out: str | Path | None = None, which: str
             "classes": ds.classes,
             "checkpoint": r["checkpoint"].name,
         },
+        lengths=ds.train.lengths is not None,
     )
