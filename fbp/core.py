@@ -71,6 +71,14 @@ class LossFunction(Protocol):
     def backward(self, pred: Array, target: Array) -> Array: ...
 
 
+class PenaltyFunction(Protocol):
+    """A weight penalty and its hand-written gradient (``fbp.losses.l1``, ``l2``)."""
+
+    def __call__(self, params: Params) -> Array: ...
+
+    def backward(self, params: Params) -> Params: ...
+
+
 class ShapeError(ValueError):
     """A layer got an input whose shape or dtype does not fit its parameters."""
 
@@ -390,7 +398,7 @@ def value_and_grad(
     model: Layer,
     loss: LossFunction,
     *,
-    penalty: Callable | None = None,
+    penalty: PenaltyFunction | None = None,
     has_aux: bool = False,
     with_deltas: bool = False,
 ) -> Callable:
@@ -445,7 +453,9 @@ def value_and_grad(
     return f
 
 
-def loss_fn(model: Layer, loss: LossFunction, *, penalty: Callable | None = None) -> Callable:
+def loss_fn(
+    model: Layer, loss: LossFunction, *, penalty: PenaltyFunction | None = None
+) -> Callable:
     """The plain loss ``f(params, x, target, *, key, state, train, lengths) -> scalar``.
 
     This is what ``jax.grad`` differentiates in the parity suite: the same forward,
