@@ -116,12 +116,12 @@ class Layer:
     ``backward``.
     """
 
-    def init(self, key: Array, x: Any) -> Params:
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """Parameters for inputs shaped like ``x`` (an array or ShapeDtypeStruct)."""
         del key, x
         return {}
 
-    def init_state(self, x: Any) -> State:
+    def init_state(self, x: Shaped) -> State:
         """Initial running state for inputs shaped like ``x``; ``{}`` for most layers."""
         del x
         return {}
@@ -131,7 +131,7 @@ class Layer:
         params: Params,
         x: Array,
         *,
-        key: Array | None = None,
+        key: PRNGKey | None = None,
         state: State | None = None,
         train: bool = False,
     ) -> Array:
@@ -143,7 +143,7 @@ class Layer:
         params: Params,
         x: Array,
         *,
-        key: Array | None = None,
+        key: PRNGKey | None = None,
         state: State | None = None,
         train: bool = False,
     ) -> tuple[Array, Residuals]:
@@ -157,7 +157,7 @@ class Layer:
         del res
         return state
 
-    def output_shape(self, params: Params, x: Any) -> jax.ShapeDtypeStruct:
+    def output_shape(self, params: Params, x: Shaped) -> jax.ShapeDtypeStruct:
         """Shape and dtype of ``apply(params, x)`` without computing it."""
         return jax.eval_shape(lambda p, v: self.apply(p, v), params, as_struct(x))
 
@@ -230,7 +230,7 @@ class Sequential(Layer):
             outs.append(out)
         return x, outs
 
-    def init(self, key: Array, x: Any) -> Params:
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         def step(layer, _, v, k, __):
             p = layer.init(k, v)
             return layer.output_shape(p, v), p
@@ -238,7 +238,7 @@ class Sequential(Layer):
         _, ps = self._each(None, as_struct(x), key, None, step)
         return {str(i): p for i, p in enumerate(ps)}
 
-    def init_state(self, x: Any) -> State:
+    def init_state(self, x: Shaped) -> State:
         def step(layer, p, v, _, __):
             return layer.output_shape(p, v), layer.init_state(v)
 
@@ -246,7 +246,7 @@ class Sequential(Layer):
         _, ss = self._each(params, as_struct(x), None, None, step)
         return {str(i): s for i, s in enumerate(ss)}
 
-    def output_shape(self, params: Params, x: Any) -> jax.ShapeDtypeStruct:
+    def output_shape(self, params: Params, x: Shaped) -> jax.ShapeDtypeStruct:
         """Each layer's ``output_shape`` in turn (a layer that needs state to run, such
         as batch norm in eval mode, still reports its shape)."""
 
