@@ -239,3 +239,88 @@ def test_kflr_factors_match_backpack(loss_kind):
                 assert rel_error(f.G, G.numpy()) < TOL
                 assert rel_error(f.G, theirs[j].bias.kflr[0].numpy()) < TOL
             assert rel_error(f.A[:-1, :-1], np.asarray(A)) < TOL
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _attention_lm():
+    """Causal self-attention (2 heads) -> Dense(3) on (batch, T, 8), fbp and Opacus.
+
+    Opacus's ``DPMultiheadAttention`` is sequence-first here: with ``batch_first=True``
+    it merges the heads by a plain ``view`` of (batch·heads, T, d), which is not the
+    standard layout. ``w_q = qlinear.weight.T`` and so on; ``w_o = out_proj.weight.T``.
+    """
+    from opacus.layers import DPMultiheadAttention
+
+    class Theirs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = DPMultiheadAttention(8, 2)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):  # x: (T, batch, 8)
+            t = x.shape[0]
+            causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+            a, _ = self.mha(x, x, x, attn_mask=causal, need_weights=False)
+            return self.head(a)
+
+    torch.manual_seed(0)
+    theirs = Theirs().double()
+    m = theirs.mha
+    lin = {"q": m.qlinear, "k": m.klinear, "v": m.vlinear, "o": m.out_proj}
+    mha = {f"w_{n}": jnp.asarray(v.weight.detach().numpy().T) for n, v in lin.items()}
+    mha.update({f"b_{n}": jnp.asarray(v.bias.detach().numpy()) for n, v in lin.items()})
+    head = theirs.head
+    params = {
+        "0": mha,
+        "1": {
+            "w": jnp.asarray(head.weight.detach().numpy().T),
+            "b": jnp.asarray(head.bias.detach().numpy()),
+        },
+    }
+    ours = nn.Sequential([nn.MultiHeadAttention(2, causal=True), nn.Dense(3)])
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(5, 6, 8)), rng.integers(0, 3, (5, 6))
+    return ours, theirs, params, jnp.asarray(x), jnp.asarray(y)
+
+
+def _torch_lm_loss(theirs, x, y):
+    xt = _t(x).requires_grad_()  # (torch warns of a module hook with no input gradient)
+    out = theirs(xt.transpose(0, 1)).transpose(0, 1)  # (batch, T, 3)
+    return torch.nn.functional.cross_entropy(
+        out.reshape(-1, 3), torch.tensor(np.asarray(y)).reshape(-1)
+    )
+
+
+def test_attention_grad_samples_match_opacus_dp_multihead_attention():
+    from opacus import GradSampleModule
+
+    ours, theirs, params, x, y = _attention_lm()
+    gsm = GradSampleModule(theirs, batch_first=False)
+    _torch_lm_loss(gsm, x, y).backward()
+    _, g = extend.per_example_grads(ours, losses.causal_lm_loss)(params, x, y)
+    m = theirs.mha
+    for n, lin in {"q": m.qlinear, "k": m.klinear, "v": m.vlinear, "o": m.out_proj}.items():
+        assert rel_error(g["0"][f"w_{n}"], lin.weight.grad_sample.numpy().transpose(0, 2, 1)) < TOL
+        if n == "k":  # softmax ignores a bias added to every key: both are ~1e-18
+            assert float(jnp.max(jnp.abs(g["0"]["b_k"]))) < 1e-14
+            assert float(np.max(np.abs(lin.bias.grad_sample.numpy()))) < 1e-14
+        else:
+            assert rel_error(g["0"][f"b_{n}"], lin.bias.grad_sample.numpy()) < TOL
+    assert rel_error(g["1"]["w"], theirs.head.weight.grad_sample.numpy().transpose(0, 2, 1)) < TOL
+
+
+def test_attention_norms_match_opacus_ghost_clipping():
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    ours, theirs, params, x, y = _attention_lm()
+    gsm = GradSampleModuleFastGradientClipping(
+        theirs, batch_first=False, max_grad_norm=0.05, use_ghost_clipping=True
+    )
+    _torch_lm_loss(gsm, x, y).backward()
+    out = dp.clipped_sum(ours, losses.causal_lm_loss, clip=0.05)(params, x, y)
+    assert rel_error(out.norms, gsm.get_norm_sample().detach().numpy()) < TOL
+    assert float(jnp.max(out.factors)) < 1  # every example is clipped
+    c = gsm.get_clipping_coef().detach().numpy()  # C / (‖g_b‖ + 1e-6)
+    assert rel_error(out.factors, c) < 1e-4
