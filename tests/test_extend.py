@@ -820,3 +820,15 @@ def test_gate_deltas_leave_backward_unchanged_and_rebuild_the_weight_gradient(ma
         w = jnp.concatenate([dparams["w_ih"], dparams["w_hh"]], axis=0)
         assert rel_error(jnp.einsum("tbi,tbj->ij", res.steps.xh, deltas), w) < TOL
         assert float(jnp.abs(deltas[2:, 1]).max()) == 0.0
+
+
+def test_targets_of_padded_steps_must_be_ignored():
+    model = nn.Sequential([nn.Embedding(5, 4), nn.MultiHeadAttention(2, causal=True), nn.Dense(5)])
+    x = jnp.array([[1, 2, 3], [3, 4, 0]])
+    params = model.init(jax.random.key(0), x)
+    lengths = jnp.array([3, 1])
+    f = extend.per_example_norms(model, losses.causal_lm_loss)
+    with pytest.raises(ValueError, match=r"causal_lm_loss: target\[1, 1\].*lengths\[1\] = 1"):
+        f(params, x, jnp.array([[1, 2, 3], [4, 0, 1]]), lengths=lengths)
+    _, norms = f(params, x, jnp.array([[1, 2, 3], [4, -1, -1]]), lengths=lengths)
+    assert norms.shape == (2,)

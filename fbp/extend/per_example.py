@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fbp.core import Array, Layer, LossFunction, Params, State, sum_arrays
 from fbp.extend import (  # noqa: F401  (register the rules)
@@ -86,6 +87,7 @@ def forward_and_walk(
     Quantities read from the node are then per example in the convention of this
     module (``g_b = ∇L_b``). ``check(model, train=train)`` is the caller's job.
     """
+    check_padded_targets(loss, target, lengths)
     kw = {} if lengths is None else {"lengths": lengths}
     pred, res = model.forward(params, x, key=key, state=state, train=train, **kw)
     value = loss(pred, target)
@@ -93,6 +95,38 @@ def forward_and_walk(
     dpred = loss.backward(pred, target) * jnp.asarray(batch, pred.dtype)
     _, node = walk(model, params, res, dpred)
     return Walked(value, pred, model.next_state(state, res), node, batch)
+
+
+def check_padded_targets(loss: LossFunction, target: Any, lengths: Any) -> None:
+    """ValueError if a step that ``lengths`` marks as padding has a target the loss counts.
+
+    Only for losses with an ``ignore_index`` (``causal_lm_loss``), targets of shape
+    (batch, T, ...) and lengths of shape (batch,), and only when both are concrete
+    (under ``jit`` nothing is checked). Padded steps must contribute nothing, so their
+    targets must be ``ignore_index``.
+
+    Raises:
+      ValueError: naming the loss, the first offending (example, step) and the fix.
+    """
+    ignore = getattr(loss, "ignore_index", None)
+    if lengths is None or ignore is None:
+        return
+    try:
+        t, n = np.asarray(target), np.asarray(lengths)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if t.ndim < 2 or n.ndim != 1 or t.shape[0] != n.shape[0]:
+        return
+    padded = np.arange(t.shape[1]).reshape(1, -1, *(1,) * (t.ndim - 2)) >= n.reshape(-1, 1)
+    bad = np.argwhere(padded & (t != ignore))
+    if len(bad):
+        b, s = (int(i) for i in bad[0][:2])
+        raise ValueError(
+            f"fbp.extend: {getattr(loss, 'name', loss)}: target[{b}, {s}] is not ignore_index "
+            f"({ignore}) but step {s} is padding (lengths[{b}] = {int(n[b])}), so a padded "
+            f"step would contribute to example {b}'s gradient; set the targets of padded "
+            "steps to ignore_index (as losses.lm_targets does)."
+        )
 
 
 def total_sq_norms(batch_l2: Params) -> Array:
