@@ -832,3 +832,28 @@ def test_targets_of_padded_steps_must_be_ignored():
         f(params, x, jnp.array([[1, 2, 3], [4, 0, 1]]), lengths=lengths)
     _, norms = f(params, x, jnp.array([[1, 2, 3], [4, -1, -1]]), lengths=lengths)
     assert norms.shape == (2,)
+
+
+def test_kfac_factors_and_preconditioning_of_attention_projections():
+    model = nn.Sequential([nn.MultiHeadAttention(2, causal=True), nn.Dense(3)])
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.normal(size=(4, 5, 6))), jnp.asarray(rng.normal(size=(4, 5, 3)))
+    params = _as_f64(model.init(jax.random.key(1), x))
+    factors = curvature.kfac_factors(model, MSE)(params, x, y)
+    assert set(factors) == {("0", f"w_{n}") for n in "qkvo"} | {("1",)}
+    xa = jnp.concatenate([x, jnp.ones((4, 5, 1))], -1).reshape(20, 7)
+    for n in "qkv":  # each projection reads x: A = Σ x̄ x̄ᵀ / B
+        assert rel_error(factors[("0", f"w_{n}")].A, xa.T @ xa / 4) < TOL
+    # w_o's output delta is each column of the loss Hessian's root, walked back through Dense
+    pred = model.apply(params, x)
+    cols = curvature.loss_columns(MSE, pred, y, None, None, "test") @ params["1"]["w"].T
+    g_o = sum(c.reshape(20, -1).T @ c.reshape(20, -1) for c in cols) / 5
+    assert rel_error(factors[("0", "w_o")].G, g_o) < TOL
+    grads = jax.tree.map(jnp.ones_like, params)
+    inv = extend.kfac.damped_inverses(factors, 1e-2)
+    out = extend.kfac.precondition(grads, inv)
+    a_inv, g_inv = inv[("0", "w_q")]
+    wb = jnp.concatenate([grads["0"]["w_q"], grads["0"]["b_q"][None]], axis=0)
+    assert rel_error(out["0"]["w_q"], (a_inv @ wb @ g_inv)[:-1]) < TOL
+    assert rel_error(out["0"]["b_q"], (a_inv @ wb @ g_inv)[-1]) < TOL
+    assert jax.tree.structure(out) == jax.tree.structure(grads)

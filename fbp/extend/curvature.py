@@ -58,6 +58,7 @@ from fbp.extend.registry import Node, check, quantity, walk
 from fbp.losses import MSE, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy
 from fbp.nn.conv import ConvND
 from fbp.nn.dense import Dense
+from fbp.nn.mha import MultiHeadAttention
 
 SUPPORTED_LOSSES = "mse, softmax_cross_entropy, sigmoid_binary_cross_entropy"
 
@@ -284,13 +285,29 @@ def _layer_inputs(layer, ctx) -> tuple[Array, Array]:
     return a, d
 
 
+def _factors(a: Array, d: Array) -> KFACFactors:
+    """A = Σ ā āᵀ / B, G = Σ δ δᵀ / T from ā (batch, T, K), δ (batch, T, out)."""
+    b, t = a.shape[0], a.shape[1]
+    a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
+    return KFACFactors(a2.T @ a2 / b, d2.T @ d2 / t)
+
+
+def _projection_factors(layer, ctx, path: tuple[str, ...], out: dict) -> None:
+    """Factors of an attention layer's projections, at paths ``(..., "w_q")`` etc."""
+    for p in ctx:
+        a = p.a
+        if layer.use_bias:
+            a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+        for n, d in zip(p.names, jnp.split(p.d, len(p.names), axis=-1), strict=True):
+            out[(*path, f"w_{n}")] = _factors(a, d)
+
+
 def _kfac_collect(node: Node, path: tuple[str, ...], out: dict) -> None:
     layer, ctx = node.layer, node.ctx
     if isinstance(layer, (Dense, ConvND)):
-        a, d = _layer_inputs(layer, ctx)
-        b, t = a.shape[0], a.shape[1]
-        a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
-        out[path] = KFACFactors(a2.T @ a2 / b, d2.T @ d2 / t)
+        out[path] = _factors(*_layer_inputs(layer, ctx))
+    elif isinstance(layer, MultiHeadAttention):
+        _projection_factors(layer, ctx, path, out)
     elif isinstance(ctx, dict):
         for k, child in ctx.items():
             _kfac_collect(child, (*path, k), out)
@@ -304,7 +321,9 @@ def kfac_factors(
     """``f(params, x, target, *, key, state, train, lengths) -> {path: KFACFactors}``.
 
     ``path`` is the tuple of keys of the layer's params in the params tree (``('0',)``
-    for ``params['0']``); only Dense and Conv layers get factors. ``mode="exact"``
+    for ``params['0']``); only Dense and Conv layers and the four projections of
+    attention layers get factors (a projection's path ends in its weight's key,
+    ``('1', 'attn', 'w_q')``; its bias is ``b_q`` beside it). ``mode="exact"``
     walks the C columns of the loss Hessian's square root back (KFLR); ``"mc"`` walks
     ``mc_samples`` columns from targets sampled with ``key`` (K-FAC). ``train``
     defaults to True.

@@ -78,17 +78,23 @@ def precondition(grads: Params, inverses: dict) -> Params:
     """
     out = jax.tree.map(lambda v: v, grads)  # fresh containers, safe to update below
     for path, (a_inv, g_inv) in inverses.items():
-        layer_grads = get_path(out, path)
-        w, has_b = layer_grads["w"], "b" in layer_grads
+        parent, key = get_path(out, path[:-1]), path[-1]
+        if isinstance(parent[key], dict):  # a layer's {"w", "b"}
+            names, holder = ("w", "b"), parent[key]
+        else:  # an attention projection: "w_q" and "b_q" side by side
+            names, holder = (key, "b" + key[1:]), parent
+        w, has_b = holder[names[0]], names[1] in holder
         g = w.reshape(-1, w.shape[-1])
         if has_b:
-            g = jnp.concatenate([g, layer_grads["b"][None, :]], axis=0)
+            g = jnp.concatenate([g, holder[names[1]][None, :]], axis=0)
         p = a_inv @ g @ g_inv
-        new = {"w": p[: g.shape[0] - has_b].reshape(w.shape)}
+        new = {names[0]: p[: g.shape[0] - has_b].reshape(w.shape)}
         if has_b:
-            new["b"] = p[-1]
-        parent = get_path(out, path[:-1])
-        parent[path[-1]] = {**layer_grads, **new}
+            new[names[1]] = p[-1]
+        if holder is parent:
+            parent.update(new)
+        else:
+            parent[key] = {**holder, **new}
     return out
 
 
