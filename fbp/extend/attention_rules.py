@@ -31,7 +31,14 @@ import jax.numpy as jnp
 from fbp.core import Array
 from fbp.extend.container_rules import container_rule
 from fbp.extend.layer_rules import PASS_THROUGH
-from fbp.extend.registry import Rule, outer_sum, register, walk, weighted_outer
+from fbp.extend.registry import (
+    Rule,
+    gram_is_cheaper,
+    outer_sum,
+    register,
+    seq_weighted_outer,
+    walk,
+)
 from fbp.nn.attention import sdpa_backward, sdpa_output
 from fbp.nn.mha import MultiHeadAttention
 from fbp.nn.positional import LearnedPositions, SinusoidalPositions, rope_backward
@@ -123,7 +130,7 @@ def block_sq_norms(a: Array, d: Array, k: int) -> list[Array]:
       k arrays of shape (batch,).
     """
     t, m, n = a.shape[1], a.shape[2], d.shape[2] // k
-    if t > 1 and t * (m + n) < m * n:
+    if gram_is_cheaper(t, m, n):
         ga = jnp.einsum("bti,bsi->bts", a, a)
         return [
             jnp.sum(ga * jnp.einsum("btj,bsj->bts", di, di), axis=(1, 2)) for di in _columns(d, k)
@@ -144,7 +151,7 @@ def _mha_weighted(layer, ctx, w):
     return _per_projection(
         layer,
         ctx,
-        lambda p: _columns(weighted_outer(p.a, p.d, w), k(p)),
+        lambda p: _columns(seq_weighted_outer(p.a, p.d, w, p.d.shape[2] // k(p)), k(p)),
         lambda p: _columns(jnp.einsum("b,btj->j", w.astype(p.d.dtype), p.d), k(p)),
     )
 

@@ -27,6 +27,7 @@ from fbp.extend.registry import (
     outer_sum,
     register,
     seq_sq_norms,
+    seq_weighted_outer,
     to_btf,
 )
 from fbp.nn.activations import (
@@ -75,10 +76,9 @@ def _dense_batch_l2(layer, ctx):
 
 def _dense_weighted(layer, ctx, w):
     x, d = ctx
-    dw = d * w.astype(d.dtype)[:, None, None]
-    out = {"w": x.reshape(-1, x.shape[-1]).T @ dw.reshape(-1, d.shape[-1])}
+    out = {"w": seq_weighted_outer(x, d, w)}  # shares the norms' product where they form it
     if layer.use_bias:
-        out["b"] = jnp.sum(dw, axis=(0, 1))
+        out["b"] = jnp.einsum("b,btj->j", w.astype(d.dtype), d)
     return out
 
 

@@ -195,11 +195,16 @@ def seq_sq_norms(a: Array, d: Array) -> Array:
     t, m, n = a.shape[1], a.shape[2], d.shape[2]
     if t == 1:
         return jnp.sum(a[:, 0] ** 2, axis=-1) * jnp.sum(d[:, 0] ** 2, axis=-1)
-    if t * (m + n) < m * n:
+    if gram_is_cheaper(t, m, n):
         ga = jnp.einsum("bti,bsi->bts", a, a)
         gd = jnp.einsum("btj,bsj->bts", d, d)
         return jnp.sum(ga * gd, axis=(1, 2))
-    return _sq_norm_per_example(jnp.einsum("bti,btj->bij", a, d))
+    return _sq_norm_per_example(outer_sum(a, d))
+
+
+def gram_is_cheaper(t: int, m: int, n: int) -> bool:
+    """Whether the Gram form (T²(m + n) per example) beats the materialised one (T·m·n)."""
+    return t > 1 and t * (m + n) < m * n
 
 
 def outer_sum(a: Array, d: Array) -> Array:
@@ -213,6 +218,30 @@ def weighted_outer(a: Array, d: Array, w: Array) -> Array:
     """``Σ_b w_b Σ_t a_bt d_btᵀ``: one matmul over the flattened (batch·T) rows."""
     dw = d * w.astype(d.dtype)[:, None, None]
     return a.reshape(-1, a.shape[-1]).T @ dw.reshape(-1, d.shape[-1])
+
+
+def seq_weighted_outer(a: Array, d: Array, w: Array, n: int | None = None) -> Array:
+    """``Σ_b w_b Σ_t a_bt d_btᵀ``, sharing its product with ``seq_sq_norms`` (book-keeping).
+
+    Where the norms materialise ``G_b = Σ_t a_bt d_btᵀ`` (T > 1 and the Gram form is
+    not cheaper) the sum is ``Σ_b w_b G_b`` over that same product: in one jitted
+    function XLA computes it once, so a DP clipped sum costs no second weight-gradient
+    matmul (fastDP's book-keeping, Bu et al. 2023). Elsewhere it is ``weighted_outer``.
+    Both cost B·T·m·n multiply-adds.
+
+    Args:
+      a: (batch, T, m).
+      d: (batch, T, k·n) (the columns of k projections fused; n = d's width by default).
+      w: (batch,).
+      n: the width the norms' choice of form was made with (a fused block's).
+
+    Returns:
+      (m, k·n).
+    """
+    t, m = a.shape[1], a.shape[2]
+    if t == 1 or gram_is_cheaper(t, m, n or d.shape[2]):
+        return weighted_outer(a, d, w)
+    return jnp.einsum("b,bij->ij", w.astype(d.dtype), outer_sum(a, d))
 
 
 def to_btf(v: Array) -> Array:
