@@ -299,7 +299,7 @@ def _projection_factors(layer, ctx, path: tuple[str, ...], out: dict) -> None:
         if layer.use_bias:
             a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
         for n, d in zip(p.names, jnp.split(p.d, len(p.names), axis=-1), strict=True):
-            out[(*path, f"w_{n}")] = _factors(a, d)
+            out[path + (f"w_{n}",)] = _factors(a, d)
 
 
 def _kfac_collect(node: Node, path: tuple[str, ...], out: dict) -> None:
