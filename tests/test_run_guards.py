@@ -5,6 +5,7 @@ Each test reproduces one row of docs/runner.md's "Runner: what is guaranteed" ta
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -16,7 +17,7 @@ from cli_runs import train as _train
 from fbp import checkpoint as ckpt
 from fbp import data as fbp_data
 from fbp import memory as fbp_memory
-from fbp.run import cli, fingerprint, runner
+from fbp.run import cli, experiment, fingerprint, progress, runner
 
 
 @pytest.fixture(autouse=True)
@@ -229,3 +230,87 @@ def test_data_description_is_used_in_messages():
     assert "versions" in fingerprint.difference(d, dict(d, versions={"numpy": "0"}))
     with pytest.raises(fingerprint.DataChanged, match=r"run: the data changed .*\(sha256 .*iris\)"):
         fingerprint.check(dict(d, sha256="0" * 64), d, where="run", accept=False)
+
+
+def test_two_experiment_files_of_one_name_are_refused_naming_both(tmp_path, monkeypatch, capsys):
+    for stem in ("dup_name", "dup-name"):  # both are experiment "dup-name"
+        (tmp_path / f"{stem}.py").write_text((Path(EXPERIMENTS) / "tiny.py").read_text())
+    monkeypatch.setenv("FBP_EXPERIMENTS", str(tmp_path))
+    assert cli.main(["train", "dup-name", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"defined by two files, {tmp_path / 'dup-name.py'} and {tmp_path / 'dup_name.py'}" in err
+
+
+def test_local_experiment_shadowing_another_is_warned_naming_both(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tiny.py").write_text((Path(EXPERIMENTS) / "tiny.py").read_text())
+    monkeypatch.setenv("FBP_EXPERIMENTS", f"{tmp_path}:{EXPERIMENTS}")
+    assert experiment.get("tiny").name == "tiny"
+    err = capsys.readouterr().err
+    assert f"experiment 'tiny' is {tmp_path / 'tiny.py'}, which shadows" in err
+    assert str(Path(EXPERIMENTS) / "tiny.py") in err
+    assert cli.main(["list"]) == 0
+    assert "shadows" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory):
+    """A finished 1-epoch sweep of tiny over seeds 0 and 1."""
+    out = tmp_path_factory.mktemp("sweep") / "sw"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
+        assert _train(out, "--epochs", 1, "--seeds", "0,1") == 0
+    return out
+
+
+def test_sweep_resume_names_a_missing_run_directory(sweep_run, tmp_path, capsys):
+    out = tmp_path / "sw"
+    shutil.copytree(sweep_run, out)
+    shutil.rmtree(out / "seed-1")
+    assert _train(out, "--epochs", 2, "--seeds", "0,1", "--resume") == 2
+    err = capsys.readouterr().err
+    assert f"the run directory {out / 'seed-1'} of this sweep is missing" in err
+    assert not (out / "seed-1").exists()
+
+
+def test_sweep_records_and_checks_each_runs_data(sweep_run, tmp_path, capsys):
+    s = _summary(sweep_run / "seed-1")
+    assert s["data"]["name"] == "iris" and len(s["data"]["sha256"]) == 64
+    out = tmp_path / "sw"
+    shutil.copytree(sweep_run, out)
+    for run in ("seed-0", "seed-1"):  # as if the experiment's data had changed since
+        for m in (out / run / "checkpoints").glob("ckpt-*/manifest.json"):
+            m.write_text(m.read_text().replace(s["data"]["sha256"][:20], "0" * 20))
+    assert _train(out, "--epochs", 2, "--seeds", "0,1", "--resume") == 2
+    assert "the data changed since this run was trained" in capsys.readouterr().err
+
+
+def test_eval_on_a_sweeps_directory_names_its_runs(sweep_run, capsys):
+    assert cli.main(["eval", str(sweep_run)]) == 2
+    err = capsys.readouterr().err
+    assert "a sweep's directory" in err
+    assert f"{sweep_run / 'seed-0'}, {sweep_run / 'seed-1'}" in err
+
+
+def test_failed_export_leaves_no_export_folder(tmp_path, monkeypatch, capsys):
+    assert _train(tmp_path / "r", "--epochs", 1) == 0
+
+    def fail(*a, **k):
+        raise ValueError("fbp export: cannot serialize (test)")
+
+    monkeypatch.setattr(jax.export, "export", fail)
+    assert cli.main(["export", str(tmp_path / "r")]) == 2
+    assert "cannot serialize" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "export").exists()
+
+
+def test_non_terminal_output_gets_periodic_step_lines_with_eta(monkeypatch):
+    lines: list[str] = []
+    printer = progress.Printer(lines.append, 2, 1, steps_per_epoch=6, line_every_s=0.0)
+    printer.step(0, 2)
+    printer.step(0, 4)
+    assert len(lines) == 2 and lines[0].startswith("epoch      1/2  step 2/6")
+    assert "elapsed  ETA" in lines[1]
+    quiet: list[str] = []
+    printer = progress.Printer(quiet.append, 2, 1, steps_per_epoch=6)  # 10 s apart by default
+    printer.step(0, 2)
+    assert quiet == []

@@ -40,8 +40,12 @@ from fbp.run.sweep import command as sweep_command
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    for name, path in sorted(experiment.available().items()):
+    for name, paths in sorted(experiment.candidates().items()):
+        path = paths[0]
         try:
+            experiment.check_unique(
+                name, paths, lambda line: print(f"fbp: {line}", file=sys.stderr)
+            )
             exp = experiment.get(str(path))
         except experiment.ExperimentFileError as e:
             print(f"fbp: warning: skipping {e}", file=sys.stderr)

@@ -60,6 +60,13 @@ def run_config(run_dir: str | Path) -> dict[str, Any]:
             + ", ".join(str(d / r) for r in runs)
             + "."
         )
+    if (d / "sweep.json").exists() and not (d / "summary.json").exists():
+        runs = sorted(str(p) for p in d.iterdir() if (p / "checkpoints").is_dir())
+        raise ValueError(
+            f"{d}: a sweep's directory, not one run's; name one of its runs: "
+            + (", ".join(runs) or "(none has a checkpoint)")
+            + "."
+        )
     summary = d / "summary.json"
     if summary.exists():
         try:

@@ -458,12 +458,8 @@ def plan(
     position = start_position(ts, setup.steps_per_epoch)
     resumed_from, position = _load_resumed(ckpt_dir, position, saved, experiment_path, print_fn)
     check_resumable(position, cfg, setup)
-    changes = _changes(changed, diff, data, position)
-    config = {  # the original config; this process's own options; the changes appended
-        **saved,
-        **{f.name: getattr(cfg, f.name) for f in options.fields() if f.meta.resume == "process"},
-        "changes": [*saved.get("changes", []), *changes],
-    }
+    changes = change_entries(changed, diff, data, position)
+    config = resumed_config(saved, cfg, changes)
     history = [
         r for r in read_metrics(out_dir / "metrics.jsonl") if r["epoch"] <= position.progress.epoch
     ]
@@ -474,7 +470,18 @@ def plan(
     return Plan(cfg, config, setup, position, history, resumed_from, changes)
 
 
-def _changes(
+def resumed_config(
+    saved: Mapping[str, Any], cfg: RunOptions, changes: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A resumed run's saved config: the original, this process's own options, the changes."""
+    return {
+        **saved,
+        **{f.name: getattr(cfg, f.name) for f in options.fields() if f.meta.resume == "process"},
+        "changes": [*saved.get("changes", []), *changes],
+    }
+
+
+def change_entries(
     changed: Mapping[str, tuple[Any, Any]],
     data_diff: str | None,
     data: dict[str, Any],

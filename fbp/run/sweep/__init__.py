@@ -45,7 +45,7 @@ import numpy as np
 
 from fbp import checkpoint as ckpt
 from fbp import train as fbp_train
-from fbp.run import options, runner
+from fbp.run import fingerprint, options, runner
 from fbp.run.experiment import Experiment, RunResult
 from fbp.run.loop import Best, Checkpointer, load_position, start_position
 from fbp.run.metrics import MetricsLog, read_metrics
@@ -97,6 +97,7 @@ def run(
     overwrite: bool = False,
     print_fn: Callable[[str], None] = print,
     experiment_path: str | None = None,
+    accept_changed_data: bool = False,
     **overrides: Any,
 ) -> SweepResult:
     """Train every run of seeds × grid as one vmapped program; report each and the table.
@@ -112,6 +113,8 @@ def run(
       overwrite: discard what a previous sweep wrote in ``out``.
       print_fn: where progress and the summary go.
       experiment_path: the experiment's file, recorded for ``fbp eval``/``export``.
+      accept_changed_data: resume runs whose data changed since (``fbp.run.fingerprint``;
+        recorded in each run's ``changes``); otherwise that is refused.
       **overrides: run options every run shares (``epochs``, ``batch_size``...).
 
     Returns:
@@ -134,6 +137,9 @@ def run(
         "grid": {k: list(v) for k, v in grid.items()},
     }
     pts = points(seeds, grid)
+    if overrides.get("data_file"):  # recorded absolute, so eval finds it from anywhere
+        overrides = {**overrides, "data_file": str(Path(overrides["data_file"]).resolve())}
+    overrides = {**overrides, "accept_changed_data": accept_changed_data}
     if out is None:
         return _sweep(exp, pts, spec, None, resume, overwrite, print_fn, experiment_path, overrides)
     lock = RunLock(Path(out))
@@ -176,16 +182,19 @@ def _check_request(exp, seeds, grid, overrides) -> None:
 
 def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, overrides):
     # ---- everything that can fail on input, before DIR is touched
+    overrides = dict(overrides)
+    accept = overrides.pop("accept_changed_data", False)
     cfgs = [options.resolve(exp, None, {**overrides, **p.overrides}) for p in pts]
     own_data = len({c.seed for c in cfgs}) > 1
     _check_memory(exp, cfgs[0], len(pts), own_data)
     if out is not None:
         prepare_dir(out, resume=resume, overwrite=overwrite)
         _check_spec(out, spec, resume)
+        _check_run_dirs(out, pts, resume and not overwrite)
         for p in pts:
             prepare_dir(out / p.name, resume=resume, overwrite=overwrite)
     runs, positions, resumed = _build_runs(
-        exp, pts, out, resume, print_fn, experiment_path, overrides
+        exp, pts, out, resume, print_fn, experiment_path, overrides, accept
     )
     _check_alike(runs)
     shared = runs[0].cfg
@@ -249,8 +258,13 @@ def _open_dirs(out: Path, spec: dict[str, Any], pts, runs: Sequence[Run], overwr
     return locks
 
 
-def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides):
-    """Each run's options, setup and position (resumed from its checkpoints when asked)."""
+def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides, accept=False):
+    """Each run's options, setup and position (resumed from its checkpoints when asked).
+
+    A resumed run's data and options are checked as a single run's are
+    (``fbp.run.runner.plan``): changed data refused unless ``accept``, options that
+    cannot change refused, the others recorded in its config's ``changes``.
+    """
     runs, positions, resumed = [], [], {}
     for p in pts:
         run_dir = out / p.name if out is not None else None
@@ -259,15 +273,25 @@ def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides):
         # checkpoints are all unreadable is refused, like a single run.
         saved_any = resume and ckpt_dir is not None and bool(ckpt.list_checkpoints(ckpt_dir))
         saved = runner.resume_config(ckpt_dir) if saved_any else None
-        cfg = options.resolve(exp, saved, {**overrides, **p.overrides})
+        where = f"sweep {run_dir or p.name}"
+        data_file = fingerprint.data_file(
+            (saved or {}).get("data_file"), overrides.get("data_file"), where
+        )
+        cfg = options.resolve(exp, saved, {**overrides, **p.overrides, "data_file": data_file})
+        changed = options.resume_changes(saved, cfg) if saved else {}
         path = experiment_path or (saved or {}).get("experiment_path")
         setup, ts = runner.build(exp, cfg)
+        data = fingerprint.describe(setup.dataset, cfg.data_file)
+        diff = None
+        if saved:
+            recorded = fingerprint.recorded(saved)
+            diff = fingerprint.check(recorded, data, where=where, accept=accept)
         position = start_position(ts, setup.steps_per_epoch)
         history: list[dict[str, Any]] = []
         run_ = Run(
             p,
             cfg,
-            runner.saved_config(exp, cfg, path),
+            {**runner.saved_config(exp, cfg, path), "data": data},
             setup,
             jax.tree.structure(ts),
             position.progress,
@@ -277,6 +301,8 @@ def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides):
         if saved:
             resumed[p.name], position = load_position(ckpt_dir, position, warn=print_fn)
             runner.check_resumable(position, cfg, setup)
+            entries = runner.change_entries(changed, diff, data, position)
+            run_.config = runner.resumed_config(saved, cfg, entries)
             run_.progress = position.progress
             run_.history[:] = [
                 r
@@ -328,6 +354,19 @@ def _check_spec(out: Path, spec: dict[str, Any], resume: bool) -> None:
         raise ValueError(
             f"sweep: {out} holds a sweep of {_describe(saved)}, not of {_describe(spec)}; "
             "resume it with the same --seeds and --sweep (or none)."
+        )
+
+
+def _check_run_dirs(out: Path, pts: Sequence[Point], resume: bool) -> None:
+    """On resume, refuse (naming them) run directories that are gone while others remain."""
+    if not resume:
+        return
+    missing = [str(out / p.name) for p in pts if not (out / p.name).is_dir()]
+    if missing and len(missing) < len(pts):
+        raise ValueError(
+            f"sweep: --resume: the run director{'y' if len(missing) == 1 else 'ies'} "
+            f"{', '.join(missing)} of this sweep {'is' if len(missing) == 1 else 'are'} "
+            "missing; restore it from a copy, or pass --overwrite to start the whole sweep over."
         )
 
 
