@@ -71,6 +71,14 @@ class LossFunction(Protocol):
     def backward(self, pred: Array, target: Array) -> Array: ...
 
 
+class PenaltyFunction(Protocol):
+    """A weight penalty and its hand-written gradient (``fbp.losses.l1``, ``l2``)."""
+
+    def __call__(self, params: Params) -> Array: ...
+
+    def backward(self, params: Params) -> Params: ...
+
+
 class ShapeError(ValueError):
     """A layer got an input whose shape or dtype does not fit its parameters."""
 
@@ -108,12 +116,12 @@ class Layer:
     ``backward``.
     """
 
-    def init(self, key: Array, x: Any) -> Params:
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         """Parameters for inputs shaped like ``x`` (an array or ShapeDtypeStruct)."""
         del key, x
         return {}
 
-    def init_state(self, x: Any) -> State:
+    def init_state(self, x: Shaped) -> State:
         """Initial running state for inputs shaped like ``x``; ``{}`` for most layers."""
         del x
         return {}
@@ -123,7 +131,7 @@ class Layer:
         params: Params,
         x: Array,
         *,
-        key: Array | None = None,
+        key: PRNGKey | None = None,
         state: State | None = None,
         train: bool = False,
     ) -> Array:
@@ -135,7 +143,7 @@ class Layer:
         params: Params,
         x: Array,
         *,
-        key: Array | None = None,
+        key: PRNGKey | None = None,
         state: State | None = None,
         train: bool = False,
     ) -> tuple[Array, Residuals]:
@@ -149,7 +157,7 @@ class Layer:
         del res
         return state
 
-    def output_shape(self, params: Params, x: Any) -> jax.ShapeDtypeStruct:
+    def output_shape(self, params: Params, x: Shaped) -> jax.ShapeDtypeStruct:
         """Shape and dtype of ``apply(params, x)`` without computing it."""
         return jax.eval_shape(lambda p, v: self.apply(p, v), params, as_struct(x))
 
@@ -222,7 +230,7 @@ class Sequential(Layer):
             outs.append(out)
         return x, outs
 
-    def init(self, key: Array, x: Any) -> Params:
+    def init(self, key: PRNGKey, x: Shaped) -> Params:
         def step(layer, _, v, k, __):
             p = layer.init(k, v)
             return layer.output_shape(p, v), p
@@ -230,7 +238,7 @@ class Sequential(Layer):
         _, ps = self._each(None, as_struct(x), key, None, step)
         return {str(i): p for i, p in enumerate(ps)}
 
-    def init_state(self, x: Any) -> State:
+    def init_state(self, x: Shaped) -> State:
         def step(layer, p, v, _, __):
             return layer.output_shape(p, v), layer.init_state(v)
 
@@ -238,7 +246,7 @@ class Sequential(Layer):
         _, ss = self._each(params, as_struct(x), None, None, step)
         return {str(i): s for i, s in enumerate(ss)}
 
-    def output_shape(self, params: Params, x: Any) -> jax.ShapeDtypeStruct:
+    def output_shape(self, params: Params, x: Shaped) -> jax.ShapeDtypeStruct:
         """Each layer's ``output_shape`` in turn (a layer that needs state to run, such
         as batch norm in eval mode, still reports its shape)."""
 
@@ -390,7 +398,7 @@ def value_and_grad(
     model: Layer,
     loss: LossFunction,
     *,
-    penalty: Callable | None = None,
+    penalty: PenaltyFunction | None = None,
     has_aux: bool = False,
     with_deltas: bool = False,
 ) -> Callable:
@@ -445,7 +453,9 @@ def value_and_grad(
     return f
 
 
-def loss_fn(model: Layer, loss: LossFunction, *, penalty: Callable | None = None) -> Callable:
+def loss_fn(
+    model: Layer, loss: LossFunction, *, penalty: PenaltyFunction | None = None
+) -> Callable:
     """The plain loss ``f(params, x, target, *, key, state, train, lengths) -> scalar``.
 
     This is what ``jax.grad`` differentiates in the parity suite: the same forward,

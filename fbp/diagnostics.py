@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fbp.core import Array, Layer, LossFunction, Params, value_and_grad
+from fbp.core import Array, Layer, LossFunction, Params, PenaltyFunction, value_and_grad
 from fbp.figures import new_figure, save_figure
 
 STATS = ("delta_norm", "grad_norm", "w_norm", "update_ratio")
@@ -113,7 +113,7 @@ def stats_fn(
     loss: LossFunction,
     optimizer: optax.GradientTransformation | None = None,
     *,
-    penalty: Callable | None = None,
+    penalty: PenaltyFunction | None = None,
 ) -> Callable:
     """A jitted probe ``(ts, x, y) -> dict[str, Array]`` of ``layer_stats`` on one batch.
 

@@ -43,6 +43,7 @@ from fbp.core import (
     Aux,
     LossFunction,
     Params,
+    PenaltyFunction,
     Sequential,
     as_struct,
     layer_name,
@@ -135,7 +136,7 @@ def value_and_grad(
     rule: str,
     feedback: Feedback | None = None,
     *,
-    penalty: Callable | None = None,
+    penalty: PenaltyFunction | None = None,
 ) -> Callable:
     """A ``grad_fn`` for ``fbp.train.step_fn(grad_fn=...)`` that learns by ``rule``.
 

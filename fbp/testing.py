@@ -89,13 +89,14 @@ def _leaf_errors(prefix: str, got: Any, ref: Any) -> dict[str, float]:
 def _random_like(key, tree):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, max(len(leaves), 1))
-    return treedef.unflatten(
+    return jax.tree.unflatten(
+        treedef,
         [
             jax.random.normal(k, v.shape, v.dtype)
             if jnp.issubdtype(v.dtype, jnp.floating)
             else jnp.zeros(v.shape, v.dtype)
             for k, v in zip(keys, leaves, strict=True)
-        ]
+        ],
     )
 
 

@@ -33,7 +33,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fbp.core import Array, Layer, LossFunction, Params, State, renamed_keyword, value_and_grad
+from fbp.core import (
+    Array,
+    Layer,
+    LossFunction,
+    Params,
+    PenaltyFunction,
+    State,
+    renamed_keyword,
+    value_and_grad,
+)
 from fbp.data import batch_order
 from fbp.losses import SoftmaxCrossEntropy, accuracy
 
@@ -89,7 +98,7 @@ def step_fn(
     loss: LossFunction,
     optimizer: optax.GradientTransformation,
     *,
-    penalty: Callable | None = None,
+    penalty: PenaltyFunction | None = None,
     skip_nonfinite: bool = True,
     grad_fn: Callable | None = None,
 ) -> Callable:

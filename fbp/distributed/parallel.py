@@ -56,7 +56,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from fbp import checkpoint
 from fbp import train as fbp_train
-from fbp.core import Layer, LossFunction, value_and_grad
+from fbp.core import Layer, LossFunction, PenaltyFunction, value_and_grad
 from fbp.distributed.cluster import (  # noqa: F401  (part of fbp.distributed.parallel's API)
     first_slurm_host,
     initialize,
@@ -154,7 +154,7 @@ def _sharded_grad_fn(
     model: Layer,
     loss: LossFunction,
     layout: StateLayout,
-    penalty: Callable | None,
+    penalty: PenaltyFunction | None,
     grad_fn: Callable | None,
 ) -> Callable:
     """The gradient with the batch split over ``"data"`` and parameters kept in ``layout``."""
@@ -229,7 +229,7 @@ def make_step(
     optimizer: optax.GradientTransformation,
     *,
     mesh: Mesh,
-    penalty: Callable | None = None,
+    penalty: PenaltyFunction | None = None,
     grad_fn: Callable | None = None,
     shard_params: bool = False,
     min_shard_size: int = MIN_SHARD_SIZE,
@@ -266,7 +266,7 @@ def make_epoch(
     *,
     batch_size: int,
     mesh: Mesh,
-    penalty: Callable | None = None,
+    penalty: PenaltyFunction | None = None,
     grad_fn: Callable | None = None,
     shard_params: bool = False,
     min_shard_size: int = MIN_SHARD_SIZE,
@@ -317,7 +317,7 @@ def make_train_chunk(
     *,
     mesh: Mesh | int | None,
     batch_size: int | None = None,
-    penalty: Callable | None = None,
+    penalty: PenaltyFunction | None = None,
     grad_fn: Callable | None = None,
     shard_params: bool = False,
     min_shard_size: int = MIN_SHARD_SIZE,

@@ -185,7 +185,7 @@ def grad_fn(
         k_model, k_noise = (None, None) if key is None else jax.random.split(key)
         out = inner(params, x, target, key=k_model, state=state, train=train, lengths=lengths)
         n = expected_batch_size or out.norms.shape[0]
-        if noise > 0:
+        if noise > 0 and k_noise is not None:  # (a key is required with noise, above)
             grads = add_noise(out.summed, k_noise, clip=clip, noise=noise, n=n)
         else:
             grads = jax.tree.map(lambda v: v / n, out.summed)

@@ -432,11 +432,14 @@ def _linear_backward(res: SdpaRes, do: Array, d: Array):
     scale = jnp.asarray(res.scale, q.dtype)
     qs = q * scale
     xs, bk, s_real = _key_blocks(res)
+    if res.lse is None:
+        raise ValueError("sdpa_backward: 'linear' residuals without the row log-sum-exp.")
+    lse = res.lse[..., None]
 
     def step(dq, blk):
         j, kb, vb, mb = blk
         allowed = _block_allowed(res, t, j, bk, mb, s_real)
-        p = jnp.exp(_masked_scores(qs, kb, allowed) - res.lse[..., None])
+        p = jnp.exp(_masked_scores(qs, kb, allowed) - lse)
         ds, dvb = _softmax_grads(p, _block_keep(res, j, t, bk), do, vb, d, res.drop_rate)
         dkb = jnp.einsum("bhts,bhtd->bhsd", ds, qs)
         return dq + jnp.einsum("bhts,bhsd->bhtd", ds, kb), (dkb, dvb)

@@ -79,7 +79,7 @@ class _Pool2D(Layer):
         object.__setattr__(self, "strides", as_tuple(name, "strides", strides, 2))
         pad = normalize_padding(name, self.padding, 2)
         if not isinstance(pad, str) and any(
-            max(p) >= k for p, k in zip(pad, self.window, strict=True)
+            max(p) >= k for p, k in zip(pad, self._window, strict=True)
         ):
             raise ValueError(
                 f"{name}: padding {self.padding!r} must be smaller than the window {self.window}."

@@ -128,7 +128,7 @@ class Bidirectional(Layer):
     def __post_init__(self):
         if not isinstance(self.layer, Layer):
             raise TypeError(f"Bidirectional: layer is {self.layer!r}, not an fbp layer.")
-        inner = self.layer
+        inner: Any = self.layer
         while not getattr(inner, "stateful", False) and isinstance(
             getattr(inner, "layer", None), Layer
         ):

@@ -106,7 +106,7 @@ class Setup(NamedTuple):
     optimizer: optax.GradientTransformation
     schedule: float | Callable  # the lr or an optax schedule of the step
     chunk: Callable  # (ts, x, y, order[, lengths]) -> (ts, metrics), jitted
-    evaluate: Callable  # (params, model_state, x, y) -> {'loss', ['accuracy']}, jitted
+    evaluate: Callable  # (params, state, x, y) -> {'loss', ['accuracy']}, jitted
     probe: Callable | None  # (ts, x, y) -> {name: scalar}, jitted
     val: tuple[Array, ...] | None  # validation (x, y[, lengths]), None when the split is empty
     privacy: Any = None  # DP-SGD's PrivacyAccountant (fbp.run.privacy), None for a plain run

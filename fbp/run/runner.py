@@ -122,13 +122,13 @@ def build_optimizer(
 
 
 def make_eval(model, loss) -> Callable:
-    """Jitted ``(params, model_state, x, y, lengths=None) -> {'loss', ['accuracy']}``
+    """Jitted ``(params, state, x, y, lengths=None) -> {'loss', ['accuracy']}``
     over a whole split (``lengths`` (n,) for padded sequences)."""
 
     @jax.jit
-    def ev(params, model_state, x, y, lengths=None):
+    def ev(params, state, x, y, lengths=None):
         kw = {} if lengths is None else {"lengths": lengths}
-        pred = model.apply(params, x, state=model_state or None, train=False, **kw)
+        pred = model.apply(params, x, state=state or None, train=False, **kw)
         out = {"loss": loss(pred, y)}
         if is_classifier(loss) and jnp.issubdtype(y.dtype, jnp.integer):
             out["accuracy"] = accuracy(pred, y)

@@ -272,7 +272,7 @@ def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides, acc
         # A run of the sweep with no checkpoint at all starts over; one whose
         # checkpoints are all unreadable is refused, like a single run.
         saved_any = resume and ckpt_dir is not None and bool(ckpt.list_checkpoints(ckpt_dir))
-        saved = runner.resume_config(ckpt_dir) if saved_any else None
+        saved = runner.resume_config(ckpt_dir) if saved_any and ckpt_dir else None
         where = f"sweep {run_dir or p.name}"
         data_file = fingerprint.data_file(
             (saved or {}).get("data_file"), overrides.get("data_file"), where
@@ -298,7 +298,7 @@ def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides, acc
             history,
             run_dir,
         )
-        if saved:
+        if saved and ckpt_dir is not None and run_dir is not None:  # (saved needs both)
             resumed[p.name], position = load_position(ckpt_dir, position, warn=print_fn)
             runner.check_resumable(position, cfg, setup)
             entries = runner.change_entries(changed, diff, data, position)

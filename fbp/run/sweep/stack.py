@@ -128,8 +128,8 @@ class Program(NamedTuple):
 
     chunk: Callable  # (state, hp, x, y, order, active) -> (state, metrics of shape (runs, steps))
     start_epoch: Callable  # (key, order_key, active) -> (key, order_key, order): ``epoch_orders``
-    evaluate: Callable  # (params, model_state, x, y) -> {'loss', ['accuracy']}, shape (runs,)
-    sums: Callable  # (params, model_state, xb, yb) -> test sums (fbp.train.eval_sums), (runs,)
+    evaluate: Callable  # (params, state, x, y) -> {'loss', ['accuracy']}, shape (runs,)
+    sums: Callable  # (params, state, xb, yb) -> test sums (fbp.train.eval_sums), (runs,)
     keep_best: Callable  # (best, state, improved) -> best
     plateau: Callable | None  # (opt_state, values, active) -> opt_state
     probe: Callable | None  # (state, hp, xb, yb) -> {name: (runs,)}
@@ -179,9 +179,10 @@ def build_program(
 
         plateau = jax.jit(plateau)
     if exp.probe is not None:
+        make_probe = exp.probe
 
         def probe_one(ts, hp, xb, yb):
-            return exp.probe(model, loss, optimizer(hp))(ts, xb, yb)
+            return make_probe(model, loss, optimizer(hp))(ts, xb, yb)
 
         probe = jax.jit(jax.vmap(probe_one, in_axes=(0, 0, ax, ax)))
     return Program(
