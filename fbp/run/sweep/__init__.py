@@ -47,7 +47,7 @@ from fbp import checkpoint as ckpt
 from fbp import train as fbp_train
 from fbp.run import fingerprint, options, runner
 from fbp.run.experiment import Experiment, RunResult
-from fbp.run.loop import Best, Checkpointer, load_position, start_position
+from fbp.run.loop import Best, Checkpointer, OutOfMemory, load_position, start_position
 from fbp.run.metrics import MetricsLog, read_metrics
 from fbp.run.progress import Printer
 from fbp.run.report import restores_best
@@ -220,12 +220,18 @@ def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, ov
         data = _data(runs, stk.hyperparams([p.overrides for p in pts], hp_names), own_data)
         program = stk.build_program(exp, shared, runs[0].setup, total, own_data=own_data)
         print_fn(f"sweep {exp.name}: {len(runs)} runs in one program ({_describe(spec)})")
-        printer = Printer(print_fn, shared.epochs, exp.log_every)
+        spe = runs[0].setup.steps_per_epoch
+        start = min(r.progress.epoch * spe + r.progress.pos for r in runs)
+        printer = Printer(print_fn, shared.epochs, exp.log_every, steps_per_epoch=spe, start=start)
         try:
             stacked = train(
                 runs, stacked, program, data,
                 printer=printer, handle_signals=out is not None, sweep_dir=out,
             )  # fmt: skip
+        except Exception as e:
+            if OutOfMemory.caused_by(e):
+                raise _out_of_memory(e, runs) from None
+            raise
         finally:
             for r in runs:
                 if r.log is not None:
@@ -234,6 +240,23 @@ def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, ov
     finally:
         for lock in locks:
             lock.release()
+
+
+def _out_of_memory(error: BaseException, runs: Sequence[Run]) -> OutOfMemory:
+    """A sweep's allocation failure in one line: what ran out, what to change, what is kept."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    bs = runs[0].setup.batch_size
+    saved = any(r.saver is not None and r.saver.last is not None for r in runs)
+    kept = (
+        "each run's last checkpoint is kept (--resume continues)"
+        if saved
+        else "no checkpoint was written yet"
+    )
+    return OutOfMemory(
+        f"out of memory during the sweep ({first}); sweep fewer --seeds or --sweep values, use "
+        f'a smaller --batch-size than {bs} or window, or memory="linear" / nn.Recompute in '
+        f"the model; {kept}."
+    )
 
 
 def _open_dirs(out: Path, spec: dict[str, Any], pts, runs: Sequence[Run], overwrite: bool):

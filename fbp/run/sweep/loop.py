@@ -165,6 +165,8 @@ def train(
                 due = [i for i in group if _due(runs[i], every)]
                 if stop.signum is None and due:
                     save(runs, stacked, due, pool)
+            else:
+                printer.step(epoch, hi)
             if stop.signum is not None:
                 save(runs, stacked, range(len(runs)), pool)
                 raise Interrupted(stop.signum, sweep_dir)
