@@ -227,7 +227,11 @@ def test_data_description_is_used_in_messages():
     ds = fbp_data.load("iris")
     d = fingerprint.describe(ds, None)
     assert fingerprint.difference(d, dict(d)) is None
-    assert "versions" in fingerprint.difference(d, dict(d, versions={"numpy": "0"}))
+    assert fingerprint.difference(d, dict(d, versions={"numpy": "0"})) is None  # same arrays
+    other = dict(d, versions={"numpy": "0"}, sha256="1" * 64)
+    assert "versions" in fingerprint.difference(d, other) and "sha256" in fingerprint.difference(
+        d, other
+    )
     with pytest.raises(fingerprint.DataChanged, match=r"run: the data changed .*\(sha256 .*iris\)"):
         fingerprint.check(dict(d, sha256="0" * 64), d, where="run", accept=False)
 

@@ -97,7 +97,14 @@ def describe(ds: Dataset, data_file: str | None) -> dict[str, Any]:
 
 
 def difference(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
-    """What changed between two ``describe`` entries (one phrase), or None when the same."""
+    """What changed between two ``describe`` entries (one phrase), or None when the same.
+
+    The versions that made an experiment's data are information: they count only
+    when the data's hash changed too (a newer scikit-learn with the same arrays is
+    the same data).
+    """
+    if saved.get("sha256") == now.get("sha256") and saved.get("size") == now.get("size"):
+        return None
     parts = []
     if saved.get("size") != now.get("size"):
         parts.append(f"size {saved.get('size')} -> {now.get('size')} bytes")
