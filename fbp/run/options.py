@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 SCHEDULES = ("constant", "cosine", "warmup-cosine", "linear", "plateau")
 NONFINITE = ("skip", "halt")
+PRECISIONS = ("f32", "bf16-mixed", "bf16")  # fbp.precision's policy names
 
 
 class Check(NamedTuple):
@@ -74,6 +75,8 @@ class Option:
       metavar: the flag's value placeholder.
       resume: a resumed run takes this option from its checkpoint unless it is given
         again (False for options of one process, such as ``devices``).
+      fixed: a resumed run keeps the checkpoint's value; giving another one is refused
+        (``precision``: the parameters and optimizer state are stored in its dtypes).
       sweepable: runs of one sweep (``fbp.run.sweep``) may differ in this option: a
         number that enters the compiled step as a per-run value (``lr``) or only the
         host's bookkeeping (``patience``), never a shape.
@@ -85,6 +88,7 @@ class Option:
     flag: str | None = None
     metavar: str | None = None
     resume: bool = True
+    fixed: bool = False
     sweepable: bool = False
 
 
@@ -122,6 +126,12 @@ class TrainingOptions:
         "skip",
         help="non-finite loss/gradient: skip the step (default) or halt",
         choices=NONFINITE,
+    )
+    precision: str = option(
+        "f32",
+        help="f32 (default), bf16-mixed (float32 parameters, bfloat16 compute) or bf16",
+        choices=PRECISIONS,
+        fixed=True,
     )
     keep: int = option(3, help="checkpoints to keep (plus the best)", check=at_least(1))
     checkpoint_every: int | None = option(
@@ -286,11 +296,23 @@ def resolve(
     for f in fields():
         if saved and f.meta.resume and f.name in saved:
             values[f.name] = saved[f.name]
-        if overrides and overrides.get(f.name) is not None:
+        if saved and f.meta.fixed:
+            values[f.name] = saved.get(f.name, f.default)  # older runs: the default
+            _check_fixed(f, values[f.name], (overrides or {}).get(f.name))
+        elif overrides and overrides.get(f.name) is not None:
             values[f.name] = overrides[f.name]
     for name, value in values.items():
         check(name, value)
     return RunOptions(**values)
+
+
+def _check_fixed(f: Field, saved: Any, given: Any) -> None:
+    """Refuse ``given`` for a ``fixed`` option when it differs from the resumed run's value."""
+    if given is not None and given != saved:
+        raise ValueError(
+            f"run: the resumed run has {f.name}={saved!r} and keeps it, got {given!r}; "
+            f"start a new run (another --out) to train with {f.name}={given!r}."
+        )
 
 
 # ----------------------------------------------------------------------------- command line
@@ -302,8 +324,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.meta.help}
         if f.type is bool:  # --shard-params / --no-shard-params
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif f.meta.choices:
-            kwargs["choices"] = list(f.meta.choices)
+        elif f.meta.choices:  # checked by ``check``: one line, exit 2
+            kwargs["metavar"] = "{" + ",".join(f.meta.choices) + "}"
         else:
             kwargs["type"] = f.type
         if f.meta.metavar:
