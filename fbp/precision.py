@@ -150,6 +150,15 @@ def accum_dtype(x: Any) -> Any:
     return jnp.float32 if is_low(x) else jnp.dtype(getattr(x, "dtype", x))
 
 
+def accumulate(*arrays: Any) -> dict[str, Any]:
+    """``{"preferred_element_type": float32}`` when any array is low precision, else ``{}``.
+
+    For ``lax.conv_general_dilated`` / ``lax.dot_general``: float32 accumulation and
+    result for bfloat16 operands, the operands' own dtype otherwise.
+    """
+    return {"preferred_element_type": jnp.float32} if any(map(is_low, arrays)) else {}
+
+
 def matmul(a: Array, b: Array) -> Array:
     """``a @ b``; a low-precision product accumulates and returns in float32.
 

@@ -85,7 +85,7 @@ def test_f32_policy_casts_nothing_float64_stays():
 
 def _mlp():
     model = nn.Sequential([nn.Dense(32), nn.ReLU(), nn.LayerNorm(), nn.Dense(5)])
-    x = jax.random.normal(jax.random.key(0), (16, 8))
+    x = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
     y = jnp.arange(16) % 5
     return model, x, y, model.init(jax.random.key(1), x)
 
