@@ -1,6 +1,9 @@
 """``fbp train --precision``: saved, resumed, refused, and through the non-finite policy."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -10,6 +13,8 @@ from cli_runs import train as _train
 from cli_runs import use_test_experiments
 
 from fbp.run import cli, export, options
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +79,35 @@ def test_precision_with_data_parallel_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(out, "--precision", "bf16-mixed", "--devices", "1") == 2
     assert "--precision bf16-mixed is not supported with --devices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, calls", [([], 1), (["--no-compilation-cache"], 0)])
+def test_fbp_train_enables_the_compilation_cache_unless_told_not_to(
+    tmp_path, monkeypatch, flag, calls
+):
+    seen = []
+    monkeypatch.setattr(cli.compile_cache, "enable_compilation_cache", lambda: seen.append(1))
+    assert _train(tmp_path / "run", "--epochs", 1, *flag) == 0
+    assert len(seen) == calls
+
+
+@pytest.mark.slow
+def test_second_identical_fbp_train_reads_the_cache(tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    env.pop("FBP_COMPILATION_CACHE", None)
+    env["FBP_EXPERIMENTS"] = str(ROOT / "tests" / "experiments")
+    for i in range(2):
+        cmd = [
+            sys.executable,
+            "-m",
+            "fbp.run.cli",
+            "train",
+            "tiny",
+            "--out",
+            str(tmp_path / f"r{i}"),
+        ]
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    entries = list((tmp_path / "cache" / "fbp" / "xla").iterdir())
+    assert entries, "the first run wrote no cache entries"
+    s0, s1 = (_summary(tmp_path / f"r{i}") for i in range(2))
+    assert s0["params_sha256"] == s1["params_sha256"]  # cached programs: same results
