@@ -29,9 +29,12 @@ def _bf16_setup(case):
     x = case.make_input(0, dtype=jnp.float32)
     params = layer.init(jax.random.key(1), x)
     kw = case.call_kwargs(layer, x)
-    return layer, precision.cast_floating(x, jnp.bfloat16), precision.cast_floating(
-        params, jnp.bfloat16
-    ), kw
+    return (
+        layer,
+        precision.cast_floating(x, jnp.bfloat16),
+        precision.cast_floating(params, jnp.bfloat16),
+        kw,
+    )
 
 
 @pytest.mark.parametrize("case", QUICK)
@@ -80,7 +83,10 @@ def test_f32_policy_casts_nothing_float64_stays():
             params, x, y
         )
         assert v2.dtype == jnp.float64 and float(v1) == float(v2)
-        assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True))
+        assert all(
+            bool(jnp.all(a == b))
+            for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True)
+        )
 
 
 def _mlp():
@@ -143,3 +149,14 @@ def test_low_precision_products_are_fast_layout_in_hlo():
         hlo = jax.jit(f).lower(*args).compile().as_text()
         dots = [ln for ln in hlo.splitlines() if " dot(" in ln]
         assert all("lhs_contracting_dims={1}" in ln for ln in dots), dots
+
+
+def test_static_loss_scale_is_undone_in_the_gradients():
+    model, x, y, params = _mlp()
+    loss = losses.softmax_cross_entropy
+    scaled = precision.Policy(jnp.float32, jnp.bfloat16, jnp.float32, "scaled", loss_scale=1024.0)
+    v1, g1 = fbp.value_and_grad(model, loss, precision="bf16-mixed")(params, x, y)
+    v2, g2 = fbp.value_and_grad(model, loss, precision=scaled)(params, x, y)
+    assert float(v1) == float(v2)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1), strict=True):
+        assert a.dtype == jnp.float32 and _rel(a, b) < 1e-2
