@@ -406,7 +406,9 @@ def load(path: str | os.PathLike, template: Any) -> tuple[Any, dict[str, Any]]:
       (tree, meta).
 
     Raises:
-      UnsafeCheckpoint, CorruptCheckpoint, ArchitectureMismatch.
+      UnsafeCheckpoint: the directory holds a pickle.
+      CorruptCheckpoint: a file is missing, unreadable or fails its checksum.
+      ArchitectureMismatch: the arrays do not match ``template``'s paths and shapes.
     """
     arrays, manifest = read_arrays(path)
     check_compatible(arrays, template, str(path))

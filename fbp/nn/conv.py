@@ -297,7 +297,7 @@ class Conv2D(ConvND):
       use_bias: whether there is a ``b``.
       w_init, b_init: initialisers (names from ``fbp.nn.initializers`` or callables).
 
-    Params:
+    Parameter tree:
       ``w`` (kh, kw, in, out) and ``b`` (out,).
 
     Raises:
@@ -331,7 +331,7 @@ class Conv1D(ConvND):
 
     Args: as ``Conv2D``, with one int (or one pair) per hyperparameter.
 
-    Params:
+    Parameter tree:
       ``w`` (k, in, out) and ``b`` (out,).
 
     Examples:

@@ -43,7 +43,7 @@ class Dense(Layer):
       b_init: initialiser for ``b``.
       use_bias: whether there is a ``b``.
 
-    Params:
+    Parameter tree:
       ``w`` (in, out) and ``b`` (out,).
 
     Examples:

@@ -34,7 +34,7 @@ class Embedding(Layer):
       features: size of each vector (> 0).
       w_init: initialiser (default N(0, 1), as PyTorch's ``nn.Embedding``).
 
-    Params:
+    Parameter tree:
       ``w`` (vocab, features).
 
     Raises:

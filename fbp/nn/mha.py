@@ -111,7 +111,7 @@ class MultiHeadAttention(Layer):
       w_init: initialiser of the four weight matrices.
       rope_base: wavelength base of the rotary embeddings.
 
-    Params:
+    Parameter tree:
       ``w_q`` (dim, H·d), ``w_k``, ``w_v`` (dim_c, H·d), ``w_o`` (H·d, dim);
       ``b_q``, ``b_k``, ``b_v`` (H·d,), ``b_o`` (dim,).
 

@@ -79,7 +79,7 @@ class BatchNorm(Layer):
       momentum: weight of the old running value, in [0, 1) (0.9 by default).
       eps: added to the variance (> 0).
 
-    Params:
+    Parameter tree:
       ``scale`` (features,) ones, ``bias`` (features,) zeros.
 
     State:
@@ -188,7 +188,7 @@ class LayerNorm(Layer):
     Args:
       eps: added to the variance (> 0).
 
-    Params:
+    Parameter tree:
       ``scale`` (features,) ones, ``bias`` (features,) zeros.
 
     Examples:

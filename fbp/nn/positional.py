@@ -171,7 +171,7 @@ class LearnedPositions(Layer):
       max_len: the longest sequence (rows of ``w``).
       w_init: initialiser of ``w`` (default N(0, 0.02²), as GPT-2).
 
-    Params:
+    Parameter tree:
       ``w`` (max_len, features).
 
     Examples:

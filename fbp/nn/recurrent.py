@@ -340,7 +340,7 @@ class SimpleRNN(_Recurrent):
       stateful: ``init_state`` returns zeros, so training carries the state across batches.
       w_hh_gain: scale of the orthogonal w_hh init (> 1 explodes, < 1 vanishes faster).
 
-    Params:
+    Parameter tree:
       ``w_ih`` (in, H), ``w_hh`` (H, H), ``b`` (H,) (PyTorch's b_ih + b_hh).
 
     Examples:
@@ -379,7 +379,7 @@ class LSTM(_Recurrent):
       w_hh_gain: scale of the orthogonal w_hh init.
       forget_bias: initial value of the forget gate's bias (1.0 helps long memories).
 
-    Params:
+    Parameter tree:
       ``w_ih`` (in, 4H), ``w_hh`` (H, 4H), ``b`` (4H,) (PyTorch's b_ih + b_hh).
 
     Examples:
@@ -444,7 +444,7 @@ class GRU(_Recurrent):
       stateful: ``init_state`` returns zeros, carried across batches.
       w_hh_gain: scale of the orthogonal w_hh init.
 
-    Params:
+    Parameter tree:
       ``w_ih`` (in, 3H), ``w_hh`` (H, 3H), ``b_ih`` (3H,), ``b_hh`` (3H,).
 
     Examples:

@@ -111,7 +111,7 @@ class Bidirectional(Layer):
         pass has no meaningful carry across windows), possibly wrapped
         (``Frozen(GRU(8))``); ``lengths`` reaches it when it takes it.
 
-    Params:
+    Parameter tree:
       ``{'forward': params of layer, 'backward': params of layer}``.
 
     Examples:

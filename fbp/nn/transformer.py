@@ -56,7 +56,7 @@ class TransformerBlock(Layer):
         (training only; needs ``key``).
       eps: LayerNorm's epsilon.
 
-    Params:
+    Parameter tree:
       ``{'ln1': LayerNorm, 'attn': MultiHeadAttention, 'mlp': {'0': LayerNorm,
       '1': Dense(mlp_dim), '2': {} (GELU), '3': Dense(dim)[, '4': {} (Dropout)]}}``.
 

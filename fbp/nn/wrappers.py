@@ -37,7 +37,7 @@ class Frozen(Layer):
     Args:
       layer: any fbp layer (a whole ``Sequential`` freezes a block).
 
-    Params:
+    Parameter tree:
       exactly ``layer``'s (no extra nesting), so ``Frozen(Dense(10))`` loads a Dense's.
 
     Examples:
@@ -121,7 +121,7 @@ class Recompute(Layer):
     Args:
       layer: any fbp layer.
 
-    Params:
+    Parameter tree:
       exactly ``layer``'s.
 
     Examples:
