@@ -210,3 +210,13 @@ def test_conv_backward_stays_canonical_inside_a_scan(conv_dims):
     canonical = "b01f_01io->b01f" if conv_dims == 2 else "b0f_0io->b0f"
     assert len(labels) == 5  # two forwards, two dw, dx of the second (the first's is dead)
     assert set(labels) == {canonical}
+
+
+def test_precision_quick_prints_bf16_against_f32_jax_grad_and_torch(capsys):
+    pytest.importorskip("torch")
+    _load("precision").main(["--quick", "--models", "mlp"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert rows[0][:4] == ["model", "fbp f32 ms", "fbp bf16-mixed ms", "f32 / bf16-mixed"]
+    mlp = next(r for r in rows if r[0] == "mlp")
+    assert float(mlp[1].split()[0]) > 0 and float(mlp[2].split()[0]) > 0
+    assert mlp[3].strip("*").endswith("x") and mlp[8].endswith("x")  # fbp and torch speedups
