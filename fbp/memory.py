@@ -21,9 +21,11 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import os
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from fbp.core import Layer, Params, Sequential, as_struct, layer_name
 
@@ -131,3 +133,101 @@ def memory_report(
             )
         )
     return MemoryReport(tuple(rows))
+
+
+# ----------------------------------------------------------------------------- will it fit
+
+
+class RunBytes(NamedTuple):
+    """Bytes of one training run, and bytes runs of a sweep share (one data set)."""
+
+    per_run: int
+    shared: int
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of the array leaves of ``tree`` (arrays or ShapeDtypeStructs; a PRNG key as 8)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        dtype = leaf.dtype
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            total += 8 * int(np.prod(leaf.shape, dtype=np.int64))
+        else:
+            total += int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return total
+
+
+def run_bytes(
+    model: Layer,
+    state: Any,
+    x: Any,
+    batch_size: int,
+    data_bytes: int,
+    *,
+    own_data: bool,
+) -> RunBytes:
+    """An estimate of one training run's bytes (a single run's, or one run's of a sweep).
+
+    Args:
+      model: the model.
+      state: the run's ``TrainState`` (ShapeDtypeStructs from ``jax.eval_shape``).
+      x: training inputs or their ShapeDtypeStruct, shape (n, ...).
+      batch_size: examples per step.
+      data_bytes: bytes of the run's train and validation splits.
+      own_data: each run has its own data split (seeds differ); else one copy is shared.
+    """
+    params = tree_bytes(state.params)
+    xb = jax.ShapeDtypeStruct((batch_size, *x.shape[1:]), x.dtype)
+    try:
+        key = jax.random.key(0)
+        acts = memory_report(model, state.params, xb, key=key, state=state.model_state or None)
+        activations = acts.total_bytes
+    except (TypeError, ValueError):  # a model memory_report cannot trace: count no activations
+        activations = 0
+    steps = max(int(x.shape[0]) // batch_size, 1)
+    per_run = 2 * tree_bytes(state) + 3 * params + 2 * activations + 4 * steps * batch_size
+    return RunBytes(per_run + (data_bytes if own_data else 0), 0 if own_data else data_bytes)
+
+
+def available_bytes(device: Any = None) -> int | None:
+    """Free memory of ``device`` (default the first): the accelerator's, or the host's on CPU."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_run_fits(need: int, available: int | None) -> None:
+    """Raise ValueError (one line: what to change) unless one run's ``need`` bytes fit.
+
+    Examples:
+      >>> check_run_fits(10**9, 2 * 10**9)
+      >>> try:
+      ...     check_run_fits(3 * 10**9, 2 * 10**9)
+      ... except ValueError as e:
+      ...     print(str(e)[:47])
+      run: needs about 3.0 GB but 2.0 GB is free; use
+    """
+    if available is None or need <= available:
+        return
+    raise ValueError(
+        f"run: needs about {format_bytes(need)} but {format_bytes(available)} is free; use a "
+        'smaller --batch-size (or window), or memory="linear" / nn.Recompute to keep fewer '
+        "activations."
+    )
+
+
+def format_bytes(n: int) -> str:
+    """``1.5 GB`` (from 0.1 GB) or ``12.3 MB``."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -125,10 +125,14 @@ def test_resume_continues_to_total_epochs_bitwise(ref, tmp_path, capsys):
     assert _train(part, "--epochs", 3, "--resume") == 0
     assert "resuming from ckpt-000001: epoch 1, step 6" in capsys.readouterr().out
     assert _summary(part)["params_sha256"] == _summary(ref)["params_sha256"]
+    extended = {"epoch": 2, "step": 6, "option": "epochs", "from": 1, "to": 3}
+    assert _summary(part)["changes"] == [extended]  # recorded, the original config kept
+    assert _summary(part)["config"]["epochs"] == 1
     strip = [
-        {k: v for k, v in r.items() if k != "seconds"}
+        {k: v for k, v in r.items() if k not in ("seconds", "changes")}
         for r in metrics.read_metrics(part / "metrics.jsonl")
     ]
+    assert metrics.read_metrics(part / "metrics.jsonl")[1]["changes"] == [extended]
     assert strip == [
         {k: v for k, v in r.items() if k != "seconds"}
         for r in metrics.read_metrics(ref / "metrics.jsonl")
@@ -242,7 +246,10 @@ def test_nonfinite_halt_names_the_step_and_keeps_last_good_checkpoint(
     assert _train(out, "--epochs", 2, name="tiny-poison") == 0
     good = ckpt.list_checkpoints(out / "checkpoints")
     monkeypatch.setenv("TINY_POISON", "1")
-    assert _train(out, "--epochs", 3, "--resume", "--nonfinite", "halt", name="tiny-poison") == 3
+    assert _train(out, "--epochs", 3, "--resume", name="tiny-poison") == 2  # the data changed
+    assert "the data changed since this run was trained" in capsys.readouterr().err
+    poisoned = ("--resume", "--nonfinite", "halt", "--accept-changed-data")
+    assert _train(out, "--epochs", 3, *poisoned, name="tiny-poison") == 3
     err = capsys.readouterr().err
     assert re.search(r"non-finite loss or gradient at step (9|1[0-2]) \(epoch 3", err)
     assert "last good checkpoint ckpt-000002 is kept" in err

@@ -191,3 +191,53 @@ def test_many_sigkill_chains(tmp_path, reference, seed):
     tally, sha = _kill_chain(tmp_path, seed=1000 + seed, kills=8)
     assert tally["kills"] >= 1 and tally["corrupt"] == 0
     assert sha == reference
+
+
+# ----------------------------------------------------------------------------- data and changes
+
+
+def _csv(path):
+    """iris as a CSV file (4 features, label last)."""
+    from sklearn.datasets import load_iris
+
+    b = load_iris()
+    rows = [
+        ",".join(f"{v:.1f}" for v in x) + f",{int(y)}"
+        for x, y in zip(b.data, b.target, strict=True)
+    ]
+    path.write_text("a,b,c,d,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def _killed(out, *extra, at_least):
+    """Start ``fbp train`` with ``extra``, SIGKILL it once ``at_least`` epochs are logged."""
+    proc = subprocess.Popen(
+        _fbp(out, *extra), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _wait_for_epoch(proc, out, at_least)
+    proc.kill()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err.decode()
+    for p in ckpt.list_checkpoints(out / "checkpoints"):
+        ckpt.read_arrays(p)  # every committed checkpoint verifies
+
+
+@pytest.mark.slow  # three processes of 40 epochs: about 100 s on 2 cores
+@pytest.mark.parametrize("seed", [3, 4])
+def test_sigkill_around_a_resume_change_records_it_once_with_the_data(tmp_path, seed):
+    """A run on a --data file, killed, resumed with a new --lr, killed again, resumed:
+    the data's fingerprint holds throughout and the change is recorded exactly once."""
+    rng = random.Random(seed)
+    data, out = _csv(tmp_path / "iris.csv"), tmp_path / "run"
+    _killed(out, "--data", data, at_least=rng.randint(2, 5))
+    changed = ("--resume", "--lr", "0.02")  # --data is not given again: the recorded path
+    _killed(out, *changed, at_least=_epochs_logged(out) + rng.randint(1, 3))
+    done = subprocess.run(_fbp(out, *changed), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["data"]["path"] == str(data) and s["config"]["lr"] == 0.01
+    (lr,) = [c for c in s["changes"] if c["option"] == "lr"]
+    rows = metrics.read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == list(range(1, 41))
+    assert all(r["lr"] == (0.02 if r["epoch"] >= lr["epoch"] else 0.01) for r in rows)
+    assert [r["epoch"] for r in rows if "changes" in r] == [lr["epoch"]]

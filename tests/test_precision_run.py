@@ -53,16 +53,17 @@ def test_resume_keeps_precision_and_refuses_another(tmp_path, capsys):
     assert _train(out, "--epochs", 2, "--resume", "--precision", "f32") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "the resumed run has precision='bf16-mixed' and keeps it, got 'f32'" in err[0]
+    assert "--precision cannot change on resume (the run has 'bf16-mixed', given 'f32')" in err[0]
     assert _train(out, "--epochs", 2, "--resume") == 0
     assert _summary(out)["config"]["precision"] == "bf16-mixed"
 
 
-def test_resolve_fixed_option_defaults_for_runs_saved_before_it():
+def test_precision_is_fixed_on_resume():
     exp = options.TrainingOptions(epochs=2, lr=0.1)
-    assert options.resolve(exp, saved={"epochs": 2}).precision == "f32"
-    with pytest.raises(ValueError, match=r"resumed run has precision='f32' and keeps it"):
-        options.resolve(exp, saved={"epochs": 2}, overrides={"precision": "bf16"})
+    saved = {"epochs": 2, "precision": "f32"}
+    cfg = options.resolve(exp, saved, overrides={"precision": "bf16"})
+    with pytest.raises(ValueError, match=r"--precision cannot change on resume"):
+        options.resume_changes(saved, cfg)
 
 
 def test_nonfinite_bf16_step_goes_through_the_skip_policy(tmp_path, monkeypatch):

@@ -4,7 +4,9 @@ Exit status: 0 done; 2 bad input (arguments, data, config, checkpoint, a run
 directory in use by another process), nothing written, or a run across processes
 that could not join within ``--coordinator-timeout``; 3 a non-finite loss/gradient
 under ``--nonfinite halt``; 4 writing failed (a full disk, an I/O error): the last
-checkpoint is intact and ``--resume`` continues once there is space; 130/143
+checkpoint is intact and ``--resume`` continues once there is space; 5 the device ran
+out of memory during training (one line says what to change; the last checkpoint is
+kept); 130/143
 stopped by SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues); 1 any
 other error in a run across processes (the process exits at once, so that the
 others fail rather than wait).
@@ -38,8 +40,12 @@ from fbp.run.sweep import command as sweep_command
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    for name, path in sorted(experiment.available().items()):
+    for name, paths in sorted(experiment.candidates().items()):
+        path = paths[0]
         try:
+            experiment.check_unique(
+                name, paths, lambda line: print(f"fbp: {line}", file=sys.stderr)
+            )
             exp = experiment.get(str(path))
         except experiment.ExperimentFileError as e:
             print(f"fbp: warning: skipping {e}", file=sys.stderr)
@@ -94,6 +100,7 @@ def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, give
             resume=args.resume,
             overwrite=args.overwrite,
             experiment_path=_experiment_path(args.experiment),
+            accept_changed_data=args.accept_changed_data,
             print_fn=print if main_process else (lambda s: None),
             **given,
         )
@@ -108,6 +115,9 @@ def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, give
     except runner.WriteError as e:
         print(f"fbp: error: {e}", file=sys.stderr)
         return 4
+    except runner.OutOfMemory as e:
+        print(f"fbp: error: {e}", file=sys.stderr)
+        return 5
     except ValueError:
         raise  # exit 2 (main); bad input stops every process of a run together
     except Exception:
@@ -131,7 +141,10 @@ def _compilation_cache(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     _compilation_cache(args)
     metrics = export.evaluate_dir(
-        args.dir, which=args.which or report.reported_parameters(args.dir)
+        args.dir,
+        which=args.which or report.reported_parameters(args.dir),
+        data_file=args.data,
+        accept_changed_data=args.accept_changed_data,
     )
     print(
         f"test {'  '.join(f'{k} {v:.4f}' for k, v in metrics['test'].items())} "
@@ -143,9 +156,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     _compilation_cache(args)
     which = args.which or report.reported_parameters(args.dir)
-    path = export.export_dir(args.dir, out=args.out, which=which)
+    path = export.export_dir(
+        args.dir,
+        out=args.out,
+        which=which,
+        data_file=args.data,
+        accept_changed_data=args.accept_changed_data,
+    )
     print(f"exported to {path} (load it with the snippet in {path / 'README.txt'})")
     return 0
+
+
+def _add_accept(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--accept-changed-data",
+        action="store_true",
+        help="use the data although it changed since the run was trained (recorded in the run)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         "next run (default on; FBP_COMPILATION_CACHE=0 also turns it off)",
     )
     options.add_arguments(p)
+    _add_accept(p)
     sweep_command.add_arguments(p)
     p.set_defaults(func=_cmd_train)
 
@@ -193,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "export":
             p.add_argument("--out", help="where to write (default DIR/export)")
+        p.add_argument(
+            "--data",
+            metavar="FILE",
+            help="the run's data file, where it is now (default: the path the run recorded)",
+        )
+        _add_accept(p)
         p.set_defaults(func=_cmd_eval if name == "eval" else _cmd_export)
     return parser
 

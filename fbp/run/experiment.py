@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -140,28 +141,59 @@ def _load_file(path: Path) -> Experiment:
     return exp
 
 
-def available() -> dict[str, Path]:
-    """Experiment name -> file, over ``experiment_dirs()`` (first found wins)."""
-    found: dict[str, Path] = {}
+def candidates() -> dict[str, list[Path]]:
+    """Experiment name -> every file of that name over ``experiment_dirs()``, in lookup order."""
+    found: dict[str, list[Path]] = {}
     for d in experiment_dirs():
         for path in sorted(d.glob("*.py")):
             if not path.name.startswith("_"):
-                found.setdefault(path.stem.replace("_", "-"), path)
+                found.setdefault(path.stem.replace("_", "-"), []).append(path)
     return found
 
 
-def get(name: str) -> Experiment:
+def available() -> dict[str, Path]:
+    """Experiment name -> file, over ``experiment_dirs()`` (first found wins, see ``get``)."""
+    return {name: paths[0] for name, paths in candidates().items()}
+
+
+def check_unique(name: str, paths: list[Path], warn: Callable[[str], None]) -> None:
+    """Two files of one name: refused in one directory, a warning when one shadows another.
+
+    Raises:
+      ExperimentFileError: two files in one directory give the same name (``a_b.py``
+        and ``a-b.py``), naming both.
+    """
+    if len(paths) < 2:
+        return
+    first, other = paths[0], paths[1]
+    if first.parent == other.parent:
+        raise ExperimentFileError(
+            f"experiment {name!r} is defined by two files, {first} and {other}; rename one."
+        )
+    warn(
+        f"warning: experiment {name!r} is {first}, which shadows {other}; give a path "
+        "(fbp train PATH.py) to run the other."
+    )
+
+
+def _stderr(line: str) -> None:
+    print(f"fbp: {line}", file=sys.stderr)
+
+
+def get(name: str, *, warn: Callable[[str], None] = _stderr) -> Experiment:
     """An experiment by name (``digits-mlp``) or by path to its ``.py`` file.
 
     Raises:
       ExperimentFileError: the file is missing, fails to import (the message names
-        the file, its line and the error) or defines no EXPERIMENT.
+        the file, its line and the error) or defines no EXPERIMENT; two files in one
+        directory have the name (a file that shadows another is a warning).
       ValueError: no experiment has that name.
     """
     if name.endswith(".py"):
         return _load_file(Path(name))
-    known = available()
+    known = candidates()
     if name not in known:
         names = ", ".join(sorted(known)) or "none"
         raise ValueError(f"unknown experiment {name!r}; known: {names}.")
-    return _load_file(known[name])
+    check_unique(name, known[name], warn)
+    return _load_file(known[name][0])

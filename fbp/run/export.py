@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from safetensors.numpy import save as st_save
 
 from fbp import checkpoint as ckpt
 from fbp import train as fbp_train
-from fbp.run import experiment, runner
+from fbp.run import experiment, fingerprint, options, runner
 from fbp.run.metrics import params_sha256
 
 LOADER = """import json, jax, numpy as np
@@ -59,6 +60,13 @@ def run_config(run_dir: str | Path) -> dict[str, Any]:
             + ", ".join(str(d / r) for r in runs)
             + "."
         )
+    if (d / "sweep.json").exists() and not (d / "summary.json").exists():
+        runs = sorted(str(p) for p in d.iterdir() if (p / "checkpoints").is_dir())
+        raise ValueError(
+            f"{d}: a sweep's directory, not one run's; name one of its runs: "
+            + (", ".join(runs) or "(none has a checkpoint)")
+            + "."
+        )
     summary = d / "summary.json"
     if summary.exists():
         try:
@@ -73,22 +81,42 @@ def run_config(run_dir: str | Path) -> dict[str, Any]:
     raise ValueError(f"{d}: not an fbp run directory (no summary.json or checkpoint).")
 
 
-def load_run(run_dir: str | Path, *, which: str = "best", warn=print) -> dict[str, Any]:
+def load_run(
+    run_dir: str | Path,
+    *,
+    which: str = "best",
+    warn=print,
+    data_file: str | None = None,
+    accept_changed_data: bool = False,
+) -> dict[str, Any]:
     """Rebuild a run's experiment, data and model, and load its newest valid checkpoint.
 
     Args:
       run_dir: a directory written by ``fbp train --out``.
       which: ``best`` (best validation loss; the latest when there is no validation
         split) or ``last`` (the train state's parameters).
+      data_file: where the run's data file is now (default: its recorded absolute path).
+      accept_changed_data: use data whose fingerprint changed since the run
+        (``fbp.run.fingerprint``); otherwise it is refused.
 
     Returns:
       dict with ``exp, config, dataset, model, params, model_state, checkpoint``.
+
+    Raises:
+      DataChanged: the data changed (or its file is missing): one line, how to proceed.
     """
     if which not in ("best", "last"):
         raise ValueError(f"load_run: which must be 'best' or 'last', got {which!r}.")
-    cfg = run_config(run_dir)
+    cfg = options.effective(run_config(run_dir))  # with the changes made on resume
     exp = _experiment_of(run_dir, cfg)
+    cfg["data_file"] = fingerprint.data_file(cfg.get("data_file"), data_file, f"{run_dir}")
     ds = runner.load_data(exp, cfg)
+    fingerprint.check(
+        fingerprint.recorded(cfg),
+        fingerprint.describe(ds, cfg["data_file"]),
+        where=str(run_dir),
+        accept=accept_changed_data,
+    )
     model = exp.model(ds)
     x = jnp.asarray(ds.train.x)
     bs = cfg["batch_size"] or x.shape[0]
@@ -136,9 +164,12 @@ def _experiment_of(run_dir: str | Path, cfg: dict[str, Any]) -> Any:
     return dataclasses.replace(exp, **over)
 
 
-def evaluate_dir(run_dir: str | Path, *, which: str = "best") -> dict[str, Any]:
-    """Test metrics of a run's checkpoint; also written to ``DIR/eval.json``."""
-    r = load_run(run_dir, which=which)
+def evaluate_dir(run_dir: str | Path, *, which: str = "best", **data: Any) -> dict[str, Any]:
+    """Test metrics of a run's checkpoint; also written to ``DIR/eval.json``.
+
+    ``data``: ``data_file`` and ``accept_changed_data``, as in ``load_run``.
+    """
+    r = load_run(run_dir, which=which, **data)
     ds = r["dataset"]
     test = fbp_train.evaluate(
         r["model"],
@@ -232,16 +263,34 @@ def export_model(
     return out
 
 
-def export_dir(run_dir: str | Path, *, out: str | Path | None = None, which: str = "best") -> Path:
-    """``fbp export DIR``: export a run's model (best parameters by default)."""
-    r = load_run(run_dir, which=which)
+def export_dir(
+    run_dir: str | Path, *, out: str | Path | None = None, which: str = "best", **data: Any
+) -> Path:
+    """``fbp export DIR``: export a run's model (best parameters by default).
+
+    ``data``: ``data_file`` and ``accept_changed_data``, as in ``load_run``. A failed
+    export leaves no ``export/`` folder behind (only what it made is removed).
+    """
+    r = load_run(run_dir, which=which, **data)
     ds = r["dataset"]
+    target = Path(out) if out is not None else Path(run_dir) / "export"
+    made = not target.exists()
+    try:
+        return _export_run(r, ds, target)
+    except BaseException:
+        if made:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def _export_run(r: dict[str, Any], ds: Any, target: Path) -> Path:
+    """``export_model`` of a ``load_run`` result into ``target``."""
     return export_model(
         r["model"],
         r["params"],
         r["model_state"],
         ds.train.x,
-        out if out is not None else Path(run_dir) / "export",
+        target,
         x_mean=ds.x_mean,
         x_std=ds.x_std,
         info={

@@ -68,6 +68,32 @@ class WriteError(RuntimeError):
 # ----------------------------------------------------------------------------- records
 
 
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory during the run; the last checkpoint stands."""
+
+    @staticmethod
+    def caused_by(error: BaseException) -> bool:
+        """Whether ``error`` is an allocation failure (host MemoryError, XLA RESOURCE_EXHAUSTED)."""
+        if isinstance(error, MemoryError):
+            return True
+        return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+    @classmethod
+    def of(cls, error: BaseException, cfg: RunOptions, last: Path | None) -> OutOfMemory:
+        """One line: what ran out, what to change, and where the run stands."""
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        bs = f"--batch-size than {cfg.batch_size}" if cfg.batch_size else "--batch-size"
+        kept = (
+            f"checkpoint {last} is kept (--resume continues)"
+            if last is not None
+            else "no checkpoint was written yet"
+        )
+        return cls(
+            f"out of memory during training ({first}); use a smaller {bs} or window, or "
+            f'memory="linear" / nn.Recompute in the model; {kept}.'
+        )
+
+
 class Setup(NamedTuple):
     """What the loop trains, built and checked from an experiment and its options."""
 
@@ -250,8 +276,12 @@ def train(
     printer: Printer,
     history: list[dict[str, Any]],
     handle_signals: bool,
+    changes: list[dict[str, Any]] | None = None,
 ) -> ResumePosition:
     """Train from ``position`` to ``cfg.epochs`` (or early stop); rows go to ``history``.
+
+    ``changes`` (a resume's changed options, ``fbp.run.runner.plan``) are written in
+    the metrics row of the first epoch they apply to.
 
     Raises:
       Interrupted: SIGTERM/SIGINT, served at the next chunk boundary after a checkpoint.
@@ -262,6 +292,8 @@ def train(
         while position.progress.epoch < cfg.epochs and not position.progress.stopped_early:
             position = _run_epoch_steps(setup, cfg, position, stop, saver, printer)
             position, row = _end_epoch(setup, cfg, position)
+            if changes:
+                row["changes"], changes = changes, None
             history.append(row)
             if log is not None:
                 log.write(row)

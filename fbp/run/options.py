@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 SCHEDULES = ("constant", "cosine", "warmup-cosine", "linear", "plateau")
 NONFINITE = ("skip", "halt")
+RESUME_RULES = ("change", "fixed", "process")
 PRECISIONS = ("f32", "bf16-mixed", "bf16")  # fbp.precision's policy names
 
 
@@ -73,10 +74,11 @@ class Option:
       choices: the allowed strings, for a string option.
       flag: the command-line flag; default ``--`` + the name with dashes.
       metavar: the flag's value placeholder.
-      resume: a resumed run takes this option from its checkpoint unless it is given
-        again (False for options of one process, such as ``devices``).
-      fixed: a resumed run keeps the checkpoint's value; giving another one is refused
-        (``precision``: the parameters and optimizer state are stored in its dtypes).
+      resume: what a resumed run does with this option (``RESUME_RULES``): ``"change"``
+        takes it from the checkpoint and a new value given on resume is recorded as a
+        change at the epoch it takes effect (``lr``, ``epochs``); ``"fixed"`` refuses a new
+        value (``seed``, ``batch_size``: the run would no longer be the same run);
+        ``"process"`` is not taken from the checkpoint (``devices``: one process's).
       sweepable: runs of one sweep (``fbp.run.sweep``) may differ in this option: a
         number that enters the compiled step as a per-run value (``lr``) or only the
         host's bookkeeping (``patience``), never a shape.
@@ -87,9 +89,12 @@ class Option:
     choices: tuple[str, ...] | None = None
     flag: str | None = None
     metavar: str | None = None
-    resume: bool = True
-    fixed: bool = False
+    resume: str = "change"
     sweepable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resume not in RESUME_RULES:
+            raise ValueError(f"Option.resume must be one of {RESUME_RULES}, got {self.resume!r}.")
 
 
 def option(default: Any = dataclasses.MISSING, **meta: Any) -> Any:
@@ -101,12 +106,12 @@ def option(default: Any = dataclasses.MISSING, **meta: Any) -> Any:
 class TrainingOptions:
     """Options an experiment sets and the command line overrides (``Experiment``'s fields)."""
 
-    epochs: int = option(help="total epochs of the run, also when resuming", check=at_least(0))
+    epochs: int = option(help="total epochs of the run, also when resuming", check=at_least(1))
     lr: float = option(help="learning rate", check=positive, sweepable=True)
     batch_size: int | None = option(
-        None, help="minibatch size (default: the experiment's)", check=at_least(1)
+        None, help="minibatch size (default: the experiment's)", check=at_least(1), resume="fixed"
     )
-    seed: int = option(0, help="seed for init, data split and shuffling")
+    seed: int = option(0, help="seed for init, data split and shuffling", resume="fixed")
     patience: int | None = option(
         None,
         help="early stopping: epochs without a better validation loss",
@@ -119,7 +124,9 @@ class TrainingOptions:
     weight_decay: float = option(
         0.0, help="weight decay added to the gradient (coupled)", check=at_least(0), sweepable=True
     )
-    schedule: str = option("constant", help="learning-rate schedule", choices=SCHEDULES)
+    schedule: str = option(
+        "constant", help="learning-rate schedule", choices=SCHEDULES, resume="fixed"
+    )
     plateau_factor: float = option(0.5, help="reduce-on-plateau factor (0.5)", check=unit_open)
     plateau_patience: int = option(5, help="reduce-on-plateau patience (5)", check=at_least(1))
     nonfinite: str = option(
@@ -131,7 +138,7 @@ class TrainingOptions:
         "f32",
         help="f32 (default), bf16-mixed (float32 parameters, bfloat16 compute) or bf16",
         choices=PRECISIONS,
-        fixed=True,
+        resume="fixed",  # parameters and optimizer state are stored in its dtypes
     )
     keep: int = option(3, help="checkpoints to keep (plus the best)", check=at_least(1))
     checkpoint_every: int | None = option(
@@ -141,12 +148,16 @@ class TrainingOptions:
         None,
         help="DP-SGD: clip each example's gradient to this norm (fbp.extend.dp)",
         check=positive,
+        resume="fixed",
     )
     dp_noise: float | None = option(
-        None, help="DP-SGD noise multiplier sigma (needs --dp-clip; default 0)", check=at_least(0)
+        None,
+        help="DP-SGD noise multiplier sigma (needs --dp-clip; default 0)",
+        check=at_least(0),
+        resume="fixed",
     )
     dp_delta: float = option(
-        1e-5, help="DP-SGD: delta of the reported epsilon (1e-5)", check=unit_open
+        1e-5, help="DP-SGD: delta of the reported epsilon (1e-5)", check=unit_open, resume="fixed"
     )
 
 
@@ -167,38 +178,38 @@ class RunOptions(TrainingOptions):
         None,
         help="data-parallel over N devices, the batch split evenly (fbp.distributed.parallel)",
         check=at_least(1),
-        resume=False,
+        resume="process",
     )
     shard_params: bool = option(
         False,
         help="shard parameters and optimizer state over the devices (needs 2 or more)",
-        resume=False,
+        resume="process",
     )
     num_processes: int | None = option(
         None,
         help="processes in the run (default: JAX_NUM_PROCESSES, SLURM's task count, or 1)",
         check=at_least(1),
-        resume=False,
+        resume="process",
     )
     process_id: int | None = option(
         None,
         help="this process's index, 0..num_processes-1 (default: JAX_PROCESS_ID or SLURM's)",
         check=at_least(0),
-        resume=False,
+        resume="process",
     )
     coordinator: str | None = option(
         None,
         help="HOST:PORT where process 0 listens (default: JAX_COORDINATOR_ADDRESS or SLURM's)",
         check=host_port,
         metavar="HOST:PORT",
-        resume=False,
+        resume="process",
     )
     coordinator_timeout: float = option(
         60.0,
         help="seconds to wait for the coordinator and the other processes (60)",
         check=positive,
         metavar="SECONDS",
-        resume=False,
+        resume="process",
     )
 
     def to_config(self) -> dict[str, Any]:
@@ -280,8 +291,9 @@ def resolve(
 
     Args:
       exp: the experiment (any ``TrainingOptions``), giving the defaults.
-      saved: a checkpoint's stored config; options with ``resume=False`` and keys
-        that are not options (the experiment's name) are ignored.
+      saved: a checkpoint's stored config, its recorded ``changes`` applied
+        (``effective``); options with ``resume="process"`` and keys that are not
+        options (the experiment's name) are ignored.
       overrides: explicit values (command line, keyword arguments); None means "not
         given". An unknown name is an error.
 
@@ -293,26 +305,53 @@ def resolve(
     if unknown:
         raise ValueError(f"run: unknown option(s) {unknown}; known: {sorted(known)}.")
     values = {f.name: getattr(exp, f.name, f.default) for f in fields()}
+    saved = effective(saved) if saved else saved
     for f in fields():
-        if saved and f.meta.resume and f.name in saved:
+        if saved and f.meta.resume != "process" and f.name in saved:
             values[f.name] = saved[f.name]
-        if saved and f.meta.fixed:
-            values[f.name] = saved.get(f.name, f.default)  # older runs: the default
-            _check_fixed(f, values[f.name], (overrides or {}).get(f.name))
-        elif overrides and overrides.get(f.name) is not None:
+        if overrides and overrides.get(f.name) is not None:
             values[f.name] = overrides[f.name]
     for name, value in values.items():
         check(name, value)
     return RunOptions(**values)
 
 
-def _check_fixed(f: Field, saved: Any, given: Any) -> None:
-    """Refuse ``given`` for a ``fixed`` option when it differs from the resumed run's value."""
-    if given is not None and given != saved:
-        raise ValueError(
-            f"run: the resumed run has {f.name}={saved!r} and keeps it, got {given!r}; "
-            f"start a new run (another --out) to train with {f.name}={given!r}."
-        )
+def effective(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config with its recorded ``changes`` applied, in order: the values in force now.
+
+    Examples:
+      >>> saved = {"lr": 0.1, "changes": [{"epoch": 3, "step": 6, "option": "lr", "to": 0.5}]}
+      >>> effective(saved)["lr"]
+      0.5
+    """
+    out = dict(saved)
+    for c in saved.get("changes") or ():
+        if c.get("option") in names():
+            out[c["option"]] = c["to"]
+    return out
+
+
+def resume_changes(saved: Mapping[str, Any], cfg: RunOptions) -> dict[str, tuple[Any, Any]]:
+    """The options ``cfg`` changes against a resumed run's ``saved`` config: ``{name: (old, new)}``.
+
+    Raises:
+      ValueError: an option whose ``resume`` rule is ``"fixed"`` is changed (one line,
+        naming it and both values).
+    """
+    now, out = effective(saved), {}
+    for f in fields():
+        if f.meta.resume == "process" or f.name not in now:
+            continue
+        old, new = now[f.name], getattr(cfg, f.name)
+        if old == new:
+            continue
+        if f.meta.resume == "fixed":
+            raise ValueError(
+                f"run: {flag(f)} cannot change on resume (the run has {old!r}, given {new!r}); "
+                f"resume with {flag(f)} {old}, or start a new run in another --out."
+            )
+        out[f.name] = (old, new)
+    return out
 
 
 # ----------------------------------------------------------------------------- command line

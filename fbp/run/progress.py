@@ -45,7 +45,9 @@ class Printer:
 
     On a terminal the bar is redrawn after every chunk of steps (at most ten times a
     second): epoch, the last epoch's metrics, the step within the epoch, the time
-    elapsed and an estimate of the time left (from this process's rate).
+    elapsed and an estimate of the time left (from this process's rate). Elsewhere (a
+    log, a pipe) a long epoch gets a plain line with the same step, elapsed time and
+    ETA at most every ``line_every_s`` seconds, so a log never stays silent for long.
 
     Args:
       print_fn: where lines go (the bar only when it is ``print`` on a terminal).
@@ -53,6 +55,7 @@ class Printer:
       log_every: epochs between plain lines.
       steps_per_epoch: steps in an epoch (None: no step, elapsed or ETA shown).
       start: steps done before this process started (a resumed run).
+      line_every_s: seconds between plain progress lines within an epoch (not a terminal).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class Printer:
         *,
         steps_per_epoch: int | None = None,
         start: int = 0,
+        line_every_s: float = 10.0,
     ):
         self.print_fn = print_fn
         self.total = total
@@ -72,12 +76,22 @@ class Printer:
         self.start = start
         self.t0 = time.monotonic()
         self.last = 0.0
+        self.line_every_s = line_every_s
+        self.last_line = self.t0
         self.text = ""  # the last epoch's metrics
 
     def step(self, epoch: int, pos: int) -> None:
         """After a chunk: ``epoch`` epochs done, ``pos`` steps into the next one."""
         if self.tty:
             self._draw(epoch + 1, pos, force=False)
+            return
+        now = time.monotonic()
+        if self.steps_per_epoch and now - self.last_line >= self.line_every_s:
+            self.last_line = now
+            self.print_fn(
+                f"epoch {epoch + 1:>6}/{self.total}  step {pos}/{self.steps_per_epoch}  "
+                f"{self._times(epoch + 1, pos, now)}"
+            )
 
     def epoch(self, row: dict[str, Any]) -> None:
         e = row["epoch"]

@@ -161,10 +161,15 @@ def _fmt(metrics: dict[str, float]) -> str:
 def _summary(exp, config, position, params, test, history, last_ckpt) -> dict[str, Any]:
     """summary.json's content."""
     prog = position.progress
+    description = exp.description
+    if config.get("data_file"):  # the experiment's text describes its own data, not this file
+        description += f" (trained on {config['data_file']}, not the experiment's data)"
     return {
         "experiment": exp.name,
-        "description": exp.description,
+        "description": description,
         "config": config,
+        "data": config.get("data"),  # what was trained on: fbp.run.fingerprint
+        "changes": config.get("changes", []),  # options changed on resume, from their epoch
         "seed": config["seed"],
         "epochs_completed": prog.epoch,
         "steps": int(position.state.step),

@@ -41,16 +41,18 @@ import optax
 
 from fbp import checkpoint as ckpt
 from fbp import data as fbp_data
+from fbp import memory as fbp_memory
 from fbp import train as fbp_train
 from fbp.core import Layer, takes_lengths
 from fbp.distributed import cluster, parallel
 from fbp.losses import SoftmaxCrossEntropy, accuracy
 from fbp.precision import get_policy
-from fbp.run import options, privacy, schedules, variants
+from fbp.run import fingerprint, options, privacy, schedules, variants
 from fbp.run.experiment import Experiment, RunResult
 from fbp.run.loop import (
     Checkpointer,
     Interrupted,
+    OutOfMemory,
     ResumePosition,
     Setup,
     WriteError,
@@ -157,7 +159,7 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     if exp.init is not None:
         p0 = get_policy(cfg.precision).cast_to_param(exp.init(model, ds, cfg.seed))
         ts = ts._replace(params=p0, opt_state=opt.init(p0))
-    _check_labels(model, ts, ds, exp.loss)
+    _check_labels(model, ts, ds, exp.loss, cfg.data_file or ds.name)
     if bs > n:
         raise ValueError(f"run: batch_size={bs} is larger than the {n} training examples.")
     grad_fn, accountant = _gradient(exp, cfg, model, ds, bs)
@@ -280,8 +282,9 @@ def _train_lengths(model, ds: fbp_data.Dataset, cfg: RunOptions) -> jax.Array | 
     return jnp.asarray(ds.train.lengths)
 
 
-def _check_labels(model, ts, ds, loss) -> None:
-    """Classification labels must index the model's outputs: [0, outputs)."""
+def _check_labels(model, ts, ds, loss, where: str) -> None:
+    """Classification labels must index the model's outputs: [0, outputs), and the model
+    must have exactly as many outputs as the data has classes (``where``: the data's name)."""
     if not is_classifier(loss):
         return
     out = jax.eval_shape(
@@ -290,6 +293,12 @@ def _check_labels(model, ts, ds, loss) -> None:
         ts.model_state,
         jnp.asarray(ds.train.x[:1]),
     )
+    if ds.classes is not None and out.shape[-1] != ds.classes:
+        raise fbp_data.DataError(
+            f"run: the model has {out.shape[-1]} outputs but {where} has {ds.classes} classes; "
+            "use data with as many classes as the model's outputs, or an experiment whose "
+            "model is built for this data (Experiment.model(ds) reading ds.classes)."
+        )
     for name in ("train", "val", "test"):
         s = getattr(ds, name)
         fbp_data.validate_arrays(
@@ -313,6 +322,7 @@ def run(
     overwrite: bool = False,
     print_fn: Callable[[str], None] = print,
     experiment_path: str | None = None,
+    accept_changed_data: bool = False,
     **overrides: Any,
 ) -> RunResult:
     """Train ``exp`` (each of its variants, if it has them), evaluate, print a report.
@@ -325,6 +335,8 @@ def run(
       overwrite: discard what a previous run wrote in ``out``.
       print_fn: where progress and the report go.
       experiment_path: the experiment's file, recorded so ``fbp eval``/``export`` find it.
+      accept_changed_data: resume although the data's fingerprint changed (recorded in
+        the run's ``changes``); otherwise a changed data set is refused.
       **overrides: any run option (``fbp.run.options.RunOptions``: ``epochs``, ``lr``,
         ``seed``, ``batch_size``, ``patience``...); None means "the experiment's value".
 
@@ -337,7 +349,10 @@ def run(
       Interrupted: SIGTERM/SIGINT, after saving a checkpoint.
     """
     kwargs: dict[str, Any] = dict(
-        resume=resume, overwrite=overwrite, experiment_path=experiment_path
+        resume=resume,
+        overwrite=overwrite,
+        experiment_path=experiment_path,
+        accept_changed_data=accept_changed_data,
     )
     if exp.variants:
         return variants.run(exp, run_single, out=out, print_fn=print_fn, **kwargs, **overrides)
@@ -352,6 +367,7 @@ def run_single(
     overwrite: bool = False,
     print_fn: Callable[[str], None] = print,
     experiment_path: str | None = None,
+    accept_changed_data: bool = False,
     **overrides: Any,
 ) -> RunResult:
     """``run`` for an experiment without variants (the arguments are ``run``'s).
@@ -381,6 +397,7 @@ def run_single(
                 overrides=overrides,
                 print_fn=print_fn,
                 experiment_path=experiment_path,
+                accept_changed_data=accept_changed_data,
             )
             # Every process passed its checks and starts from the same point, or all stop.
             prog = p.position.progress
@@ -410,6 +427,7 @@ class Plan(NamedTuple):
     position: ResumePosition
     history: list[dict[str, Any]]  # metrics rows up to the position
     resumed_from: Path | None  # the checkpoint it resumes from
+    changes: list[dict[str, Any]] = []  # what this resume changed (also in config["changes"])
 
 
 def plan(
@@ -420,8 +438,13 @@ def plan(
     overrides: Mapping[str, Any],
     print_fn: Callable[[str], None],
     experiment_path: str | None = None,
+    accept_changed_data: bool = False,
 ) -> Plan:
     """Options, data, model, optimizer and the resume position; reads, never writes.
+
+    A resumed run's data is checked against its fingerprint (``fbp.run.fingerprint``)
+    and its options against their resume rules (``fbp.run.options.resume_changes``);
+    what changed is appended to the config's ``changes``, the original values kept.
 
     Raises:
       ValueError (DataError, CheckpointError): anything wrong with them.
@@ -431,16 +454,26 @@ def plan(
     saved = resume_config(ckpt_dir) if resume and ckpt_dir is not None else None
     if saved is not None and ckpt_dir is not None and saved.get("experiment") != exp.name:
         raise _another_experiment(exp, ckpt_dir, saved, overrides)
-    cfg = resolve_config(exp, saved=saved, **overrides)
+    given = overrides.get("data_file")
+    data_file = fingerprint.data_file((saved or {}).get("data_file"), given, "run")
+    cfg = resolve_config(exp, saved=saved, **{**overrides, "data_file": data_file})
+    changed = options.resume_changes(saved, cfg) if saved is not None else {}
     if experiment_path is None and saved:
         experiment_path = saved.get("experiment_path")
-    config = saved_config(exp, cfg, experiment_path)
     setup, ts = build(exp, cfg)
-    position = start_position(ts, setup.steps_per_epoch)
+    if not cfg.devices:  # (over a mesh, fbp.distributed.parallel describes the memory)
+        check_memory(setup, ts)
+    data = fingerprint.describe(setup.dataset, cfg.data_file)
     if saved is None or out_dir is None or ckpt_dir is None:  # (saved needs a directory)
-        return Plan(cfg, config, setup, position, [], None)
+        config = {**saved_config(exp, cfg, experiment_path), "data": data}
+        return Plan(cfg, config, setup, start_position(ts, setup.steps_per_epoch), [], None)
+    recorded = fingerprint.recorded(saved)
+    diff = fingerprint.check(recorded, data, where="run", accept=accept_changed_data)
+    position = start_position(ts, setup.steps_per_epoch)
     resumed_from, position = _load_resumed(ckpt_dir, position, saved, experiment_path, print_fn)
     check_resumable(position, cfg, setup)
+    changes = change_entries(changed, diff, data, position)
+    config = resumed_config(saved, cfg, changes)
     history = [
         r for r in read_metrics(out_dir / "metrics.jsonl") if r["epoch"] <= position.progress.epoch
     ]
@@ -448,7 +481,52 @@ def plan(
         f"resuming from {resumed_from.name}: epoch {position.progress.epoch}, "
         f"step {int(position.state.step)}"
     )
-    return Plan(cfg, config, setup, position, history, resumed_from)
+    return Plan(cfg, config, setup, position, history, resumed_from, changes)
+
+
+def resumed_config(
+    saved: Mapping[str, Any], cfg: RunOptions, changes: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A resumed run's saved config: the original, this process's own options, the changes."""
+    return {
+        **saved,
+        **{f.name: getattr(cfg, f.name) for f in options.fields() if f.meta.resume == "process"},
+        "changes": [*saved.get("changes", []), *changes],
+    }
+
+
+def change_entries(
+    changed: Mapping[str, tuple[Any, Any]],
+    data_diff: str | None,
+    data: dict[str, Any],
+    position: ResumePosition,
+) -> list[dict[str, Any]]:
+    """The ``changes`` entries of a resume: each changed option, and accepted new data.
+
+    ``epoch`` is the first epoch trained with the change (1-based), ``step`` the
+    optimizer step it took effect at.
+    """
+    at = {"epoch": position.progress.epoch + 1, "step": int(position.state.step)}
+    out = [{**at, "option": k, "from": a, "to": b} for k, (a, b) in changed.items()]
+    if data_diff is not None:
+        out.append({**at, "option": "data", "what": data_diff, "to": data})
+    return out
+
+
+def check_memory(setup: Setup, ts: fbp_train.TrainState) -> None:
+    """Refuse, in one line, a run that clearly cannot fit the device's free memory.
+
+    The estimate is the sweeps' (``fbp.memory.run_bytes``) for one run, from shapes
+    alone (nothing is compiled or allocated).
+
+    Raises:
+      ValueError: the estimate exceeds the free memory.
+    """
+    x = setup.x
+    state = jax.eval_shape(lambda t: t, ts)
+    data_bytes = fbp_memory.tree_bytes((x, setup.y, setup.val or ()))
+    need = fbp_memory.run_bytes(setup.model, state, x, setup.batch_size, data_bytes, own_data=True)
+    fbp_memory.check_run_fits(need.per_run, fbp_memory.available_bytes())
 
 
 def execute(
@@ -497,6 +575,7 @@ def execute(
             printer=printer,
             history=history,
             handle_signals=out_dir is not None,
+            changes=p.changes,
         )
         if saver.log is not None:
             saver.log.close()
@@ -512,6 +591,8 @@ def execute(
                 clear_owned(write_dir)
         if isinstance(e, OSError):
             raise WriteError.of(e, saver.last) from e
+        if OutOfMemory.caused_by(e):
+            raise OutOfMemory.of(e, p.cfg, saver.last) from None
         raise
 
 

@@ -45,9 +45,9 @@ import numpy as np
 
 from fbp import checkpoint as ckpt
 from fbp import train as fbp_train
-from fbp.run import options, runner
+from fbp.run import fingerprint, options, runner
 from fbp.run.experiment import Experiment, RunResult
-from fbp.run.loop import Best, Checkpointer, load_position, start_position
+from fbp.run.loop import Best, Checkpointer, OutOfMemory, load_position, start_position
 from fbp.run.metrics import MetricsLog, read_metrics
 from fbp.run.progress import Printer
 from fbp.run.report import restores_best
@@ -97,6 +97,7 @@ def run(
     overwrite: bool = False,
     print_fn: Callable[[str], None] = print,
     experiment_path: str | None = None,
+    accept_changed_data: bool = False,
     **overrides: Any,
 ) -> SweepResult:
     """Train every run of seeds × grid as one vmapped program; report each and the table.
@@ -112,6 +113,8 @@ def run(
       overwrite: discard what a previous sweep wrote in ``out``.
       print_fn: where progress and the summary go.
       experiment_path: the experiment's file, recorded for ``fbp eval``/``export``.
+      accept_changed_data: resume runs whose data changed since (``fbp.run.fingerprint``;
+        recorded in each run's ``changes``); otherwise that is refused.
       **overrides: run options every run shares (``epochs``, ``batch_size``...).
 
     Returns:
@@ -134,6 +137,9 @@ def run(
         "grid": {k: list(v) for k, v in grid.items()},
     }
     pts = points(seeds, grid)
+    if overrides.get("data_file"):  # recorded absolute, so eval finds it from anywhere
+        overrides = {**overrides, "data_file": str(Path(overrides["data_file"]).resolve())}
+    overrides = {**overrides, "accept_changed_data": accept_changed_data}
     if out is None:
         return _sweep(exp, pts, spec, None, resume, overwrite, print_fn, experiment_path, overrides)
     lock = RunLock(Path(out))
@@ -176,16 +182,19 @@ def _check_request(exp, seeds, grid, overrides) -> None:
 
 def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, overrides):
     # ---- everything that can fail on input, before DIR is touched
+    overrides = dict(overrides)
+    accept = overrides.pop("accept_changed_data", False)
     cfgs = [options.resolve(exp, None, {**overrides, **p.overrides}) for p in pts]
     own_data = len({c.seed for c in cfgs}) > 1
     _check_memory(exp, cfgs[0], len(pts), own_data)
     if out is not None:
         prepare_dir(out, resume=resume, overwrite=overwrite)
         _check_spec(out, spec, resume)
+        _check_run_dirs(out, pts, resume and not overwrite)
         for p in pts:
             prepare_dir(out / p.name, resume=resume, overwrite=overwrite)
     runs, positions, resumed = _build_runs(
-        exp, pts, out, resume, print_fn, experiment_path, overrides
+        exp, pts, out, resume, print_fn, experiment_path, overrides, accept
     )
     _check_alike(runs)
     shared = runs[0].cfg
@@ -211,12 +220,18 @@ def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, ov
         data = _data(runs, stk.hyperparams([p.overrides for p in pts], hp_names), own_data)
         program = stk.build_program(exp, shared, runs[0].setup, total, own_data=own_data)
         print_fn(f"sweep {exp.name}: {len(runs)} runs in one program ({_describe(spec)})")
-        printer = Printer(print_fn, shared.epochs, exp.log_every)
+        spe = runs[0].setup.steps_per_epoch
+        start = min(r.progress.epoch * spe + r.progress.pos for r in runs)
+        printer = Printer(print_fn, shared.epochs, exp.log_every, steps_per_epoch=spe, start=start)
         try:
             stacked = train(
                 runs, stacked, program, data,
                 printer=printer, handle_signals=out is not None, sweep_dir=out,
             )  # fmt: skip
+        except Exception as e:
+            if OutOfMemory.caused_by(e):
+                raise _out_of_memory(e, runs) from None
+            raise
         finally:
             for r in runs:
                 if r.log is not None:
@@ -225,6 +240,23 @@ def _sweep(exp, pts, spec, out, resume, overwrite, print_fn, experiment_path, ov
     finally:
         for lock in locks:
             lock.release()
+
+
+def _out_of_memory(error: BaseException, runs: Sequence[Run]) -> OutOfMemory:
+    """A sweep's allocation failure in one line: what ran out, what to change, what is kept."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    bs = runs[0].setup.batch_size
+    saved = any(r.saver is not None and r.saver.last is not None for r in runs)
+    kept = (
+        "each run's last checkpoint is kept (--resume continues)"
+        if saved
+        else "no checkpoint was written yet"
+    )
+    return OutOfMemory(
+        f"out of memory during the sweep ({first}); sweep fewer --seeds or --sweep values, use "
+        f'a smaller --batch-size than {bs} or window, or memory="linear" / nn.Recompute in '
+        f"the model; {kept}."
+    )
 
 
 def _open_dirs(out: Path, spec: dict[str, Any], pts, runs: Sequence[Run], overwrite: bool):
@@ -249,8 +281,13 @@ def _open_dirs(out: Path, spec: dict[str, Any], pts, runs: Sequence[Run], overwr
     return locks
 
 
-def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides):
-    """Each run's options, setup and position (resumed from its checkpoints when asked)."""
+def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides, accept=False):
+    """Each run's options, setup and position (resumed from its checkpoints when asked).
+
+    A resumed run's data and options are checked as a single run's are
+    (``fbp.run.runner.plan``): changed data refused unless ``accept``, options that
+    cannot change refused, the others recorded in its config's ``changes``.
+    """
     runs, positions, resumed = [], [], {}
     for p in pts:
         run_dir = out / p.name if out is not None else None
@@ -259,15 +296,25 @@ def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides):
         # checkpoints are all unreadable is refused, like a single run.
         saved_any = resume and ckpt_dir is not None and bool(ckpt.list_checkpoints(ckpt_dir))
         saved = runner.resume_config(ckpt_dir) if saved_any and ckpt_dir else None
-        cfg = options.resolve(exp, saved, {**overrides, **p.overrides})
+        where = f"sweep {run_dir or p.name}"
+        data_file = fingerprint.data_file(
+            (saved or {}).get("data_file"), overrides.get("data_file"), where
+        )
+        cfg = options.resolve(exp, saved, {**overrides, **p.overrides, "data_file": data_file})
+        changed = options.resume_changes(saved, cfg) if saved else {}
         path = experiment_path or (saved or {}).get("experiment_path")
         setup, ts = runner.build(exp, cfg)
+        data = fingerprint.describe(setup.dataset, cfg.data_file)
+        diff = None
+        if saved:
+            recorded = fingerprint.recorded(saved)
+            diff = fingerprint.check(recorded, data, where=where, accept=accept)
         position = start_position(ts, setup.steps_per_epoch)
         history: list[dict[str, Any]] = []
         run_ = Run(
             p,
             cfg,
-            runner.saved_config(exp, cfg, path),
+            {**runner.saved_config(exp, cfg, path), "data": data},
             setup,
             jax.tree.structure(ts),
             position.progress,
@@ -277,6 +324,8 @@ def _build_runs(exp, pts, out, resume, print_fn, experiment_path, overrides):
         if saved and ckpt_dir is not None and run_dir is not None:  # (saved needs both)
             resumed[p.name], position = load_position(ckpt_dir, position, warn=print_fn)
             runner.check_resumable(position, cfg, setup)
+            entries = runner.change_entries(changed, diff, data, position)
+            run_.config = runner.resumed_config(saved, cfg, entries)
             run_.progress = position.progress
             run_.history[:] = [
                 r
@@ -328,6 +377,19 @@ def _check_spec(out: Path, spec: dict[str, Any], resume: bool) -> None:
         raise ValueError(
             f"sweep: {out} holds a sweep of {_describe(saved)}, not of {_describe(spec)}; "
             "resume it with the same --seeds and --sweep (or none)."
+        )
+
+
+def _check_run_dirs(out: Path, pts: Sequence[Point], resume: bool) -> None:
+    """On resume, refuse (naming them) run directories that are gone while others remain."""
+    if not resume:
+        return
+    missing = [str(out / p.name) for p in pts if not (out / p.name).is_dir()]
+    if missing and len(missing) < len(pts):
+        raise ValueError(
+            f"sweep: --resume: the run director{'y' if len(missing) == 1 else 'ies'} "
+            f"{', '.join(missing)} of this sweep {'is' if len(missing) == 1 else 'are'} "
+            "missing; restore it from a copy, or pass --overwrite to start the whole sweep over."
         )
 
 

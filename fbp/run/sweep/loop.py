@@ -165,6 +165,8 @@ def train(
                 due = [i for i in group if _due(runs[i], every)]
                 if stop.signum is None and due:
                     save(runs, stacked, due, pool)
+            else:
+                printer.step(epoch, hi)
             if stop.signum is not None:
                 save(runs, stacked, range(len(runs)), pool)
                 raise Interrupted(stop.signum, sweep_dir)
@@ -235,9 +237,7 @@ def _end_epochs(
         monitor = row.get("val_loss", row["loss"])
         if monitor is not None:
             monitors[i], has_monitor[i] = monitor, True
-        run.history.append(row)
-        if run.log is not None:
-            run.log.write(row)
+        _record(run, row)
         closed.append(row)
         if row["skipped"]:
             printer.line(
@@ -250,6 +250,17 @@ def _end_epochs(
         stacked = stacked._replace(state=state._replace(opt_state=opt_state))
     printer.epoch(_mean_row(closed))
     return stacked
+
+
+def _record(run: Run, row: dict[str, Any]) -> None:
+    """Add ``row`` to ``run``'s history and metrics file, with the changes that took effect
+    in its epoch (options changed on resume, accepted data: ``run.config["changes"]``)."""
+    changes = [c for c in run.config.get("changes") or () if c.get("epoch") == row["epoch"]]
+    if changes:
+        row["changes"] = changes
+    run.history.append(row)
+    if run.log is not None:
+        run.log.write(row)
 
 
 def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
