@@ -1,6 +1,18 @@
 """fbp: hand-written backpropagation in JAX, checked against jax.grad."""
 
-from fbp import _moved, diagnostics, extend, finetune, losses, nn, rules, testing, train
+from fbp import (
+    _moved,
+    diagnostics,
+    extend,
+    finetune,
+    losses,
+    nn,
+    precision,
+    rules,
+    testing,
+    train,
+)
+from fbp.compile_cache import enable_compilation_cache
 from fbp.core import Aux, Layer, Sequential, ShapeError, loss_fn, value_and_grad
 from fbp.distributed import parallel
 from fbp.memory import memory_report
@@ -17,6 +29,7 @@ __all__ = [
     "ShapeError",
     "configure_cpu",
     "diagnostics",
+    "enable_compilation_cache",
     "extend",
     "finetune",
     "loss_fn",
@@ -24,6 +37,7 @@ __all__ = [
     "memory_report",
     "nn",
     "parallel",
+    "precision",
     "rules",
     "testing",
     "train",

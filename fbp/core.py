@@ -50,6 +50,8 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from fbp.precision import Policy, get_policy
+
 Array = jax.Array
 PRNGKey = jax.Array  # a key from jax.random.key (or a legacy uint32 key), as chex.PRNGKey
 PyTree = Any  # nested dicts, lists, tuples and NamedTuples of arrays
@@ -401,6 +403,7 @@ def value_and_grad(
     penalty: PenaltyFunction | None = None,
     has_aux: bool = False,
     with_deltas: bool = False,
+    precision: str | Policy | None = None,
 ) -> Callable:
     """The loss and its gradient with respect to the parameters, by hand-written backprop.
 
@@ -415,6 +418,9 @@ def value_and_grad(
       with_deltas: return ``((loss, aux), grads)`` (as ``has_aux``) with ``aux.deltas``
         set: for a ``Sequential``, ``deltas[i]`` = dL/d(output of layer i), shape of
         that output; for any other layer, ``(dL/dpred,)``. See ``fbp.diagnostics``.
+      precision: "f32" (default: no casting), "bf16-mixed" or "bf16" (``fbp.precision``):
+        params and floating inputs are cast to the compute dtype on entry, the loss and
+        dL/dpred are float32, and the gradients come back in each parameter's own dtype.
 
     Returns:
       ``f(params, x, target, *, key=None, state=None, train=True, lengths=None)`` returning
@@ -432,15 +438,20 @@ def value_and_grad(
       (2, 4)
     """
 
+    policy = get_policy(precision)
+
     def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
         kw = model_lengths_kw("value_and_grad", model, lengths)
-        pred, res = model.forward(params, x, key=key, state=state, train=train, **kw)
+        cparams, cx = policy.cast_to_compute(params), policy.cast_to_compute(x)
+        pred, res = model.forward(cparams, cx, key=key, state=state, train=train, **kw)
+        pred = policy.cast_to_output(pred)
         value = loss(pred, target)
-        dpred = loss.backward(pred, target)
+        dpred = policy.scale_dpred(loss.backward(pred, target))
         if with_deltas and isinstance(model, Sequential):
-            grads, _, deltas = model.backward_with_deltas(params, res, dpred)
+            grads, _, deltas = model.backward_with_deltas(cparams, res, dpred)
         else:
-            (grads, _), deltas = model.backward(params, res, dpred), (dpred,)
+            (grads, _), deltas = model.backward(cparams, res, dpred), (dpred,)
+        grads = policy.grads_like(grads, params)
         if penalty is not None:
             value = value + penalty(params)
             grads = jax.tree.map(jnp.add, grads, penalty.backward(params))
@@ -454,12 +465,16 @@ def value_and_grad(
 
 
 def loss_fn(
-    model: Layer, loss: LossFunction, *, penalty: PenaltyFunction | None = None
+    model: Layer,
+    loss: LossFunction,
+    *,
+    penalty: PenaltyFunction | None = None,
+    precision: str | Policy | None = None,
 ) -> Callable:
     """The plain loss ``f(params, x, target, *, key, state, train, lengths) -> scalar``.
 
     This is what ``jax.grad`` differentiates in the parity suite: the same forward,
-    with no hand-written backward in it.
+    with no hand-written backward in it. ``precision`` casts as ``value_and_grad`` does.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fbp
@@ -470,9 +485,13 @@ def loss_fn(
       0.0
     """
 
+    policy = get_policy(precision)
+
     def f(params, x, target, *, key=None, state=None, train=True, lengths=None):
         kw = model_lengths_kw("loss_fn", model, lengths)
-        value = loss(model.apply(params, x, key=key, state=state, train=train, **kw), target)
+        cparams, cx = policy.cast_to_compute(params), policy.cast_to_compute(x)
+        pred = model.apply(cparams, cx, key=key, state=state, train=train, **kw)
+        value = loss(policy.cast_to_output(pred), target)
         if penalty is not None:
             value = value + penalty(params)
         return value

@@ -45,6 +45,7 @@ from fbp.core import (
 )
 from fbp.data import batch_order
 from fbp.losses import SoftmaxCrossEntropy, accuracy
+from fbp.precision import Policy, get_policy
 
 
 class TrainState(NamedTuple):
@@ -57,7 +58,14 @@ class TrainState(NamedTuple):
     key: Array  # PRNG key for shuffling and dropout, advanced every step/epoch
 
 
-def init(model: Layer, optimizer: optax.GradientTransformation, key: Array, x: Any) -> TrainState:
+def init(
+    model: Layer,
+    optimizer: optax.GradientTransformation,
+    key: Array,
+    x: Any,
+    *,
+    precision: str | Policy | None = None,
+) -> TrainState:
     """Fresh parameters, optimizer state and running state for inputs shaped like ``x``.
 
     Args:
@@ -65,9 +73,11 @@ def init(model: Layer, optimizer: optax.GradientTransformation, key: Array, x: A
       optimizer: any optax ``GradientTransformation``.
       key: PRNG key; split into the init key and the training key.
       x: example input (only its shape and dtype are read), shape (batch, ...).
+      precision: ``fbp.precision`` policy name; parameters and optimizer state are
+        made in its parameter dtype (float32 master copies for "bf16-mixed").
     """
     k_init, k_train = jax.random.split(key)
-    params = model.init(k_init, x)
+    params = get_policy(precision).cast_to_param(model.init(k_init, x))
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
@@ -101,6 +111,7 @@ def step_fn(
     penalty: PenaltyFunction | None = None,
     skip_nonfinite: bool = True,
     grad_fn: Callable | None = None,
+    precision: str | Policy | None = None,
 ) -> Callable:
     """The pure (unjitted) train step ``(ts, x, y) -> (ts, metrics)``.
 
@@ -111,13 +122,15 @@ def step_fn(
         reaches the parameters (``metrics['skipped']`` is 1 for such a step).
       grad_fn: replaces ``fbp.value_and_grad(model, loss, penalty=penalty, has_aux=True)``
         (same signature), e.g. an alternative learning rule.
+      precision: ``fbp.precision`` policy of the gradient ("f32", "bf16-mixed", "bf16");
+        the optimizer updates the parameters in their own dtype.
 
     Returns:
       ``step(ts, x, y, lengths=None)``; metrics are ``loss``, ``grad_norm`` and
       ``skipped`` scalars. ``lengths`` (batch,), for padded sequences, goes to the
       gradient (``fbp.value_and_grad``'s ``lengths=``).
     """
-    vg = grad_fn or value_and_grad(model, loss, penalty=penalty, has_aux=True)
+    vg = grad_fn or value_and_grad(model, loss, penalty=penalty, has_aux=True, precision=precision)
 
     def step(
         ts: TrainState, x: Array, y: Array, lengths: Array | None = None
@@ -193,7 +206,7 @@ def make_chunk(
     data-parallel form with the same signature).
 
     Args:
-      **kwargs: passed to ``step_fn`` (penalty, skip_nonfinite, grad_fn).
+      **kwargs: passed to ``step_fn`` (penalty, skip_nonfinite, grad_fn, precision).
     """
     step = step_fn(model, loss, optimizer, **kwargs)
     return jax.jit(functools.partial(scan_steps, step))
@@ -216,7 +229,7 @@ def make_epoch(
 
     Args:
       batch_size: examples per step (1 <= batch_size <= n).
-      **kwargs: passed to ``step_fn`` (penalty, skip_nonfinite, grad_fn).
+      **kwargs: passed to ``step_fn`` (penalty, skip_nonfinite, grad_fn, precision).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"make_epoch: batch_size must be a positive int, got {batch_size!r}.")

@@ -8,8 +8,10 @@ computation, not ``import jax``). ``configure_cpu`` adds fbp's chosen flags to
 and reductions to the YNNPACK library (``individual_dot``, ``individual_convolution``,
 ``reduce`` in ``--xla_cpu_experimental_ynn_fusion_type``); for convolutional
 models XLA's own convolution was faster than YNNPACK's, so the ``"conv"`` setting
-removes ``individual_convolution`` from that list. Dense and recurrent models keep
-XLA's defaults.
+removes ``individual_convolution`` from that list. A model without a convolution
+compiles to the same program under both settings (``benchmarks/cpu_setting.py``:
+MLP in float32 and bfloat16, LSTM, the char-lm transformer, a digits-mlp epoch), so
+``"conv"`` is the default for every process, with or without a model.
 
 Three rules keep it safe:
 
@@ -22,7 +24,7 @@ Three rules keep it safe:
 
 The ``fbp`` command applies the setting of the experiment it runs before JAX starts
 (``setting_for_experiment``: by name, else by the layers its file names); scripts call
-``fbp.configure_cpu(model=...)`` at the top. The glibc
+``fbp.configure_cpu()`` (or ``fbp.configure_cpu(model=...)``) at the top. The glibc
 allocator tunables (``GLIBC_TUNABLES``) act only when given at process start; see
 the README's "Speed on CPU".
 
@@ -31,7 +33,7 @@ Examples:
   >>> xla_config.setting_for(nn.Sequential([nn.Conv2D(8, 3), nn.ReLU()]))
   'conv'
   >>> xla_config.setting_for(nn.Sequential([nn.Dense(8), nn.ReLU()]))
-  'xla'
+  'conv'
   >>> xla_config.parse_flags("--a=1 --xla_b --c=x,y")
   {'a': '1', 'xla_b': 'true', 'c': 'x,y'}
 """
@@ -65,7 +67,9 @@ SETTINGS: dict[str, dict[str, str]] = {
     # Convolutions by XLA's own emitter, dots and reductions by YNNPACK.
     "conv": {"xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"},
 }
-DEFAULT = "xla"  # for a process whose model is unknown (tests, scripts without a model)
+# For every process, also one whose model is unknown (tests, scripts without a model):
+# the conv setting changes only convolutions (same programs for other models).
+DEFAULT = "conv"
 
 # Per-experiment overrides by name, for the ``fbp`` command (see setting_for_experiment).
 EXPERIMENTS: dict[str, str] = {}
@@ -143,7 +147,8 @@ def _layers(obj: Any, depth: int = 0):
 
 
 def setting_for(model: Any) -> str:
-    """The setting fbp uses for ``model``: ``"conv"`` if it has a convolution, else DEFAULT.
+    """The setting fbp uses for ``model``: ``"conv"`` if it has a convolution, else DEFAULT
+    (also ``"conv"`` since the conv setting was measured to change nothing else).
 
     Args:
       model: an fbp Layer (a Sequential, a wrapper, ...); nested layers count.

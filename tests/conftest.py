@@ -4,6 +4,9 @@ XLA:CPU setting (fbp.xla_config), quiet hypothesis."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# In-process `fbp` runs never read or write the user's compilation cache; cache tests
+# enable it explicitly under tmp_path.
+os.environ.setdefault("FBP_COMPILATION_CACHE", "0")
 
 from fbp import xla_config  # noqa: E402  (XLA reads XLA_FLAGS when JAX starts, not at import)
 

@@ -227,3 +227,13 @@ def test_extensions_attention_quick_prints_every_variant_and_checks_the_clipped_
         assert float(rows[name][5].split()[0]) >= 0
     err = float(re.search(r"Max relative \|clipped sum - vmap\(grad\)'s\|: (\S+)\.", out).group(1))
     assert err < 1e-4
+
+
+def test_precision_quick_prints_bf16_against_f32_jax_grad_and_torch(capsys):
+    pytest.importorskip("torch")
+    _load("precision").main(["--quick", "--models", "mlp"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert rows[0][:4] == ["model", "fbp f32 ms", "fbp bf16-mixed ms", "f32 / bf16-mixed"]
+    mlp = next(r for r in rows if r[0] == "mlp")
+    assert float(mlp[1].split()[0]) > 0 and float(mlp[2].split()[0]) > 0
+    assert mlp[3].strip("*").endswith("x") and mlp[8].endswith("x")  # fbp and torch speedups

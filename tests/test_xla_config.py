@@ -41,8 +41,16 @@ def test_auto_chooses_by_the_models_layers(fresh):
     dense = nn.Sequential([nn.Dense(4), nn.ReLU(), nn.LSTM(3)])
     assert xla_config.setting_for(dense) == xla_config.DEFAULT
     env = dict(fresh)
-    assert xla_config.configure_cpu(model=dense, environ=env, probe=accept_all) == {}
+    assert xla_config.configure_cpu(setting="xla", environ=env, probe=accept_all) == {}
     assert "XLA_FLAGS" not in env
+
+
+def test_script_without_a_model_gets_the_conv_setting(fresh):
+    """The conv setting compiles the same programs for models without a convolution
+    (benchmarks/cpu_setting.py), so it is the default for every script."""
+    env = dict(fresh)
+    assert xla_config.configure_cpu(environ=env, probe=accept_all) == CONV
+    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
 def test_setting_for_experiment_reads_the_file_without_running_it():

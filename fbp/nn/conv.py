@@ -49,6 +49,7 @@ from fbp.core import (
     param_dtype,
 )
 from fbp.nn import initializers
+from fbp.precision import accumulate, like, upcast
 
 Padding = Any  # 'SAME' | 'VALID' | int | sequence of (low, high) pairs
 
@@ -221,10 +222,11 @@ class ConvND(Layer):
             pads,
             rhs_dilation=self._dilate,
             dimension_numbers=_dim_numbers(self._n),
+            **accumulate(x),
         )
         if self.use_bias:
             y = y + params["b"]
-        return y, ConvRes(x)
+        return like(y, x), ConvRes(x)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = dy (dilated by strides) ⋆ flip(w)ᵀ;  dw = x ⋆ dy over the batch;  db = Σ dy.
@@ -235,8 +237,8 @@ class ConvND(Layer):
         pads = self.geometry(x, "backward")
         dparams = {"w": self.weight_grad(x, dy, pads)}
         if self.use_bias:
-            dparams["b"] = jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
-        return dparams, self._dx(x.shape, w, dy, pads)
+            dparams["b"] = jnp.sum(upcast(dy), axis=tuple(range(dy.ndim - 1)))
+        return dparams, like(self._dx(x.shape, w, dy, pads), dy)
 
     def _dx(self, x_shape, w, dy, pads):
         """Transposed convolution, padded so that its output has x's spatial shape."""
@@ -256,6 +258,7 @@ class ConvND(Layer):
             lhs_dilation=self._stride,
             rhs_dilation=self._dilate,
             dimension_numbers=_dim_numbers(self._n),
+            **accumulate(dy),
         )
 
     def weight_grad(self, x: Array, dy: Array, pads: Sequence[tuple[int, int]]) -> Array:
@@ -275,6 +278,7 @@ class ConvND(Layer):
             pad_dw,
             rhs_dilation=self._stride,
             dimension_numbers=_dim_numbers(self._n),
+            **accumulate(x, dy),
         )  # (in, *kernel, out)
         return jnp.moveaxis(g, 0, -2)
 

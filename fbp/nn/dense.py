@@ -23,6 +23,7 @@ from fbp.core import (
     param_dtype,
 )
 from fbp.nn import initializers
+from fbp.precision import like, matmul, matmul_nt, matmul_tn, upcast
 
 
 class DenseRes(NamedTuple):
@@ -93,16 +94,20 @@ class Dense(Layer):
     ) -> tuple[Array, Residuals]:
         """x: (..., in) -> y: (..., out)."""
         self._check(params, x, "forward")
-        y = x @ params["w"]
+        y = matmul(x, params["w"])
         if self.use_bias:
             y = y + params["b"]
-        return y, DenseRes(x)
+        return like(y, x), DenseRes(x)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
-        """dx = dy wᵀ;  dw = xᵀ dy;  db = Σ_batch dy;  dy (..., out) -> dx (..., in)."""
+        """dx = dy wᵀ;  dw = xᵀ dy;  db = Σ_batch dy;  dy (..., out) -> dx (..., in).
+
+        bfloat16 operands: products in XLA:CPU's fast layout, sums in float32
+        (``fbp.precision``); dparams are float32, dx has dy's dtype.
+        """
         x2 = res.x.reshape(-1, res.x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dparams = {"w": x2.T @ dy2}
+        dparams = {"w": matmul_tn(x2, dy2)}
         if self.use_bias:
-            dparams["b"] = jnp.sum(dy2, axis=0)
-        return dparams, dy @ params["w"].T
+            dparams["b"] = jnp.sum(upcast(dy2), axis=0)
+        return dparams, like(matmul_nt(dy, params["w"]), dy)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from fbp.core import Array, Layer, Params, PRNGKey, Residuals, Shaped, ShapeError, State, layer_name
 from fbp.nn import initializers
+from fbp.precision import accum_dtype
 
 
 class EmbeddingRes(NamedTuple):
@@ -104,5 +105,7 @@ class Embedding(Layer):
         """
         w = params["w"]
         ids = res.ids.reshape(-1)
-        dw = jnp.zeros_like(w).at[ids].add(dy.reshape(-1, w.shape[1]).astype(w.dtype), mode="drop")
+        acc = accum_dtype(w)  # float32 sums for bfloat16 tables
+        rows = dy.reshape(-1, w.shape[1]).astype(acc)
+        dw = jnp.zeros(w.shape, acc).at[ids].add(rows, mode="drop")
         return {"w": dw}, jnp.zeros(res.ids.shape, w.dtype)

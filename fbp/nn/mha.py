@@ -49,6 +49,7 @@ from fbp.nn.attention import (
     sdpa_output,
 )
 from fbp.nn.positional import rope_backward, rope_forward
+from fbp.precision import like, matmul, matmul_nt, matmul_tn, upcast
 
 
 class MHARes(NamedTuple):
@@ -71,14 +72,15 @@ def _merge_heads(a: Array) -> Array:
 
 
 def _affine(x: Array, w: Array, b: Array | None) -> Array:
-    y = x @ w
-    return y if b is None else y + b
+    """x w (+ b); x: (..., in), w: (in, out); bfloat16 x: float32 accumulation, x's dtype out."""
+    y = matmul(x, w)
+    return like(y if b is None else y + b, x)
 
 
 def _weight_grads(x: Array, dz: Array) -> tuple[Array, Array]:
     """(xᵀ dz, Σ dz) with leading axes flattened into the batch."""
     dz2 = dz.reshape(-1, dz.shape[-1])
-    return x.reshape(-1, x.shape[-1]).T @ dz2, jnp.sum(dz2, axis=0)
+    return matmul_tn(x, dz2), jnp.sum(upcast(dz2), axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,7 +344,8 @@ class MultiHeadAttention(Layer):
             dy = dy * res.qmask
         dparams = {}
         dparams["w_o"], db_o = _weight_grads(_merge_heads(sdpa_output(res.attn)), dy)
-        dq, dk, dv = sdpa_backward(res.attn, _split_heads(dy @ params["w_o"].T, self.num_heads))
+        do = like(matmul_nt(dy, params["w_o"]), dy)
+        dq, dk, dv = sdpa_backward(res.attn, _split_heads(do, self.num_heads))
         if self.rope:
             dq, dk = rope_backward(dq, base=self.rope_base), rope_backward(dk, base=self.rope_base)
         dq, dk, dv = _merge_heads(dq), _merge_heads(dk), _merge_heads(dv)
@@ -372,7 +375,7 @@ class MultiHeadAttention(Layer):
             grads[f"w_{n}"] = dw[:, i * width : (i + 1) * width]
             if self.use_bias:
                 grads[f"b_{n}"] = db[i * width : (i + 1) * width]
-        return dz @ w.T, grads
+        return like(matmul_nt(dz, w), dz), grads
 
 
 def params_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Array]:

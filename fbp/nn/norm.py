@@ -32,6 +32,7 @@ from fbp.core import (
     layer_name,
     param_dtype,
 )
+from fbp.precision import like, upcast
 
 
 class NormRes(NamedTuple):
@@ -52,7 +53,9 @@ def _affine_init(x) -> dict[str, Array]:
 
 
 def _affine_grads(dy: Array, xhat: Array) -> dict[str, Array]:
+    """dscale = Σ dy·x̂, dbias = Σ dy over all but the last axis (float32 sums for bf16)."""
     axes = tuple(range(dy.ndim - 1))
+    dy, xhat = upcast(dy), upcast(xhat)
     return {"scale": jnp.sum(dy * xhat, axis=axes), "bias": jnp.sum(dy, axis=axes)}
 
 
@@ -138,7 +141,7 @@ class BatchNorm(Layer):
     ) -> tuple[Array, Residuals]:
         """x: (batch, ..., features) -> y: same shape."""
         self._check(x, "forward", params)
-        axes = tuple(range(x.ndim - 1))
+        axes, x_in, x = tuple(range(x.ndim - 1)), x, upcast(x)  # float32 statistics for bf16
         if train:
             mean = jnp.mean(x, axis=axes)
             var = jnp.mean(jnp.square(x - mean), axis=axes)
@@ -151,7 +154,7 @@ class BatchNorm(Layer):
             mean, var = state["mean"], state["var"]
         inv_std = jax.lax.rsqrt(var + self.eps)
         xhat = (x - mean) * inv_std
-        y = xhat * params["scale"] + params["bias"]
+        y = like(xhat * params["scale"] + params["bias"], x_in)
         return y, NormRes(xhat, inv_std, mean if train else None, var if train else None)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
@@ -160,12 +163,12 @@ class BatchNorm(Layer):
         Eval: dx = g / √(σ²+eps). Both: dscale = Σ dy·x̂, dbias = Σ dy.
         dy and dx have shape (batch, ..., features).
         """
-        g = dy * params["scale"]
+        g = upcast(dy) * params["scale"]
         if res.mean is None:
             dx = g * res.inv_std
         else:
             dx = _dx_through_stats(g, res.xhat, res.inv_std, tuple(range(dy.ndim - 1)))
-        return _affine_grads(dy, res.xhat), dx
+        return _affine_grads(dy, res.xhat), like(dx, dy)
 
     def next_state(self, state: State | None, res: Residuals) -> State | None:
         """r ← momentum · r + (1 - momentum) · batch statistic; unchanged in eval mode."""
@@ -218,16 +221,18 @@ class LayerNorm(Layer):
     ) -> tuple[Array, Residuals]:
         """x: (..., features) -> y: same shape."""
         check_last_dim(self, "forward", "x", x, params["scale"].shape[0], "params['scale']")
+        x_in, x = x, upcast(x)  # float32 statistics for bfloat16 inputs
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         inv_std = jax.lax.rsqrt(var + self.eps)
         xhat = (x - mean) * inv_std
-        return xhat * params["scale"] + params["bias"], NormRes(xhat, inv_std, None, None)
+        y = like(xhat * params["scale"] + params["bias"], x_in)
+        return y, NormRes(xhat, inv_std, None, None)
 
     def backward(self, params: Params, res: Residuals, dy: Array) -> tuple[Params, Array]:
         """dx = (g - mean(g) - x̂ mean(g x̂)) / √(σ²+eps) over the last axis, g = dy·scale.
 
         dy and dx have shape (..., features).
         """
-        dx = _dx_through_stats(dy * params["scale"], res.xhat, res.inv_std, -1)
-        return _affine_grads(dy, res.xhat), dx
+        dx = _dx_through_stats(upcast(dy) * params["scale"], res.xhat, res.inv_std, -1)
+        return _affine_grads(dy, res.xhat), like(dx, dy)

@@ -61,6 +61,7 @@ from fbp.core import (
     param_dtype,
 )
 from fbp.nn.sequence import check_lengths, time_mask
+from fbp.precision import accum_dtype, like, matmul, matmul_tn, upcast
 
 _UNROLL = 2
 
@@ -298,8 +299,8 @@ class _Recurrent(Layer):
     def _acc_zeros(self, params):
         n = params["w_ih"].shape[0] + self.hidden
         return {
-            "w": jnp.zeros((n, params["w_hh"].shape[1]), params["w_hh"].dtype),
-            "b": jnp.zeros_like(params["b"]),
+            "w": jnp.zeros((n, params["w_hh"].shape[1]), accum_dtype(params["w_hh"])),
+            "b": jnp.zeros(params["b"].shape, accum_dtype(params["b"])),
         }
 
     def _finish(self, params, acc):
@@ -308,9 +309,10 @@ class _Recurrent(Layer):
 
     def _fused_grads(self, p, xh, dz):
         """dx_t, dh_prev from one matmul dz [w_ih; w_hh]ᵀ; dparams_t = (xhᵀ dz, Σ dz); dz."""
-        dxh = dz @ p["w_t"]
+        dxh = like(matmul(dz, p["w_t"]), dz)  # w_t carried transposed: a canonical product
         n_in = xh.shape[1] - self.hidden
-        return dxh[:, :n_in], dxh[:, n_in:], {"w": xh.T @ dz, "b": jnp.sum(dz, axis=0)}, dz
+        dp = {"w": matmul_tn(xh, dz), "b": jnp.sum(upcast(dz), axis=0)}
+        return dxh[:, :n_in], dxh[:, n_in:], dp, dz
 
     def _cell(self, p, carry: dict, x_t: Array) -> tuple[dict, Any]:
         raise NotImplementedError
@@ -353,7 +355,7 @@ class SimpleRNN(_Recurrent):
 
     def _cell(self, p, carry, x_t):
         xh = jnp.concatenate([x_t, carry["h"]], axis=1)
-        h = jnp.tanh(xh @ p["w"] + p["b"])
+        h = jnp.tanh(like(matmul(xh, p["w"]) + p["b"], xh))
         return {"h": h}, RNNStep(xh, h)
 
     def _cell_backward(self, p, r, dcarry):
@@ -408,7 +410,7 @@ class LSTM(_Recurrent):
     def _cell(self, p, carry, x_t):
         xh = jnp.concatenate([x_t, carry["h"]], axis=1)
         s = p["s"]
-        a = jnp.tanh((xh @ p["w"] + p["b"]) * s)
+        a = jnp.tanh(like(matmul(xh, p["w"]) + p["b"], xh) * s)
         i, f, g, o = jnp.split(a * s + (1 - s), 4, axis=-1)
         c = f * carry["c"] + i * g
         tc = jnp.tanh(c)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import jax
 
-from fbp import xla_config
+from fbp import compile_cache, xla_config
 from fbp.distributed import cluster
 from fbp.run import experiment, export, loop, options, report, runner
 from fbp.run.sweep import command as sweep_command
@@ -79,6 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     given = options.from_namespace(args)
     # Before any JAX work: join the run's other processes, split a CPU-only host's CPU.
     cluster.launch(given, out=args.out)
+    _compilation_cache(args)
     exp = experiment.get(args.experiment)
     out = Path(args.out) if args.out else _new_run_dir(exp.name)
     try:
@@ -128,7 +129,17 @@ def _train(exp: experiment.Experiment, out: Path, args: argparse.Namespace, give
     return 0
 
 
+def _compilation_cache(args: argparse.Namespace) -> None:
+    """The persistent compilation cache (``fbp.compile_cache``), unless switched off.
+
+    After ``cluster.launch``: its check compiles a probe, which starts JAX's backend.
+    """
+    if getattr(args, "compilation_cache", True):
+        compile_cache.enable_compilation_cache()
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    _compilation_cache(args)
     metrics = export.evaluate_dir(
         args.dir,
         which=args.which or report.reported_parameters(args.dir),
@@ -143,6 +154,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    _compilation_cache(args)
     which = args.which or report.reported_parameters(args.dir)
     path = export.export_dir(
         args.dir,
@@ -182,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--overwrite", action="store_true", help="discard a previous run's files in --out"
+    )
+    p.add_argument(
+        "--compilation-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep compiled programs in $XDG_CACHE_HOME/fbp/xla (~/.cache/fbp/xla) for the "
+        "next run (default on; FBP_COMPILATION_CACHE=0 also turns it off)",
     )
     options.add_arguments(p)
     _add_accept(p)

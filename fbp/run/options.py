@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 SCHEDULES = ("constant", "cosine", "warmup-cosine", "linear", "plateau")
 NONFINITE = ("skip", "halt")
 RESUME_RULES = ("change", "fixed", "process")
+PRECISIONS = ("f32", "bf16-mixed", "bf16")  # fbp.precision's policy names
 
 
 class Check(NamedTuple):
@@ -132,6 +133,12 @@ class TrainingOptions:
         "skip",
         help="non-finite loss/gradient: skip the step (default) or halt",
         choices=NONFINITE,
+    )
+    precision: str = option(
+        "f32",
+        help="f32 (default), bf16-mixed (float32 parameters, bfloat16 compute) or bf16",
+        choices=PRECISIONS,
+        resume="fixed",  # parameters and optimizer state are stored in its dtypes
     )
     keep: int = option(3, help="checkpoints to keep (plus the best)", check=at_least(1))
     checkpoint_every: int | None = option(
@@ -356,8 +363,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.meta.help}
         if f.type is bool:  # --shard-params / --no-shard-params
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif f.meta.choices:
-            kwargs["choices"] = list(f.meta.choices)
+        elif f.meta.choices:  # checked by ``check``: one line, exit 2
+            kwargs["metavar"] = "{" + ",".join(f.meta.choices) + "}"
         else:
             kwargs["type"] = f.type
         if f.meta.metavar:

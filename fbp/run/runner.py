@@ -46,6 +46,7 @@ from fbp import train as fbp_train
 from fbp.core import Layer, takes_lengths
 from fbp.distributed import cluster, parallel
 from fbp.losses import SoftmaxCrossEntropy, accuracy
+from fbp.precision import get_policy
 from fbp.run import fingerprint, options, privacy, schedules, variants
 from fbp.run.experiment import Experiment, RunResult
 from fbp.run.loop import (
@@ -154,9 +155,9 @@ def build(exp: Experiment, cfg: RunOptions) -> tuple[Setup, fbp_train.TrainState
     bs = cfg.batch_size or n
     steps = max(n // bs, 1)
     opt, schedule = schedules.build_optimizer(exp, cfg, cfg.epochs * steps)
-    ts = fbp_train.init(model, opt, jax.random.key(cfg.seed), x)
+    ts = fbp_train.init(model, opt, jax.random.key(cfg.seed), x, precision=cfg.precision)
     if exp.init is not None:
-        p0 = exp.init(model, ds, cfg.seed)
+        p0 = get_policy(cfg.precision).cast_to_param(exp.init(model, ds, cfg.seed))
         ts = ts._replace(params=p0, opt_state=opt.init(p0))
     _check_labels(model, ts, ds, exp.loss, cfg.data_file or ds.name)
     if bs > n:
@@ -188,6 +189,12 @@ def _gradient(
 ) -> tuple[Callable | None, Any]:
     """The step's ``grad_fn`` (None: ``fbp.value_and_grad``) and the DP accountant or None."""
     grad_fn = exp.grad_fn(model, ds) if exp.grad_fn is not None else None
+    if cfg.precision != "f32" and (grad_fn is not None or privacy.enabled(cfg)):
+        what = "DP-SGD" if privacy.enabled(cfg) else f"experiment {exp.name!r}'s own grad_fn"
+        raise ValueError(
+            f"run: --precision {cfg.precision} applies to fbp.value_and_grad, not to {what}; "
+            "use --precision f32."
+        )
     if not privacy.enabled(cfg):
         return grad_fn, None
     # DP-SGD: clipped, noised gradient; epsilon per epoch
@@ -212,7 +219,14 @@ def _train_chunk(
         num_processes=cfg.num_processes,
     )
     if mesh is None:
-        return make_train_chunk(model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn)
+        return make_train_chunk(
+            model, exp.loss, opt, penalty=exp.penalty, grad_fn=grad_fn, precision=cfg.precision
+        )
+    if cfg.precision != "f32":
+        raise ValueError(
+            f"run: --precision {cfg.precision} is not supported with --devices (data parallel); "
+            "use --precision f32."
+        )
     # data parallel: the batch split over a mesh, same steps
     chunk = parallel.make_train_chunk(
         model,

@@ -161,7 +161,14 @@ def build_program(
         return schedules.build_optimizer(exp, dataclasses.replace(cfg, **hp), total_steps)[0]
 
     def one(ts, hp, x, y, order):
-        step = fbp_train.step_fn(model, loss, optimizer(hp), penalty=exp.penalty, grad_fn=grad_fn)
+        step = fbp_train.step_fn(
+            model,
+            loss,
+            optimizer(hp),
+            penalty=exp.penalty,
+            grad_fn=grad_fn,
+            precision=cfg.precision,
+        )
         return fbp_train.scan_steps(step, ts, x, y, order)
 
     def chunk(state, hp, x, y, order, active):
