@@ -84,7 +84,11 @@ class Policy:
         return _cast(tree, self.output_dtype)
 
     def scale_dpred(self, dpred: Array) -> Array:
-        """dL/dpred times ``loss_scale``, in the compute dtype (what the backward starts from)."""
+        """dL/dpred times ``loss_scale``, in the compute dtype (what the backward starts from).
+
+        Args:
+          dpred: the loss gradient, shape (batch, ...) like the prediction.
+        """
         if self.loss_scale != 1.0:
             dpred = dpred * self.loss_scale
         return _cast(dpred, self.compute_dtype)
@@ -141,12 +145,12 @@ def get_policy(precision: str | Policy | None, *, backend: str | None = None) ->
 
 
 def is_low(x: Any) -> bool:
-    """Whether ``x`` (an array or dtype) is bfloat16 or float16."""
+    """Whether ``x`` (an array of any shape, or a dtype) is bfloat16 or float16."""
     return jnp.dtype(getattr(x, "dtype", x)) in LOW_PRECISION
 
 
 def accum_dtype(x: Any) -> Any:
-    """float32 for a low-precision ``x``, else ``x``'s own dtype (for reductions)."""
+    """float32 for a low-precision ``x`` (any shape, or a dtype), else its own dtype (for sums)."""
     return jnp.float32 if is_low(x) else jnp.dtype(getattr(x, "dtype", x))
 
 
@@ -221,10 +225,10 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
 
 
 def upcast(x: Array) -> Array:
-    """``x`` in float32 when it is bfloat16/float16 (for sums and statistics), else ``x``."""
+    """``x`` (any shape) in float32 when bfloat16/float16 (for sums and statistics), else ``x``."""
     return x.astype(jnp.float32) if is_low(x) else x
 
 
 def like(y: Array, x: Array) -> Array:
-    """``y`` in ``x``'s dtype (a float32 product handed back as a bfloat16 activation)."""
+    """``y`` (any shape) in ``x``'s dtype (a float32 product handed back as a bf16 activation)."""
     return y if y.dtype == x.dtype else y.astype(x.dtype)

@@ -250,14 +250,7 @@ def export_model(
     if lengths:
         args.append(jax.ShapeDtypeStruct((batch,), np.int32))
     exported = jax.export.export(jax.jit(infer))(specs, *args)
-    try:
-        blob = bytes(exported.serialize())
-    except ImportError as e:  # jax.export serializes with flatbuffers, an optional jax dep
-        raise ValueError(
-            f"fbp export: jax.export needs the 'flatbuffers' package ({e}); "
-            "pip install 'fbp[export]'."
-        ) from None
-    ckpt.atomic_write(out / "model.jaxexport", blob)
+    ckpt.atomic_write(out / "model.jaxexport", _serialized(exported))
     ckpt.atomic_write(out / "params.safetensors", st_save(arrays))
     meta = {
         "inputs": names,
@@ -275,6 +268,17 @@ def export_model(
     )
     ckpt.atomic_write(out / "README.txt", loader)
     return out
+
+
+def _serialized(exported: Any) -> bytes:
+    """``exported.serialize()``, or the one-line error when flatbuffers is missing."""
+    try:
+        return bytes(exported.serialize())
+    except ImportError as e:  # jax.export serializes with flatbuffers, an optional jax dep
+        raise ValueError(
+            f"fbp export: jax.export needs the 'flatbuffers' package ({e}); "
+            "pip install 'fbp[export]'."
+        ) from None
 
 
 def export_dir(

@@ -42,6 +42,7 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fbp import checkpoint as ckpt
 from fbp import train as fbp_train
@@ -242,8 +243,6 @@ def _place(stacked: Stacked, data: Data, devices: int | None, own_data: bool):
     """With ``devices``, split the run axis over that many devices (shared data replicated)."""
     if not devices:
         return stacked, data
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
     mesh = Mesh(np.array(jax.devices()[:devices]), ("runs",))
     runs_axis = NamedSharding(mesh, PartitionSpec("runs"))
     whole = NamedSharding(mesh, PartitionSpec())
