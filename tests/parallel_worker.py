@@ -31,8 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import fbp
 from fbp import checkpoint, losses, nn, train
 from fbp.distributed import parallel
+
+fbp.configure_cpu()  # before the first computation, as a script does
 
 N, FEATURES, CLASSES, BATCH = 320, 16, 5, 32  # 10 steps per epoch
 

@@ -28,9 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import fbp
 from fbp import checkpoint, losses, nn, train
 from fbp.distributed import parallel
 from fbp.run import cli
+
+fbp.configure_cpu()  # before the first computation, as a script does
 
 N, FEATURES, CLASSES, BATCH = 320, 64, 10, 32
 WIDE = str(Path(__file__).with_name("experiments") / "wide.py")
