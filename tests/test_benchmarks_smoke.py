@@ -29,6 +29,7 @@ def test_mlp_flop_count_matches_hand_count():
     assert mlp.step_flops([784, 512, 512, 10], 256) == expected
 
 
+@pytest.mark.slow  # a long trial: -m slow
 def test_mlp_quick_prints_every_variant(capsys):
     pytest.importorskip("torch")
     _load("mlp").main(["--quick", "--single"])
@@ -61,6 +62,7 @@ def test_digits_quick_prints_accuracies(capsys):
     assert "cores" in out
 
 
+@pytest.mark.slow  # a long trial: -m slow
 def test_extensions_quick_prints_every_variant_and_checks_its_grads(capsys):
     _load("extensions").main(["--quick", "--no-torch"])
     out = capsys.readouterr().out
@@ -212,6 +214,7 @@ def test_conv_backward_stays_canonical_inside_a_scan(conv_dims):
     assert set(labels) == {canonical}
 
 
+@pytest.mark.slow  # a long trial: -m slow
 def test_extensions_attention_quick_prints_every_variant_and_checks_the_clipped_sum(capsys):
     _load("extensions_attention").main(["--quick"])
     out = capsys.readouterr().out

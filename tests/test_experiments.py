@@ -61,6 +61,7 @@ def test_char_lm_transformer_reaches_2_15_validation_bits_per_char(tmp_path):
     assert bpc <= 2.15, bpc
 
 
+@pytest.mark.slow  # a long trial: -m slow
 def test_digits_dp_reports_accuracy_against_epsilon(tmp_path):
     pytest.importorskip("dp_accounting")
     lines = []

@@ -103,6 +103,7 @@ def _check(rc, err, sha, sig, reference):
     assert sha == reference
 
 
+@pytest.mark.slow  # a long trial: -m slow
 @pytest.mark.parametrize(
     "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"]
 )
@@ -179,6 +180,7 @@ def _kill_chain(tmp_path, seed, kills):
     return tally, _sha(out)
 
 
+@pytest.mark.slow  # a long trial: -m slow
 def test_sigkill_chain_never_corrupts_and_resumes_bitwise(tmp_path, reference):
     tally, sha = _kill_chain(tmp_path, seed=7, kills=2)
     assert tally["kills"] >= 1 and tally["corrupt"] == 0

@@ -538,6 +538,7 @@ def test_unresolvable_coordinator_host_times_out():
 TINY = str(Path(__file__).with_name("experiments") / "tiny.py")
 
 
+@pytest.mark.slow  # a long trial: -m slow
 def test_fbp_train_devices_matches_one_device_and_resumes_on_fewer(tmp_path):
     from fbp.run import experiment, runner
 
