@@ -173,9 +173,10 @@ def matmul(a: Array, b: Array) -> Array:
     return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
-def _split_dot(a: Array, b: Array, contract_a: int, contract_b: int) -> Array:
-    """A 2-D product contracting a's axis ``contract_a`` with b's ``contract_b``, as a
-    contraction over two axes (the contracted size split into (size/2, 2)).
+def _split_dot(a: Array, b: Array, contract_a: int, contract_b: int, batch: int = 0) -> Array:
+    """A product contracting a's axis ``contract_a`` with b's ``contract_b`` (the first
+    ``batch`` axes of both batched), as a contraction over two axes (the contracted
+    size split into (size/2, 2)).
 
     XLA:CPU folds a transpose into a dot's dimension numbers, and a bfloat16 dot whose
     operand is transposed that way is upcast to float32. A two-axis contraction is
@@ -185,8 +186,31 @@ def _split_dot(a: Array, b: Array, contract_a: int, contract_b: int) -> Array:
     ka = a.shape[contract_a]
     a3 = a.reshape(a.shape[:contract_a] + (ka // 2, 2) + a.shape[contract_a + 1 :])
     b3 = b.reshape(b.shape[:contract_b] + (ka // 2, 2) + b.shape[contract_b + 1 :])
-    dims = (((contract_a, contract_a + 1), (contract_b, contract_b + 1)), ((), ()))
+    axes = tuple(range(batch))
+    dims = (((contract_a, contract_a + 1), (contract_b, contract_b + 1)), (axes, axes))
     return lax.dot_general(a3, b3, dims, preferred_element_type=jnp.float32)
+
+
+def bmatmul(a: Array, b: Array, layout: str = "nn") -> Array:
+    """A product batched over all leading axes, as attention's score and value products.
+
+    ``layout`` says which operand is transposed: ``"nn"``: a (..., m, k), b (..., k, n);
+    ``"nt"``: a (..., m, k), b (..., n, k), the product a bᵀ; ``"tn"``: a (..., k, m),
+    b (..., k, n), the product aᵀ b. Returns shape (..., m, n). Low precision: float32
+    result. XLA:CPU runs batched bfloat16 ``"nn"`` and ``"nt"`` products on its fast
+    kernel as they are; ``"tn"`` is split as in ``matmul_tn``.
+    """
+    batch = a.ndim - 2
+    if not (is_low(a) or is_low(b)):
+        a = jnp.swapaxes(a, -1, -2) if layout == "tn" else a
+        return a @ (jnp.swapaxes(b, -1, -2) if layout == "nt" else b)
+    contract = {"nn": (batch + 1, batch), "nt": (batch + 1, batch + 1), "tn": (batch, batch)}
+    ca, cb = contract[layout]
+    if layout == "tn" and a.shape[ca] % 2 == 0:
+        return _split_dot(a, b, ca, cb, batch)
+    axes = tuple(range(batch))
+    dims = (((ca,), (cb,)), (axes, axes))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def matmul_tn(a: Array, b: Array) -> Array:

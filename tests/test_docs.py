@@ -18,6 +18,9 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# The README and the getting-started page run by default; the other pages (a minute and
+# a half of fresh processes together) with -m slow, which CI runs as a second command.
+DEFAULT_PAGES = ("README.md", "getting-started.md")
 BLOCK = re.compile(r"(?P<before>[^\n]*)\n*```python\n(?P<code>.*?)```", re.S)
 NO_RUN = re.compile(r"<!-- no-run: (?P<why>\S.*) -->")
 
@@ -59,7 +62,14 @@ def test_the_collector_finds_blocks_and_no_run_markers(tmp_path):
     assert python_blocks(page) == [(4, "x = 1\n", None), (9, "y = 2\n", "trains for minutes")]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(p, marks=() if p.name in DEFAULT_PAGES else pytest.mark.slow)
+        for p in PAGES
+    ],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
 def test_every_python_block_of_the_page_runs(page, tmp_path):
     blocks = [(str(page), line, code) for line, code, why in python_blocks(page) if why is None]
     if not blocks:

@@ -72,8 +72,14 @@ def test_float32_stays_float32(case):
     x = case.make_input(0, dtype=jnp.float32)
     kw = case.call_kwargs(layer, x)
     params = layer.init(jax.random.key(1), x)
-    y, res = layer.forward(params, x, **kw)
-    dparams, dx = layer.backward(params, res, jnp.ones_like(y))
+
+    def step(params, x):
+        y, res = layer.forward(params, x, **kw)
+        return y, layer.backward(params, res, jnp.ones_like(y))
+
+    # dtypes are fixed when the functions are traced: abstract evaluation sees them all
+    # without compiling or running anything.
+    y, (dparams, dx) = jax.eval_shape(step, params, x)
     assert y.dtype == jnp.float32
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(dparams))
     if jnp.issubdtype(x.dtype, jnp.floating):

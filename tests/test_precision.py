@@ -18,7 +18,17 @@ from fbp import losses, nn, precision
 BF16_RTOL = 5e-2  # ~12 bfloat16 ulps (2^-8 each) of norm-relative error per gradient leaf
 # The whole registry in bf16 takes minutes here; the default run checks one case per
 # layer family (each product layout the shared helper has), -m slow all of them.
-FAMILIES = ("dense", "conv2d", "lstm", "simple-rnn", "gru", "mha", "layernorm", "batchnorm", "embedding")
+FAMILIES = (
+    "dense",
+    "conv2d",
+    "lstm",
+    "simple-rnn",
+    "gru",
+    "mha",
+    "layernorm",
+    "batchnorm",
+    "embedding",
+)
 
 
 def _bf16_case(c):

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fbp.core import Array, ShapeError
+from fbp.precision import accum_dtype, bmatmul, like, upcast
 
 MEMORY_MODES = ("standard", "linear")
 
@@ -180,7 +181,8 @@ def _allowed(t: int, key_idx: Array, causal: bool, lengths, mask, s_real: int | 
 
 
 def _masked_scores(qs: Array, k: Array, allowed) -> Array:
-    s = jnp.einsum("bhtd,bhsd->bhts", qs, k)
+    """Scores q kᵀ (batch, heads, T, keys), float32 for bfloat16 q and k; masked keys at min."""
+    s = bmatmul(qs, k, "nt")
     return s if allowed is None else jnp.where(allowed, s, _min(s.dtype))
 
 
@@ -303,7 +305,7 @@ def _standard_forward(res: SdpaRes) -> tuple[Array, Array, Array]:
     total = jnp.sum(e, axis=-1)
     inv_sum = 1 / (total if allowed is None else jnp.where(total > 0, total, 1))
     ed = _dropped(e, _standard_keep(res, t, s), res.drop_rate)
-    return jnp.einsum("bhts,bhsd->bhtd", ed, v) * inv_sum[..., None], e, inv_sum
+    return like(bmatmul(like(ed, v), v) * inv_sum[..., None], q), e, inv_sum
 
 
 def _key_blocks(res: SdpaRes):
@@ -340,7 +342,8 @@ def _linear_forward(res: SdpaRes) -> tuple[Array, Array]:
     b, h, t, _ = q.shape
     qs = q * jnp.asarray(res.scale, q.dtype)
     xs, bk, s_real = _key_blocks(res)
-    low = _min(q.dtype)
+    acc_dtype = accum_dtype(q)  # softmax statistics and the output sum: float32 for bf16
+    low = _min(acc_dtype)
 
     def step(carry, blk):
         m, total, acc = carry
@@ -353,16 +356,16 @@ def _linear_forward(res: SdpaRes) -> tuple[Array, Array]:
         alpha = jnp.exp(m - m_new)
         total = alpha * total + jnp.sum(p, axis=-1)
         pd = _dropped(p, _block_keep(res, j, t, bk), res.drop_rate)
-        acc = alpha[..., None] * acc + jnp.einsum("bhts,bhsd->bhtd", pd, vb)
+        acc = alpha[..., None] * acc + bmatmul(like(pd, vb), vb)
         return (m_new, total, acc), None
 
-    zeros = jnp.zeros((b, h, t), q.dtype)
-    init = (jnp.full((b, h, t), low), zeros, jnp.zeros((b, h, t, v.shape[-1]), q.dtype))
+    zeros = jnp.zeros((b, h, t), acc_dtype)
+    init = (jnp.full((b, h, t), low), zeros, jnp.zeros((b, h, t, v.shape[-1]), acc_dtype))
     (m, total, acc), _ = jax.lax.scan(step, init, xs)
     filled = total > 0
     safe = jnp.where(filled, total, 1)
     lse = jnp.where(filled, jnp.where(m > low / 2, m, 0) + jnp.log(safe), 0)
-    return acc / safe[..., None], lse
+    return like(acc / safe[..., None], q), lse
 
 
 # ----------------------------------------------------------------------------- backward
@@ -391,7 +394,7 @@ def sdpa_backward(res: SdpaRes, do: Array) -> tuple[Array, Array, Array]:
             f"sdpa_backward: do has shape {tuple(do.shape)} but the output has shape "
             f"{tuple(o.shape)}."
         )
-    d = jnp.sum(do * o, axis=-1)
+    d = jnp.sum(upcast(do) * upcast(o), axis=-1)
     if res.memory == "standard":
         return _standard_backward(res, do, d)
     return _linear_backward(res, do, d)
@@ -406,8 +409,8 @@ def sdpa_output(res: SdpaRes) -> Array:
 
 def _softmax_grads(p, keep, do, vb, d, drop_rate):
     """(dS, dV) of one block: dV = P̃ᵀ dO, dP = dO Vᵀ ∘ keep, dS = P ∘ (dP − D)."""
-    dv = jnp.einsum("bhts,bhtd->bhsd", _dropped(p, keep, drop_rate), do)
-    dp = _dropped(jnp.einsum("bhtd,bhsd->bhts", do, vb), keep, drop_rate)
+    dv = bmatmul(like(_dropped(p, keep, drop_rate), do), do, "tn")
+    dp = _dropped(bmatmul(do, vb, "nt"), keep, drop_rate)
     return p * (dp - d[..., None]), dv
 
 
@@ -417,13 +420,13 @@ def _standard_backward(res: SdpaRes, do: Array, d: Array):
         raise ValueError("sdpa_backward: 'standard' residuals without E and 1/l.")
     p, inv = res.p, res.inv_sum[..., None]
     keep = _standard_keep(res, t, s)
-    dv = jnp.einsum("bhts,bhtd->bhsd", _dropped(p, keep, res.drop_rate), do * inv)
-    dp = _dropped(jnp.einsum("bhtd,bhsd->bhts", do, res.v), keep, res.drop_rate)
+    dv = bmatmul(like(_dropped(p, keep, res.drop_rate), do), like(do * inv, do), "tn")
+    dp = _dropped(bmatmul(do, res.v, "nt"), keep, res.drop_rate)
     ds = p * (dp - d[..., None]) * inv
-    scale = jnp.asarray(res.scale, res.q.dtype)
-    dq = jnp.einsum("bhts,bhsd->bhtd", ds, res.k) * scale
-    dk = jnp.einsum("bhts,bhtd->bhsd", ds, res.q) * scale
-    return dq, dk, dv
+    scale = jnp.asarray(res.scale, ds.dtype)
+    dq = bmatmul(like(ds, res.k), res.k) * scale
+    dk = bmatmul(like(ds, res.q), res.q, "tn") * scale
+    return like(dq, res.q), like(dk, res.k), like(dv, res.v)
 
 
 def _linear_backward(res: SdpaRes, do: Array, d: Array):
@@ -441,16 +444,16 @@ def _linear_backward(res: SdpaRes, do: Array, d: Array):
         allowed = _block_allowed(res, t, j, bk, mb, s_real)
         p = jnp.exp(_masked_scores(qs, kb, allowed) - lse)
         ds, dvb = _softmax_grads(p, _block_keep(res, j, t, bk), do, vb, d, res.drop_rate)
-        dkb = jnp.einsum("bhts,bhtd->bhsd", ds, qs)
-        return dq + jnp.einsum("bhts,bhsd->bhtd", ds, kb), (dkb, dvb)
+        ds = like(ds, qs)
+        return dq + bmatmul(ds, kb), (bmatmul(ds, qs, "tn"), dvb)
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(q), xs)
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, accum_dtype(q)), xs)
     s = res.k.shape[2]
 
     def unblock(a):  # (blocks, batch, heads, bk, d) -> (batch, heads, S, d)
         return jnp.moveaxis(a, 0, 2).reshape(b, h, -1, a.shape[-1])[:, :, :s]
 
-    return dq * scale, unblock(dk), unblock(dv)
+    return like(dq * scale, q), like(unblock(dk), res.k), like(unblock(dv), res.v)
 
 
 def sdpa(q: Array, k: Array, v: Array, **kwargs: Any) -> Array:

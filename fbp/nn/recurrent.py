@@ -464,18 +464,19 @@ class GRU(_Recurrent):
         }
 
     def _step_params(self, params):
-        return params
+        # the weights also carried transposed, so the backward's products are canonical
+        return {**params, "w_ih_t": params["w_ih"].T, "w_hh_t": params["w_hh"].T}
 
     def _acc_zeros(self, params):
-        return jax.tree.map(jnp.zeros_like, params)
+        return jax.tree.map(lambda v: jnp.zeros(v.shape, accum_dtype(v)), params)
 
     def _finish(self, params, acc):
         return acc
 
     def _cell(self, p, carry, x_t):
         h_prev, hid = carry["h"], self.hidden
-        gx = x_t @ p["w_ih"] + p["b_ih"]
-        gh = h_prev @ p["w_hh"] + p["b_hh"]
+        gx = like(matmul(x_t, p["w_ih"]) + p["b_ih"], x_t)
+        gh = like(matmul(h_prev, p["w_hh"]) + p["b_hh"], h_prev)
         r, z = jnp.split(jax.nn.sigmoid(gx[:, : 2 * hid] + gh[:, : 2 * hid]), 2, axis=-1)
         ghn = gh[:, 2 * hid :]
         n = jnp.tanh(gx[:, 2 * hid :] + r * ghn)
@@ -494,10 +495,10 @@ class GRU(_Recurrent):
         dgh = jnp.concatenate([dar, daz, dan * r.r], axis=-1)
         dgx = jnp.concatenate([dar, daz, dan], axis=-1)
         dp = {
-            "w_ih": r.x.T @ dgx,
-            "w_hh": r.h_prev.T @ dgh,
-            "b_ih": jnp.sum(dgx, axis=0),
-            "b_hh": jnp.sum(dgh, axis=0),
+            "w_ih": matmul_tn(r.x, dgx),
+            "w_hh": matmul_tn(r.h_prev, dgh),
+            "b_ih": jnp.sum(upcast(dgx), axis=0),
+            "b_hh": jnp.sum(upcast(dgh), axis=0),
         }
-        dprev = {"h": dh * r.z + dgh @ p["w_hh"].T}
-        return dprev, dgx @ p["w_ih"].T, dp, GRUDeltas(dgx, dgh)
+        dprev = {"h": dh * r.z + like(matmul(dgh, p["w_hh_t"]), dh)}
+        return dprev, like(matmul(dgx, p["w_ih_t"]), dgx), dp, GRUDeltas(dgx, dgh)
