@@ -64,10 +64,7 @@ def test_the_collector_finds_blocks_and_no_run_markers(tmp_path):
 
 @pytest.mark.parametrize(
     "page",
-    [
-        pytest.param(p, marks=() if p.name in DEFAULT_PAGES else pytest.mark.slow)
-        for p in PAGES
-    ],
+    [pytest.param(p, marks=() if p.name in DEFAULT_PAGES else pytest.mark.slow) for p in PAGES],
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_every_python_block_of_the_page_runs(page, tmp_path):
