@@ -232,6 +232,16 @@ def test_extensions_attention_quick_prints_every_variant_and_checks_the_clipped_
     assert err < 1e-4
 
 
+@pytest.mark.slow  # a long trial: -m slow
+def test_opacus_attention_quick_times_its_plain_and_ghost_clipped_gradients(capsys):
+    _load("opacus_attention").main(["--quick"])
+    rows = {r[0]: r for r in _table_rows(capsys.readouterr().out)}
+    assert set(rows) == {"variant", "torch plain gradient", "Opacus ghost clipping"}
+    del rows["variant"]  # the header
+    assert all(float(r[1].split()[0]) > 0 for r in rows.values())
+    assert rows["torch plain gradient"][3] == "1.00x"
+
+
 def test_precision_quick_prints_bf16_against_f32_jax_grad_and_torch(capsys):
     pytest.importorskip("torch")
     _load("precision").main(["--quick", "--models", "mlp"])
