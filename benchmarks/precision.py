@@ -198,19 +198,26 @@ def step_table(results: dict[str, dict]) -> str:
 
 
 def accuracy(seeds: list[int], epochs: int | None, models: list[str]) -> str:
-    """Test accuracy of digits experiments under f32 and bf16-mixed, per seed."""
+    """Test accuracy (and test loss) of experiments under f32 and bf16-mixed, per seed.
+
+    Cells are "accuracy% (test loss)"; for char-lm the loss is in bits per character.
+    """
     from fbp.run import experiment, runner
 
     rows = []
     for name in models:
         exp = experiment.get(name)
+        per_char = 1 / np.log(2) if name == "char-lm" else 1.0  # nats -> bits per character
         for precision in ("f32", "bf16-mixed"):
-            accs = []
+            accs, test_losses = [], []
             for seed in seeds:
                 kw = {"epochs": epochs} if epochs else {}
                 res = runner.run(exp, seed=seed, precision=precision, print_fn=lambda s: None, **kw)
-                accs.append(100 * float(res.test["accuracy"]))
-            rows.append([name, precision, *(f"{a:.2f}%" for a in accs), f"{np.mean(accs):.2f}%"])
+                accs.append(100 * float(res.test.get("accuracy", np.nan)))
+                test_losses.append(per_char * float(res.test["loss"]))
+            cells = [f"{a:.2f}% ({t:.3f})" for a, t in zip(accs, test_losses, strict=True)]
+            mean = f"{np.mean(accs):.2f}% ({np.mean(test_losses):.3f})"
+            rows.append([name, precision, *cells, mean])
     headers = ["experiment", "precision", *(f"seed {s}" for s in seeds), "mean"]
     return common.table(headers, rows)
 
