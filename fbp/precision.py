@@ -14,7 +14,8 @@ Names: ``"f32"`` (the default: nothing is cast, so float64 stays float64),
 ``"bf16-mixed"`` (float32 master parameters and optimizer state, bfloat16
 activations and matmul operands, float32 accumulation and loss), ``"bf16"``
 (parameters too in bfloat16, for memory) and ``"f16-mixed"`` (float16 compute with
-a loss scale; refused on CPU, whose float16 matmuls are emulated).
+a dynamic loss scale, ``DynamicLossScale``; refused on CPU, whose float16 matmuls
+are emulated).
 
 Examples:
   >>> import jax.numpy as jnp
@@ -29,6 +30,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -62,14 +64,16 @@ class Policy:
       output_dtype: dtype the model's output is cast to before the loss.
       name: the policy's name (``"f32"``, ``"bf16-mixed"``, ...).
       loss_scale: the loss derivative is multiplied by this before the backward and
-        the gradients divided by it after (static loss scaling, for float16).
+        the gradients divided by it after: a number (static loss scaling), or
+        ``"dynamic"``, a ``DynamicLossScale`` kept in the train state (``fbp.train``)
+        and handed to the gradient each step through ``with_scale``.
     """
 
     param_dtype: Any = None
     compute_dtype: Any = None
     output_dtype: Any = None
     name: str = "f32"
-    loss_scale: float = 1.0
+    loss_scale: Any = 1.0
 
     def cast_to_param(self, tree: Any) -> Any:
         """Floating leaves of ``tree`` in ``param_dtype``."""
@@ -89,34 +93,113 @@ class Policy:
         Args:
           dpred: the loss gradient, shape (batch, ...) like the prediction.
         """
-        if self.loss_scale != 1.0:
-            dpred = dpred * self.loss_scale
+        if self.is_dynamic:
+            raise ValueError(
+                f"precision={self.name!r} scales the loss dynamically: its scale lives in "
+                "the train state, so use fbp.train.step_fn/make_epoch (or pass "
+                "policy.with_scale(scale) for one gradient)."
+            )
+        if not _is_one(self.loss_scale):
+            dpred = dpred.astype(jnp.float32) * self.loss_scale
         return _cast(dpred, self.compute_dtype)
 
     def grads_like(self, grads: Any, params: Any) -> Any:
         """Gradients divided by ``loss_scale`` and cast to each parameter's own dtype."""
         if self.is_identity:
             return grads
-        inv = 1.0 / self.loss_scale
+        scaled = not _is_one(self.loss_scale)
 
         def cast(g, p):
-            g = g.astype(jnp.float32) * inv if inv != 1.0 else g
+            g = g.astype(jnp.float32) / self.loss_scale if scaled else g
             return g.astype(p.dtype)
 
         return jax.tree.map(cast, grads, params)
+
+    def with_scale(self, scale: Any) -> Policy:
+        """This policy with the loss scale ``scale`` (a float32 scalar array or a number)."""
+        return dataclasses.replace(self, loss_scale=scale)
+
+    @property
+    def is_dynamic(self) -> bool:
+        """True when the loss scale is ``"dynamic"`` (kept in the train state)."""
+        return isinstance(self.loss_scale, str) and self.loss_scale == "dynamic"
 
     @property
     def is_identity(self) -> bool:
         """True when the policy casts nothing (``"f32"``)."""
         dtypes = (self.param_dtype, self.compute_dtype, self.output_dtype)
-        return all(d is None for d in dtypes) and self.loss_scale == 1.0
+        return all(d is None for d in dtypes) and _is_one(self.loss_scale)
+
+
+def _is_one(scale: Any) -> bool:
+    """Whether a loss scale is the number 1 (an array scale is never taken for 1)."""
+    return isinstance(scale, int | float) and scale == 1.0
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["scale", "counter"],
+    meta_fields=["period", "factor", "min_scale"],
+)
+@dataclasses.dataclass(frozen=True)
+class DynamicLossScale:
+    """A loss scale that halves on a non-finite gradient and grows after a run of finite
+    ones (jmp's ``DynamicLossScale``, PyTorch's ``GradScaler``). A pytree: it lives in
+    ``fbp.train.TrainState.loss_scale``.
+
+    Args:
+      scale: float32 scalar array, the current scale.
+      counter: int32 scalar array, finite steps since the scale last changed.
+      period: finite steps after which the scale is multiplied by ``factor``.
+      factor: growth and (inverse) backoff factor.
+      min_scale: the scale never drops below this.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> s = DynamicLossScale.create(2.0**15, period=2)
+      >>> float(s.adjust(jnp.array(False)).scale), float(s.adjust(True).adjust(True).scale)
+      (16384.0, 65536.0)
+    """
+
+    scale: Array
+    counter: Array
+    period: int = 2000
+    factor: float = 2.0
+    min_scale: float = 1.0
+
+    @classmethod
+    def create(
+        cls, scale: float = 2.0**15, *, period: int = 2000, factor: float = 2.0, min_scale=1.0
+    ) -> DynamicLossScale:
+        """A fresh scale (``counter`` 0)."""
+        if not (scale > 0 and period > 0 and factor > 1 and min_scale > 0):
+            raise ValueError(
+                "DynamicLossScale: needs scale > 0, period > 0, factor > 1, min_scale > 0; "
+                f"got scale={scale}, period={period}, factor={factor}, min_scale={min_scale}."
+            )
+        f32, i32 = jnp.float32, jnp.int32
+        return cls(jnp.asarray(scale, f32), jnp.zeros((), i32), period, factor, min_scale)
+
+    def adjust(self, finite: Any) -> DynamicLossScale:
+        """The scale after a step whose gradient was ``finite`` (a scalar bool)."""
+        grown = self.counter + 1 >= self.period
+        up = jnp.where(grown, self.scale * self.factor, self.scale)
+        down = jnp.maximum(self.scale / self.factor, self.min_scale)
+        scale = jnp.where(finite, up, down).astype(jnp.float32)
+        counter = jnp.where(finite & ~grown, self.counter + 1, 0).astype(jnp.int32)
+        return dataclasses.replace(self, scale=scale, counter=counter)
+
+
+def init_loss_scale(policy: Policy) -> DynamicLossScale | None:
+    """The train state's loss scale for ``policy``: a fresh one when it is dynamic, else None."""
+    return DynamicLossScale.create() if policy.is_dynamic else None
 
 
 POLICIES = {
     "f32": Policy(),
     "bf16-mixed": Policy(jnp.float32, jnp.bfloat16, jnp.float32, "bf16-mixed"),
     "bf16": Policy(jnp.bfloat16, jnp.bfloat16, jnp.float32, "bf16"),
-    "f16-mixed": Policy(jnp.float32, jnp.float16, jnp.float32, "f16-mixed", 2.0**15),
+    "f16-mixed": Policy(jnp.float32, jnp.float16, jnp.float32, "f16-mixed", "dynamic"),
 }
 
 

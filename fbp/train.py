@@ -45,7 +45,7 @@ from fbp.core import (
 )
 from fbp.data import batch_order
 from fbp.losses import SoftmaxCrossEntropy, accuracy
-from fbp.precision import Policy, get_policy
+from fbp.precision import Policy, get_policy, init_loss_scale
 
 
 class TrainState(NamedTuple):
@@ -56,6 +56,7 @@ class TrainState(NamedTuple):
     model_state: State  # running statistics (batch norm); {} when none
     step: Array  # int32 scalar: optimizer steps taken
     key: Array  # PRNG key for shuffling and dropout, advanced every step/epoch
+    loss_scale: Any = None  # fbp.precision.DynamicLossScale under a "dynamic" policy, else None
 
 
 def init(
@@ -74,16 +75,19 @@ def init(
       key: PRNG key; split into the init key and the training key.
       x: example input (only its shape and dtype are read), shape (batch, ...).
       precision: ``fbp.precision`` policy name; parameters and optimizer state are
-        made in its parameter dtype (float32 master copies for "bf16-mixed").
+        made in its parameter dtype (float32 master copies for "bf16-mixed"); a policy
+        with a dynamic loss scale ("f16-mixed") starts one in ``loss_scale``.
     """
     k_init, k_train = jax.random.split(key)
-    params = get_policy(precision).cast_to_param(model.init(k_init, x))
+    policy = get_policy(precision)
+    params = policy.cast_to_param(model.init(k_init, x))
     return TrainState(
         params=params,
         opt_state=optimizer.init(params),
         model_state=model.init_state(x),
         step=jnp.zeros((), jnp.int32),
         key=k_train,
+        loss_scale=init_loss_scale(policy),
     )
 
 
@@ -123,14 +127,33 @@ def step_fn(
       grad_fn: replaces ``fbp.value_and_grad(model, loss, penalty=penalty, has_aux=True)``
         (same signature), e.g. an alternative learning rule.
       precision: ``fbp.precision`` policy of the gradient ("f32", "bf16-mixed", "bf16");
-        the optimizer updates the parameters in their own dtype.
+        the optimizer updates the parameters in their own dtype. With a dynamic loss
+        scale ("f16-mixed") the step scales the loss by ``ts.loss_scale``, skips a step
+        whose gradient is not finite (whatever ``skip_nonfinite`` says) and adjusts
+        the scale; metrics then include ``loss_scale``.
 
     Returns:
       ``step(ts, x, y, lengths=None)``; metrics are ``loss``, ``grad_norm`` and
       ``skipped`` scalars. ``lengths`` (batch,), for padded sequences, goes to the
       gradient (``fbp.value_and_grad``'s ``lengths=``).
     """
-    vg = grad_fn or value_and_grad(model, loss, penalty=penalty, has_aux=True, precision=precision)
+    policy = get_policy(precision)
+    if policy.is_dynamic and grad_fn is not None:
+        raise ValueError(
+            f"train.step_fn: precision={policy.name!r} scales the loss dynamically, which a "
+            "custom grad_fn cannot take; pass a policy with a fixed loss_scale instead."
+        )
+
+    def grad(ts: TrainState):
+        if grad_fn is not None:
+            return grad_fn
+        if policy.is_dynamic and ts.loss_scale is None:
+            raise ValueError(
+                f"train.step_fn: precision={policy.name!r} needs the train state's loss scale, "
+                f"but ts.loss_scale is None; make it with train.init(..., precision=...)."
+            )
+        scaled = policy.with_scale(ts.loss_scale.scale) if policy.is_dynamic else policy
+        return value_and_grad(model, loss, penalty=penalty, has_aux=True, precision=scaled)
 
     def step(
         ts: TrainState, x: Array, y: Array, lengths: Array | None = None
@@ -138,22 +161,25 @@ def step_fn(
         key, sub = jax.random.split(ts.key)
         state = ts.model_state if ts.model_state else None
         kw = {} if lengths is None else {"lengths": lengths}
-        (value, aux), grads = vg(ts.params, x, y, key=sub, state=state, train=True, **kw)
+        (value, aux), grads = grad(ts)(ts.params, x, y, key=sub, state=state, train=True, **kw)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
-        new = TrainState(params, opt_state, aux.state or ts.model_state, ts.step + 1, key)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.array(True)
-        if skip_nonfinite:
+        if skip_nonfinite or policy.is_dynamic:
             ok = jnp.isfinite(value) & _finite_grads(grads, grad_norm)
-        # A skipped step keeps everything but the advanced key.
-        keep = ts._replace(key=key)
+        scale = ts.loss_scale.adjust(ok) if policy.is_dynamic else ts.loss_scale
+        new = TrainState(params, opt_state, aux.state or ts.model_state, ts.step + 1, key, scale)
+        # A skipped step keeps everything but the advanced key (and the lowered scale).
+        keep = ts._replace(key=key, loss_scale=scale)
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, keep)
         metrics = {
             "loss": value,
             "grad_norm": grad_norm,
             "skipped": (~ok).astype(jnp.int32),
         }
+        if policy.is_dynamic:
+            metrics["loss_scale"] = scale.scale
         return new, metrics
 
     return step

@@ -13,7 +13,7 @@ import pytest
 from layer_cases import CASES
 
 import fbp
-from fbp import losses, nn, precision
+from fbp import losses, nn, precision, train
 
 BF16_RTOL = 5e-2  # ~12 bfloat16 ulps (2^-8 each) of norm-relative error per gradient leaf
 # The whole registry in bf16 takes minutes here; the default run checks one case per
@@ -91,7 +91,70 @@ def test_get_policy_names_and_refusals():
         precision.get_policy("fp8")
     with pytest.raises(ValueError, match=r"precision='f16-mixed': float16 .* CPU backend"):
         precision.get_policy("f16-mixed", backend="cpu")
-    assert precision.get_policy("f16-mixed", backend="gpu").loss_scale > 1
+    assert precision.get_policy("f16-mixed", backend="gpu").is_dynamic
+
+
+# ----------------------------------------------------------------------------- loss scaling
+
+# bfloat16 compute with a dynamic loss scale: what "f16-mixed" does, on a backend (CPU)
+# that refuses float16. A power-of-two scale changes no mantissa, so scaled gradients
+# divided back are the unscaled ones unless a product overflows.
+BF16_DYNAMIC = precision.Policy(jnp.float32, jnp.bfloat16, jnp.float32, "bf16-dyn", "dynamic")
+
+
+def test_dynamic_loss_scale_grows_after_a_period_and_halves_on_overflow():
+    s = precision.DynamicLossScale.create(8.0, period=3, min_scale=2.0)
+    for expect in (8.0, 8.0, 16.0, 16.0):  # three finite steps grow it, the counter restarts
+        s = s.adjust(jnp.array(True))
+        assert float(s.scale) == expect
+    assert int(s.counter) == 1
+    s = s.adjust(jnp.array(False))
+    assert (float(s.scale), int(s.counter)) == (8.0, 0)
+    for _ in range(5):
+        s = s.adjust(jnp.array(False))
+    assert float(s.scale) == 2.0  # never below min_scale
+    with pytest.raises(ValueError, match=r"DynamicLossScale: needs .*factor > 1.*factor=1"):
+        precision.DynamicLossScale.create(factor=1)
+
+
+def test_a_dynamic_scale_needs_the_train_state():
+    model, loss = nn.Sequential([nn.Dense(3)]), losses.mse
+    x, y = jnp.ones((4, 2)), jnp.ones((4, 3))
+    params = model.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"precision='bf16-dyn' scales the loss dynamically"):
+        fbp.value_and_grad(model, loss, precision=BF16_DYNAMIC)(params, x, y)
+    ts = train.init(model, optax.sgd(0.1), jax.random.key(0), x)  # no loss scale in it
+    with pytest.raises(ValueError, match=r"precision='bf16-dyn' needs the train state's loss"):
+        train.step_fn(model, loss, optax.sgd(0.1), precision=BF16_DYNAMIC)(ts, x, y)
+    with pytest.raises(ValueError, match=r"a custom grad_fn cannot take"):
+        train.step_fn(model, loss, optax.sgd(0.1), precision=BF16_DYNAMIC, grad_fn=lambda: 0)
+
+
+def test_dynamic_scale_skips_overflowing_steps_then_trains_like_the_unscaled_step():
+    model, loss, opt = nn.Sequential([nn.Dense(3)]), losses.mse, optax.sgd(0.1)
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    y = jnp.full((8, 3), 4.0)
+    ts = train.init(model, opt, jax.random.key(1), x, precision=BF16_DYNAMIC)
+    assert float(ts.loss_scale.scale) == 2.0**15
+    # 2^127 · dL/dpred overflows the float32 sums of dW = xᵀ dy: skipped until it fits.
+    ts = ts._replace(loss_scale=precision.DynamicLossScale.create(2.0**127))
+    step = jax.jit(train.step_fn(model, loss, opt, precision=BF16_DYNAMIC))
+    plain = jax.jit(train.step_fn(model, loss, opt, precision="bf16-mixed"))
+    skipped = []
+    for _ in range(8):
+        before = ts
+        ts, m = step(ts, x, y)
+        skipped.append(int(m["skipped"]))
+        if m["skipped"]:
+            assert float(m["loss_scale"]) == float(before.loss_scale.scale) / 2
+            assert all(jax.tree.leaves(jax.tree.map(jnp.array_equal, ts.params, before.params)))
+        else:
+            ref, _ = plain(before._replace(loss_scale=None), x, y)
+            for a, b in zip(jax.tree.leaves(ts.params), jax.tree.leaves(ref.params), strict=True):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    k = skipped.index(0)
+    assert k >= 1 and skipped == [1] * k + [0] * (8 - k), skipped
+    assert float(ts.loss_scale.scale) == 2.0 ** (127 - k) and int(ts.step) == 8 - k
 
 
 def test_f32_policy_casts_nothing_float64_stays():
