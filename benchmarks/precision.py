@@ -215,8 +215,9 @@ def accuracy(seeds: list[int], epochs: int | None, models: list[str]) -> str:
                 res = runner.run(exp, seed=seed, precision=precision, print_fn=lambda s: None, **kw)
                 accs.append(100 * float(res.test.get("accuracy", np.nan)))
                 test_losses.append(per_char * float(res.test["loss"]))
-            cells = [f"{a:.2f}% ({t:.3f})" for a, t in zip(accs, test_losses, strict=True)]
-            mean = f"{np.mean(accs):.2f}% ({np.mean(test_losses):.3f})"
+            pct = lambda a: "–" if np.isnan(a) else f"{a:.2f}%"  # noqa: E731 (no accuracy: LMs)
+            cells = [f"{pct(a)} ({t:.3f})" for a, t in zip(accs, test_losses, strict=True)]
+            mean = f"{pct(np.mean(accs))} ({np.mean(test_losses):.3f})"
             rows.append([name, precision, *cells, mean])
     headers = ["experiment", "precision", *(f"seed {s}" for s in seeds), "mean"]
     return common.table(headers, rows)
