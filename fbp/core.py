@@ -1,7 +1,7 @@
 """The layer protocol, `Sequential`, and the composed hand-written gradient.
 
 Every layer is a frozen dataclass of static hyperparameters (never arrays) with
-pure, jit-safe methods::
+pure, jit-safe methods:
 
     init(key, x)                          -> params      # nested dict; {} when none
     init_state(x)                         -> state       # running statistics; {} when none

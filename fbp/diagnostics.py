@@ -3,7 +3,7 @@
 ``fbp.value_and_grad(model, loss, with_deltas=True)`` returns each layer's error
 signal (delta = dL/d(layer output)) next to the gradients; the chain rule computes
 these values anyway, so keeping them costs nothing but their norms. This module
-turns (params, grads, deltas, updates) into per-layer scalars, inside jit::
+turns (params, grads, deltas, updates) into per-layer scalars, inside jit:
 
     delta_norm/i    ||dL/d out_i||_F            (every layer; mean-loss scale, so ~1/batch)
     grad_norm/i     ||dL/dw_i||_F               (layers with a 'w')

@@ -1,7 +1,7 @@
 """The gradient-parity harness: check hand-written backward rules against JAX autodiff.
 
 This is the one module of fbp that uses JAX autodiff (``jax.vjp``, ``jax.grad``):
-as the reference. Point it at your own layer, loss or model::
+as the reference. Point it at your own layer, loss or model:
 
     from fbp import testing
     testing.assert_layer_parity(MyLayer(8), x)          # raises AssertionError with a table

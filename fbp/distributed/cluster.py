@@ -16,7 +16,7 @@ is agreed between processes here:
 
 In a single process each of these is a no-op with no communication.
 
-Launching (``fbp train`` does ``launch``; a script calls ``initialize_from_env()``)::
+Launching (``fbp train`` does ``launch``; a script calls ``initialize_from_env()``):
 
     # SLURM: one task per process (per GPU on GPU nodes)
     srun --nodes=2 --ntasks-per-node=4 fbp train digits-mlp --out runs/dp

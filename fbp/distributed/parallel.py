@@ -17,7 +17,7 @@ device of every process and the same program runs in each process. Every process
 must make the same JAX calls; the step functions here return process-local views
 of their results (``fbp.distributed.layout.StateLayout.view``), which each process may read
 and use on its own. Only ``is_main_process()`` writes files (``save_checkpoint``
-does this for checkpoints). Launching the same script in every process::
+does this for checkpoints). Launching the same script in every process:
 
     # SLURM: one task per process (per GPU on GPU nodes)
     srun --nodes=2 --ntasks-per-node=4 python train.py

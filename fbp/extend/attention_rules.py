@@ -4,7 +4,7 @@
 the attention core (scores, softmax, dropout, rope) has no parameters. So one
 backward of the layer, written with the same public pieces as its own backward
 (``sdpa_backward``, ``rope_backward``), keeps for each projection its input ``a``
-and the delta ``δ`` of its output, both (batch, T, ·)::
+and the delta ``δ`` of its output, both (batch, T, ·):
 
     self-attention:   a = x  for δ = [dq dk dv] (rope undone),  a = o  for δ = dy
     cross-attention:  a = x  for δ = dq,  a = c for δ = [dk dv],  a = o for δ = dy

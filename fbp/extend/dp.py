@@ -2,7 +2,7 @@
 
 For a batch of B examples with per-example gradients ``g_b`` (``fbp.extend.per_example``
 convention: the gradient of example b's own loss term), clip bound C and noise
-multiplier σ::
+multiplier σ:
 
     c_b   = min(1, C / ‖g_b‖)                      (computed from the norms alone)
     sum   = Σ_b c_b g_b                            (the clipped sum)

@@ -2,13 +2,13 @@
 
 Arrays are head-major: q (batch, heads, T, d), k (batch, heads, S, d) and
 v (batch, heads, S, dv). With ``scale = 1/√d`` and the set of allowed keys of each
-query row (causal, key lengths and an optional boolean mask, all combined)::
+query row (causal, key lengths and an optional boolean mask, all combined):
 
     S = scale · q kᵀ                          (batch, heads, T, S)
     P = softmax of S over the allowed keys;   P = 0 on every masked key
     O = P v                                   (batch, heads, T, dv)
 
-and the backward, with D = rowsum(dO ∘ O) (= rowsum(P ∘ dP))::
+and the backward, with D = rowsum(dO ∘ O) (= rowsum(P ∘ dP)):
 
     dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP − D);  dQ = scale · dS K;  dK = scale · dSᵀ Q.
 
@@ -375,7 +375,7 @@ def sdpa_backward(res: SdpaRes, do: Array) -> tuple[Array, Array, Array]:
     """Cotangents of q, k and v from the output's cotangent ``do`` (batch, heads, T, dv).
 
     With D = rowsum(dO ∘ O) (batch, heads, T) and P the (dropped-out, for dV and dP)
-    probabilities::
+    probabilities:
 
         dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ∘ (dP − D);  dQ = scale · dS K;  dK = scale · dSᵀ Q.
 

@@ -1,6 +1,6 @@
 """Multi-head attention: projections, heads, rotary positions, attention, output projection.
 
-With H heads of size d (inner = H·d)::
+With H heads of size d (inner = H·d):
 
     q = x wq + bq,  k = c wk + bk,  v = c wv + bv       (c = x for self-attention)
     q, k ← rope(q), rope(k)                              (rope=True)

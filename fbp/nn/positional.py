@@ -3,7 +3,7 @@
 * Rotary (RoPE, Su et al. 2021) rotates each (first half, second half) pair of a
   query or key vector by an angle proportional to its position, so that q·k depends
   on the positions only through their difference. With h = head_dim / 2,
-  θ_i = base^(−i/h) and angle a = t · θ_i::
+  θ_i = base^(−i/h) and angle a = t · θ_i:
 
       y1 = x1 cos a − x2 sin a,   y2 = x2 cos a + x1 sin a     (x1 = x[..., :h], x2 = x[..., h:])
 

@@ -5,7 +5,7 @@ Variable-length batches are padded to a common length ``time`` and described by
 Recurrent layers, ``LastStep`` and the layers built around others (``Bidirectional``,
 ``Residual``, ``Frozen``, ``Recompute``, ``Sequential``) take it as the keyword
 ``lengths=`` (the rule is in ``fbp.core``); per-step losses take the matching mask as
-``where=``::
+``where=``:
 
     y = layer.apply(params, x, lengths=lengths)              # (batch, time, H)
     loss = losses.mse(pred, target, where=length_mask(lengths, time))

@@ -12,7 +12,7 @@
   int32 of shape (batch,), and ``export.json`` says ``"lengths": true``;
 * ``params.safetensors``: its arrays (parameters, running state, input statistics);
 * ``export.json``: the order of the arrays, the input shape, classes, ``params_sha256``;
-* ``README.txt``: the loader below, which needs only jax, numpy and safetensors::
+* ``README.txt``: the loader below, which needs only jax, numpy and safetensors:
 
     import json, jax, numpy as np
     from safetensors.numpy import load_file
