@@ -1,5 +1,6 @@
 """Helpers for tests that run ``fbp train`` in this process on ``tests/experiments``."""
 
+import json
 from pathlib import Path
 
 from fbp.run import cli
@@ -16,3 +17,8 @@ def use_test_experiments(monkeypatch) -> None:
 def train(out, *args, name: str = "tiny") -> int:
     """``fbp train NAME --out OUT ARGS...``; returns the exit status."""
     return cli.main(["train", name, "--out", str(out), *map(str, args)])
+
+
+def summary(out) -> dict:
+    """The run directory ``out``'s summary.json."""
+    return json.loads((Path(out) / "summary.json").read_text())

@@ -13,6 +13,7 @@ from fbp import xla_config  # noqa: E402  (XLA reads XLA_FLAGS when JAX starts, 
 xla_config.configure_cpu()  # fbp's default XLA:CPU flags; FBP_XLA=off or FBP_XLA=NAME to change
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # float64 for the whole test process, on purpose: the parity suite compares hand-written
@@ -31,3 +32,16 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("fbp")
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """A finished 1-epoch sweep of the test experiment ``tiny`` over seeds 0 and 1 (one per
+    test module; tests that change it work on a copy)."""
+    from cli_runs import EXPERIMENTS, train
+
+    out = tmp_path_factory.mktemp("sweep") / "sw"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
+        assert train(out, "--epochs", 1, "--seeds", "0,1") == 0
+    return out

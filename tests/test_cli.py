@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 from cli_runs import EXPERIMENTS, use_test_experiments
+from cli_runs import summary as _summary
 from cli_runs import train as _train
 
 from fbp import checkpoint as ckpt
@@ -33,10 +34,6 @@ def ref(tmp_path_factory):
         mp.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
         assert _train(out, "--epochs", 3) == 0
     return out
-
-
-def _summary(out):
-    return json.loads((Path(out) / "summary.json").read_text())
 
 
 @pytest.mark.parametrize(

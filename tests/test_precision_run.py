@@ -1,6 +1,5 @@
 """``fbp train --precision``: saved, resumed, refused, and through the non-finite policy."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from cli_runs import summary as _summary
 from cli_runs import train as _train
 from cli_runs import use_test_experiments
 
@@ -20,10 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _experiments(monkeypatch):
     use_test_experiments(monkeypatch)
-
-
-def _summary(out):
-    return json.loads((Path(out) / "summary.json").read_text())
 
 
 def test_bf16_mixed_run_saves_precision_and_float32_params(tmp_path):

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from cli_runs import EXPERIMENTS, use_test_experiments
+from cli_runs import summary as _summary
 from cli_runs import train as _train
 
 from fbp import checkpoint as ckpt
@@ -36,10 +37,6 @@ def _iris_csv(path: Path, rows: int = 150) -> Path:
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -256,19 +253,9 @@ def test_local_experiment_shadowing_another_is_warned_naming_both(tmp_path, monk
     assert "shadows" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def sweep_run(tmp_path_factory):
-    """A finished 1-epoch sweep of tiny over seeds 0 and 1."""
-    out = tmp_path_factory.mktemp("sweep") / "sw"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
-        assert _train(out, "--epochs", 1, "--seeds", "0,1") == 0
-    return out
-
-
-def test_sweep_resume_names_a_missing_run_directory(sweep_run, tmp_path, capsys):
+def test_sweep_resume_names_a_missing_run_directory(tiny_sweep, tmp_path, capsys):
     out = tmp_path / "sw"
-    shutil.copytree(sweep_run, out)
+    shutil.copytree(tiny_sweep, out)
     shutil.rmtree(out / "seed-1")
     assert _train(out, "--epochs", 2, "--seeds", "0,1", "--resume") == 2
     err = capsys.readouterr().err
@@ -276,11 +263,11 @@ def test_sweep_resume_names_a_missing_run_directory(sweep_run, tmp_path, capsys)
     assert not (out / "seed-1").exists()
 
 
-def test_sweep_records_and_checks_each_runs_data(sweep_run, tmp_path, capsys):
-    s = _summary(sweep_run / "seed-1")
+def test_sweep_records_and_checks_each_runs_data(tiny_sweep, tmp_path, capsys):
+    s = _summary(tiny_sweep / "seed-1")
     assert s["data"]["name"] == "iris" and len(s["data"]["sha256"]) == 64
     out = tmp_path / "sw"
-    shutil.copytree(sweep_run, out)
+    shutil.copytree(tiny_sweep, out)
     for run in ("seed-0", "seed-1"):  # as if the experiment's data had changed since
         for m in (out / run / "checkpoints").glob("ckpt-*/manifest.json"):
             m.write_text(m.read_text().replace(s["data"]["sha256"][:20], "0" * 20))
@@ -288,11 +275,11 @@ def test_sweep_records_and_checks_each_runs_data(sweep_run, tmp_path, capsys):
     assert "the data changed since this run was trained" in capsys.readouterr().err
 
 
-def test_eval_on_a_sweeps_directory_names_its_runs(sweep_run, capsys):
-    assert cli.main(["eval", str(sweep_run)]) == 2
+def test_eval_on_a_sweeps_directory_names_its_runs(tiny_sweep, capsys):
+    assert cli.main(["eval", str(tiny_sweep)]) == 2
     err = capsys.readouterr().err
     assert "a sweep's directory" in err
-    assert f"{sweep_run / 'seed-0'}, {sweep_run / 'seed-1'}" in err
+    assert f"{tiny_sweep / 'seed-0'}, {tiny_sweep / 'seed-1'}" in err
 
 
 def test_failed_export_leaves_no_export_folder(tmp_path, monkeypatch, capsys):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import jax
 import pytest
-from cli_runs import EXPERIMENTS, use_test_experiments
 from cli_runs import train as _train
+from cli_runs import use_test_experiments
 
 from fbp import checkpoint as ckpt
 from fbp.run import cli, progress
@@ -30,31 +30,23 @@ def _files(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """A finished 1-epoch sweep of tiny over seeds 0 and 1."""
-    out = tmp_path_factory.mktemp("sweep") / "sw"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
-        assert _train(out, "--epochs", 1, "--seeds", "0,1") == 0
-    return out
-
-
 def test_zero_epochs_on_resume_and_on_a_sweep_is_refused_and_changes_nothing(
-    sweep, tmp_path, capsys
+    tiny_sweep, tmp_path, capsys
 ):
-    before = _files(sweep)
-    assert _train(sweep, "--epochs", 0, "--seeds", "0,1", "--resume") == 2
+    before = _files(tiny_sweep)
+    assert _train(tiny_sweep, "--epochs", 0, "--seeds", "0,1", "--resume") == 2
     assert capsys.readouterr().err.strip() == "fbp: error: run: epochs must be >= 1, got 0."
-    assert _files(sweep) == before
+    assert _files(tiny_sweep) == before
     assert _train(tmp_path / "new", "--epochs", 0, "--seeds", "0,1") == 2
     assert "epochs must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
 
-def test_resumed_sweep_refuses_a_fixed_option_and_records_a_changed_one(sweep, tmp_path, capsys):
+def test_resumed_sweep_refuses_a_fixed_option_and_records_a_changed_one(
+    tiny_sweep, tmp_path, capsys
+):
     out = tmp_path / "sw"
-    shutil.copytree(sweep, out)  # a copy, so the module's sweep stays as it was
+    shutil.copytree(tiny_sweep, out)  # a copy, so the module's sweep stays as it was
     before = _files(out)
     assert _train(out, "--epochs", 2, "--seeds", "0,1", "--resume", "--batch-size", 8) == 2
     err = capsys.readouterr().err.strip()
@@ -70,13 +62,15 @@ def test_resumed_sweep_refuses_a_fixed_option_and_records_a_changed_one(sweep, t
         assert [r["lr"] for r in rows] == [0.01, 0.05] and "changes" in rows[1]
 
 
-def test_export_on_a_sweeps_directory_names_its_runs_and_writes_nothing(sweep, capsys):
-    before = _files(sweep)
-    assert cli.main(["export", str(sweep)]) == 2
+def test_export_on_a_sweeps_directory_names_its_runs_and_writes_nothing(tiny_sweep, capsys):
+    before = _files(tiny_sweep)
+    assert cli.main(["export", str(tiny_sweep)]) == 2
     err = capsys.readouterr().err
-    assert f"a sweep's directory, not one run's; name one of its runs: {sweep / 'seed-0'}" in err
-    assert _files(sweep) == before and not (sweep / "export").exists()
-    assert ckpt.list_checkpoints(sweep / "seed-0" / "checkpoints")
+    assert (
+        f"a sweep's directory, not one run's; name one of its runs: {tiny_sweep / 'seed-0'}" in err
+    )
+    assert _files(tiny_sweep) == before and not (tiny_sweep / "export").exists()
+    assert ckpt.list_checkpoints(tiny_sweep / "seed-0" / "checkpoints")
 
 
 def _exhausting_program(monkeypatch) -> None:
@@ -96,10 +90,10 @@ def _exhausting_program(monkeypatch) -> None:
 
 
 def test_out_of_memory_in_a_sweep_ends_in_one_line_and_keeps_each_runs_checkpoint(
-    sweep, tmp_path, monkeypatch, capsys
+    tiny_sweep, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "sw"
-    shutil.copytree(sweep, out)
+    shutil.copytree(tiny_sweep, out)
     before = _files(out)
     _exhausting_program(monkeypatch)
     assert _train(out, "--epochs", 2, "--seeds", "0,1", "--resume") == 5
@@ -110,7 +104,8 @@ def test_out_of_memory_in_a_sweep_ends_in_one_line_and_keeps_each_runs_checkpoin
     for run in ("seed-0", "seed-1"):
         cps = ckpt.list_checkpoints(out / run / "checkpoints")
         assert [str(p.relative_to(out)) for p in cps] == [
-            str(p.relative_to(sweep)) for p in ckpt.list_checkpoints(sweep / run / "checkpoints")
+            str(p.relative_to(tiny_sweep))
+            for p in ckpt.list_checkpoints(tiny_sweep / run / "checkpoints")
         ]
         ckpt.read_arrays(cps[-1])  # verifies
     assert {k: v for k, v in _files(out).items() if "checkpoints" in k} == {

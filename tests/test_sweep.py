@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 from cli_runs import EXPERIMENTS, use_test_experiments
+from cli_runs import summary as _summary
 from cli_runs import train as _train
 
 from fbp import checkpoint as ckpt
@@ -35,10 +36,6 @@ NAMES = ["lr-0.01_seed-0", "lr-0.01_seed-1", "lr-0.03_seed-0", "lr-0.03_seed-1"]
 @pytest.fixture(autouse=True)
 def _experiments(monkeypatch):
     use_test_experiments(monkeypatch)
-
-
-def _summary(out):
-    return json.loads((Path(out) / "summary.json").read_text())
 
 
 def _strip(rows):
