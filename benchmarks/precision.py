@@ -8,7 +8,8 @@ Per model, in one process and interleaved rounds (medians):
   ``fbp.loss_fn(..., precision="bf16-mixed")``, the same bfloat16-cast forward, as the
   gradient (what autodiff gives from the same model);
 * ``torch f32`` and ``torch autocast``: a PyTorch equivalent (MLP, LSTM) eager, SGD,
-  with and without ``torch.autocast("cpu", torch.bfloat16)``.
+  with and without ``torch.autocast(device, torch.bfloat16)`` (on CUDA when JAX runs on a
+  GPU, with PyTorch's default float32 products: no TF32).
 
 Models: ``mlp`` (64-1024-1024-10 ReLU, batch 256), ``char-lm`` (the char-lm
 experiment's transformer, batch 32 x 128 tokens), ``lstm`` (H=256, batch 64, T=100,
@@ -118,8 +119,9 @@ def torch_steps(name: str, quick: bool) -> dict[str, Callable[[], object]]:
     except ImportError:
         return {}
     torch.manual_seed(0)
+    device = common.torch_device()
     _, _, x, y = case(name, quick)
-    xt = torch.tensor(np.asarray(x, np.float32))
+    xt = torch.tensor(np.asarray(x, np.float32), device=device)
     if name == "mlp":
         sizes = [x.shape[1], *([32, 32] if quick else [1024, 1024]), 10]
         layers = [
@@ -128,30 +130,33 @@ def torch_steps(name: str, quick: bool) -> dict[str, Callable[[], object]]:
             for m in (torch.nn.Linear(a, b), torch.nn.ReLU())
         ]
         module = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-2], sizes[-1]))
-        yt = torch.tensor(np.asarray(y)).long()
+        yt = torch.tensor(np.asarray(y), device=device).long()
         lossf = torch.nn.CrossEntropyLoss()
         forward = module
     else:
         lstm, head = torch.nn.LSTM(x.shape[2], 8 if quick else 256, batch_first=True), None
         head = torch.nn.Linear(lstm.hidden_size, 1)
         module = torch.nn.ModuleList([lstm, head])
-        yt = torch.tensor(np.asarray(y, np.float32))
+        yt = torch.tensor(np.asarray(y, np.float32), device=device)
         lossf = torch.nn.MSELoss()
 
         def forward(v):
             return head(lstm(v)[0])
 
+    module.to(device)
     opt = torch.optim.SGD(module.parameters(), lr=LR)
 
     def step(autocast: bool):
         opt.zero_grad()
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, torch.bfloat16, enabled=autocast):
             loss = lossf(forward(xt).float(), yt)
         loss.backward()
         opt.step()
-        return None
 
-    return {"torch f32": lambda: step(False), "torch autocast": lambda: step(True)}
+    return {
+        "torch f32": common.torch_synced(lambda: step(False), device),
+        "torch autocast": common.torch_synced(lambda: step(True), device),
+    }
 
 
 def measure(name: str, quick: bool, rounds: int) -> dict:

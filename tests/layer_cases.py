@@ -191,7 +191,8 @@ CASES: list[LayerCase] = [
     LayerCase("batchnorm-eval", lambda: nn.BatchNorm(), (2, 3, 4, 3), with_state=True),
     LayerCase("layernorm", lambda: nn.LayerNorm(), (4, 5)),
     LayerCase("dropout-train", lambda: nn.Dropout(0.3), (4, 5), train=True, needs_key=True),
-    LayerCase("embedding", lambda: nn.Embedding(11, 4), (3, 5), input="int:11"),
+    # float64 table: token ids carry no dtype, so the default table would be float32
+    LayerCase("embedding", lambda: nn.Embedding(11, 4, dtype=jnp.float64), (3, 5), input="int:11"),
     # more of the zoo, under -m slow (the default run covers the same layers above)
     LayerCase("conv2d-nobias", lambda: nn.Conv2D(2, 3, use_bias=False), (2, 5, 5, 2), slow=True),
     LayerCase(

@@ -71,7 +71,8 @@ def test_float32_stays_float32(case):
     layer = case.make()
     x = case.make_input(0, dtype=jnp.float32)
     kw = case.call_kwargs(layer, x)
-    params = layer.init(jax.random.key(1), x)
+    # float32 parameters (those of integer-input layers follow no input dtype)
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), layer.init(jax.random.key(1), x))
 
     def step(params, x):
         y, res = layer.forward(params, x, **kw)
@@ -95,9 +96,8 @@ def test_backward_is_linear_in_dy(case):
     lhs = layer.backward(params, res, 2.0 * a - 3.0 * b)
     ga, gb = layer.backward(params, res, a), layer.backward(params, res, b)
     rhs = jax.tree.map(lambda u, v: 2.0 * u - 3.0 * v, ga, gb)
-    tol = 1e-9 if y.dtype == jnp.float64 else 1e-5  # float32 params of integer-input layers
     for u, v in zip(jax.tree.leaves(lhs), jax.tree.leaves(rhs), strict=True):
-        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-9, atol=1e-9)
 
 
 def _public_layer_classes():

@@ -307,11 +307,19 @@ def test_embedding_out_of_range_ids_are_nan_and_dropped_in_backward():
     np.testing.assert_array_equal(np.asarray(dparams["w"])[:, 0], [1.0, 0.0, 0.0, 1.0])
 
 
+def test_embedding_table_dtype():
+    ids = jnp.zeros((2, 3), jnp.int32)
+    assert nn.Embedding(5, 2).init(KEY, ids)["w"].dtype == jnp.float32  # also under x64
+    assert nn.Embedding(5, 2, dtype=jnp.float64).init(KEY, ids)["w"].dtype == jnp.float64
+
+
 def test_embedding_errors():
     with pytest.raises(ValueError, match="Embedding: vocab must be a positive int"):
         nn.Embedding(0, 3)
     with pytest.raises(ValueError, match="Embedding: features must be a positive int"):
         nn.Embedding(3, 2.5)
+    with pytest.raises(ValueError, match="Embedding: dtype must be a float dtype, got <class"):
+        nn.Embedding(3, 2, dtype=jnp.int32)
     layer = nn.Embedding(5, 2)
     with pytest.raises(nn.ShapeError, match=r"Embedding\(5\)\.init: x has dtype float.*integer"):
         layer.init(KEY, jnp.zeros((2, 3)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
@@ -33,6 +33,8 @@ class Embedding(Layer):
       vocab: number of rows (> 0).
       features: size of each vector (> 0).
       w_init: initialiser (default N(0, 1), as PyTorch's ``nn.Embedding``).
+      dtype: the table's dtype (token ids carry none to follow): float32 by default,
+        ``jnp.float64`` for float64 work under ``jax_enable_x64``.
 
     Parameter tree:
       ``w`` (vocab, features).
@@ -52,12 +54,15 @@ class Embedding(Layer):
     vocab: int
     features: int
     w_init: str | Callable = "embedding_normal"
+    dtype: Any = jnp.float32
 
     def __post_init__(self):
         for name in ("vocab", "features"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"Embedding: {name} must be a positive int, got {v!r}.")
+        if not jnp.issubdtype(self.dtype, jnp.floating):
+            raise ValueError(f"Embedding: dtype must be a float dtype, got {self.dtype!r}.")
         if self.w_init != "embedding_normal":
             initializers.get(self.w_init, "Embedding")
 
@@ -74,9 +79,9 @@ class Embedding(Layer):
             )
 
     def init(self, key: PRNGKey, x: Shaped) -> Params:
-        """x: example token ids, shape (...) int. The params are float32."""
+        """x: example token ids, shape (...) int. The params have ``self.dtype``."""
         self._check(x, "init")
-        return {"w": self._init_fn()(key, (self.vocab, self.features), jnp.float32)}
+        return {"w": self._init_fn()(key, (self.vocab, self.features), self.dtype)}
 
     def forward(
         self,
