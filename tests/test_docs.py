@@ -62,15 +62,22 @@ def test_the_collector_finds_blocks_and_no_run_markers(tmp_path):
     assert python_blocks(page) == [(4, "x = 1\n", None), (9, "y = 2\n", "trains for minutes")]
 
 
+def runnable_blocks(page: Path) -> list[tuple[str, int, str]]:
+    """(file, line, code) of each block of ``page`` that runs (no ``no-run`` marker)."""
+    return [(str(page), line, code) for line, code, why in python_blocks(page) if why is None]
+
+
 @pytest.mark.parametrize(
     "page",
-    [pytest.param(p, marks=() if p.name in DEFAULT_PAGES else pytest.mark.slow) for p in PAGES],
+    [
+        pytest.param(p, marks=() if p.name in DEFAULT_PAGES else pytest.mark.slow)
+        for p in PAGES
+        if runnable_blocks(p)  # pages without code (the results, the index) have no test
+    ],
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_every_python_block_of_the_page_runs(page, tmp_path):
-    blocks = [(str(page), line, code) for line, code, why in python_blocks(page) if why is None]
-    if not blocks:
-        pytest.skip(f"{page.name} has no python block to run")
+    blocks = runnable_blocks(page)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)

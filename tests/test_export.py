@@ -59,7 +59,9 @@ def test_exported_predictions_equal_the_in_process_model(exported):
     names = json.loads((d / "export.json").read_text())["inputs"]
     got = np.asarray(fn.call([arrays[k] for k in names], raw))
     want = _in_process(run, raw)
-    np.testing.assert_array_equal(got, want)
+    # Two XLA programs (the export standardises inside): equal up to float32 rounding,
+    # bit for bit under XLA's default compiler level, not under the tests' (conftest).
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert fn.call([arrays[k] for k in names], raw[:1]).shape == (1, 3)  # symbolic batch
 
 
