@@ -6,13 +6,14 @@
 # Usage (from the repository root): bash benchmarks/gpu_suite.sh OUT_DIR
 # Writes OUT_DIR/<name>.md (the script's table), OUT_DIR/<name>.json (results),
 # OUT_DIR/<name>.log (stderr), OUT_DIR/env.txt (GPU and versions), OUT_DIR/status.txt.
-# Each benchmark is bounded by $FBP_GPU_TIMEOUT seconds (default 80), the parity report
-# and the tests by $FBP_SUITE_TESTS_TIMEOUT (default 240; FBP_SUITE_TESTS= names the
-# test files, empty for none), so the suite stays under ~11 minutes with compilation.
-# Compiling for the GPU is slow: on an H200, one worker per file (xdist's loadfile) ran
-# 299 tests of test_layers.py, test_attention.py and test_recurrent.py in 195 s without
-# finishing, so the default is the registry's file alone, spread over 8 workers. Needs jax with CUDA, torch with
-# CUDA, optax and chex; fbp is imported from this checkout (PYTHONPATH=.).
+# Each benchmark is bounded by $FBP_GPU_TIMEOUT seconds (default 80; precision.py, which
+# compiles four models twice, by twice that), the parity report and the tests by
+# $FBP_SUITE_TESTS_TIMEOUT (default 240; FBP_SUITE_TESTS= names the test files, empty
+# for none), so the suite stays under ~12 minutes with compilation. Compiling for the
+# GPU is slow: on an H200, one worker per file (xdist's loadfile) ran 299 tests of
+# test_layers.py, test_attention.py and test_recurrent.py in 195 s without finishing,
+# so the default is the registry's file alone, spread over 8 workers. Needs jax and
+# torch with CUDA, optax and chex; fbp is imported from this checkout (PYTHONPATH=.).
 # FBP_SUITE_PLATFORMS=cpu runs the same suite on the CPU (a dry run of the plumbing).
 set -u
 out="${1:?usage: bash benchmarks/gpu_suite.sh OUT_DIR}"
@@ -54,7 +55,7 @@ if [ -n "$tests" ]; then
 fi
 wait
 export XLA_PYTHON_CLIENT_PREALLOCATE=true
-bench precision benchmarks/precision.py --rounds 20
+limit=$((2 * limit)) bench precision benchmarks/precision.py --rounds 20
 bench mlp benchmarks/mlp.py --single --rounds 30 --steps 10 --json "$out/mlp.json"
 bench attention benchmarks/attention.py --single --rounds 10 --times 512,2048,8192
 bench lstm benchmarks/lstm.py --child --rounds 30 --json "$out/lstm.json"

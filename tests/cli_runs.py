@@ -22,3 +22,16 @@ def train(out, *args, name: str = "tiny") -> int:
 def summary(out) -> dict:
     """The run directory ``out``'s summary.json."""
     return json.loads((Path(out) / "summary.json").read_text())
+
+
+def iris_csv(path: Path, rows: int = 150) -> Path:
+    """iris as a CSV (4 features, label last), its first ``rows`` rows."""
+    from sklearn.datasets import load_iris
+
+    b = load_iris()
+    lines = ["a,b,c,d,label"] + [
+        ",".join(f"{v:.1f}" for v in x) + f",{int(y)}"
+        for x, y in zip(b.data[:rows], b.target[:rows], strict=True)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path

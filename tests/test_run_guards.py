@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from cli_runs import EXPERIMENTS, use_test_experiments
+from cli_runs import EXPERIMENTS, iris_csv, use_test_experiments
 from cli_runs import summary as _summary
 from cli_runs import train as _train
 
@@ -26,24 +26,11 @@ def _experiments(monkeypatch):
     use_test_experiments(monkeypatch)
 
 
-def _iris_csv(path: Path, rows: int = 150) -> Path:
-    """iris as a CSV (4 features, label last), its first ``rows`` rows."""
-    from sklearn.datasets import load_iris
-
-    b = load_iris()
-    lines = ["a,b,c,d,label"] + [
-        ",".join(f"{v:.1f}" for v in x) + f",{int(y)}"
-        for x, y in zip(b.data[:rows], b.target[:rows], strict=True)
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def csv_run(tmp_path_factory):
     """A 1-epoch run of tiny on an iris CSV given by a relative path (cwd = the CSV's folder)."""
     base = tmp_path_factory.mktemp("csv")
-    _iris_csv(base / "iris.csv")
+    iris_csv(base / "iris.csv")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FBP_EXPERIMENTS", EXPERIMENTS)
         mp.chdir(base)
@@ -53,7 +40,7 @@ def csv_run(tmp_path_factory):
 
 def _fresh(tmp_path: Path) -> tuple[Path, Path]:
     """A new 1-epoch run of tiny on an iris CSV (absolute path): (run dir, CSV)."""
-    data = _iris_csv(tmp_path / "iris.csv")
+    data = iris_csv(tmp_path / "iris.csv")
     assert _train(tmp_path / "run", "--epochs", 1, "--data", data) == 0
     return tmp_path / "run", data
 
@@ -82,7 +69,7 @@ def test_eval_from_another_directory_finds_the_data_file(csv_run, tmp_path, monk
 
 def test_changed_data_file_is_refused_in_one_line_then_accepted_and_recorded(tmp_path, capsys):
     run, data = _fresh(tmp_path)
-    _iris_csv(data, rows=140)  # ten rows fewer: the split would move test rows into training
+    iris_csv(data, rows=140)  # ten rows fewer: the split would move test rows into training
     for argv in (["eval", str(run)], ["export", str(run)]):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
@@ -114,7 +101,7 @@ def test_moved_data_file_is_named_and_found_with_data(tmp_path, capsys):
 
 @pytest.mark.parametrize("classes", [2, 4])  # tiny has 3 outputs
 def test_output_width_must_equal_the_datas_classes(tmp_path, capsys, classes):
-    f = _iris_csv(tmp_path / "d.csv", rows=100 if classes == 2 else 150)
+    f = iris_csv(tmp_path / "d.csv", rows=100 if classes == 2 else 150)
     if classes == 4:  # every 10th row becomes a fourth class
         lines = f.read_text().splitlines()
         lines[1::10] = [line.rsplit(",", 1)[0] + ",3" for line in lines[1::10]]

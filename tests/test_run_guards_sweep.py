@@ -11,8 +11,8 @@ from pathlib import Path
 
 import jax
 import pytest
+from cli_runs import iris_csv, summary, use_test_experiments
 from cli_runs import train as _train
-from cli_runs import use_test_experiments
 
 from fbp import checkpoint as ckpt
 from fbp.run import cli, progress
@@ -60,6 +60,26 @@ def test_resumed_sweep_refuses_a_fixed_option_and_records_a_changed_one(
         assert changes == {"lr": (2, 0.01, 0.05), "epochs": (2, 1, 2)}
         rows = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
         assert [r["lr"] for r in rows] == [0.01, 0.05] and "changes" in rows[1]
+
+
+def test_resumed_sweep_on_changed_data_is_refused_then_accepted_and_recorded(tmp_path, capsys):
+    data = iris_csv(tmp_path / "iris.csv")
+    out = tmp_path / "sw"
+    assert _train(out, "--epochs", 1, "--seeds", "0,1", "--data", data) == 0
+    iris_csv(data, rows=140)  # ten rows fewer
+    before = _files(out)
+    assert _train(out, "--epochs", 2, "--seeds", "0,1", "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the data changed since this run was trained" in err
+    assert "--accept-changed-data" in err and _files(out) == before
+    assert _train(out, "--epochs", 2, "--seeds", "0,1", "--resume", "--accept-changed-data") == 0
+    for run in ("seed-0", "seed-1"):
+        s = summary(out / run)
+        (change,) = [c for c in s["changes"] if c["option"] == "data"]
+        assert change["epoch"] == 2 and change["to"]["size"] == data.stat().st_size
+        assert s["data"]["size"] > data.stat().st_size  # the original record is kept
+        rows = (out / run / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == 2 and "changes" in json.loads(rows[1])  # epoch 2 ran, on the new data
 
 
 def test_export_on_a_sweeps_directory_names_its_runs_and_writes_nothing(tiny_sweep, capsys):
