@@ -144,7 +144,8 @@ def test_export_of_every_experiment_predicts_like_the_trained_model_on_raw_featu
         from safetensors.numpy import load_file
 
         arrays = load_file(str(run_dir / "export" / "params.safetensors"))
-        got = np.asarray(fn.call([arrays[k] for k in meta["inputs"]], raw.astype(np.float32)))
+        x = raw.astype(np.int32 if np.issubdtype(raw.dtype, np.integer) else np.float32)
+        got = np.asarray(fn.call([arrays[k] for k in meta["inputs"]], x))  # token ids: int32
         state = run["model_state"] or None
         want = np.asarray(run["model"].apply(run["params"], jnp.asarray(ds.test.x), state=state))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=str(run_dir))
