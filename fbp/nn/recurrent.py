@@ -355,14 +355,14 @@ class SimpleRNN(_Recurrent):
 
     def _cell(self, p, carry, x_t):
         xh = jnp.concatenate([x_t, carry["h"]], axis=1)
-        h = jnp.tanh(like(matmul(xh, p["w"]) + p["b"], xh))
-        return {"h": h}, RNNStep(xh, h)
+        h = jnp.tanh(matmul(xh, p["w"]) + upcast(p["b"]))  # float32 in bf16, kept so
+        return {"h": like(h, xh)}, RNNStep(xh, h)
 
     def _cell_backward(self, p, r, dcarry):
         """dz = dh (1 - h²);  (dx_t, dh_prev) = dz [w_ih; w_hh]ᵀ;  dw += [x_t, h_prev]ᵀ dz."""
-        dz = dcarry["h"] * (1 - r.h * r.h)
+        dz = like(upcast(dcarry["h"]) * (1 - r.h * r.h), r.xh)
         dx_t, dh_prev, dp, dz = self._fused_grads(p, r.xh, dz)
-        return {"h": dh_prev}, dx_t, dp, dz
+        return {"h": like(dh_prev, dcarry["h"])}, dx_t, dp, dz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,27 +408,32 @@ class LSTM(_Recurrent):
         return {**super()._step_params(params), "s": s}
 
     def _cell(self, p, carry, x_t):
+        # In bf16 only the product's operands are bfloat16: the gate math and the kept
+        # gates a and tanh(c) are float32 (bf16 elementwise work made the step slower
+        # than float32's; benchmarks/RESULTS.md). The carry keeps the input's dtype.
         xh = jnp.concatenate([x_t, carry["h"]], axis=1)
-        s = p["s"]
-        a = jnp.tanh(like(matmul(xh, p["w"]) + p["b"], xh) * s)
+        s = upcast(p["s"])
+        a = jnp.tanh((matmul(xh, p["w"]) + upcast(p["b"])) * s)
         i, f, g, o = jnp.split(a * s + (1 - s), 4, axis=-1)
-        c = f * carry["c"] + i * g
+        c = f * upcast(carry["c"]) + i * g
         tc = jnp.tanh(c)
-        return {"h": o * tc, "c": c}, LSTMStep(xh, a, carry["c"], tc)
+        return {"h": like(o * tc, xh), "c": like(c, xh)}, LSTMStep(xh, a, carry["c"], tc)
 
     def _cell_backward(self, p, r, dcarry):
         """dc = dc' + dh o (1-tanh²c); d(i,f,g,o) = (dc g, dc c_prev, dc i, dh tanh c);
 
         dz = d(gates) s² (1 - a²);  (dx_t, dh_prev) = dz [w_ih; w_hh]ᵀ;  dc_prev = dc f.
+        In bf16, float32 up to dz, which goes into the products as bfloat16.
         """
-        s = p["s"]
+        s = upcast(p["s"])
         i, f, g, o = jnp.split(r.a * s + (1 - s), 4, axis=-1)
-        dh = dcarry["h"]
-        dc = dcarry["c"] + dh * o * (1 - r.tc * r.tc)
-        dgate = jnp.concatenate([dc * g, dc * r.c_prev, dc * i, dh * r.tc], axis=-1)
-        dz = dgate * (s * s) * (1 - r.a * r.a)
+        dh = upcast(dcarry["h"])
+        dc = upcast(dcarry["c"]) + dh * o * (1 - r.tc * r.tc)
+        dgate = jnp.concatenate([dc * g, dc * upcast(r.c_prev), dc * i, dh * r.tc], axis=-1)
+        dz = like(dgate * (s * s) * (1 - r.a * r.a), r.xh)
         dx_t, dh_prev, dp, dz = self._fused_grads(p, r.xh, dz)
-        return {"h": dh_prev, "c": dc * f}, dx_t, dp, dz
+        dprev = {"h": like(dh_prev, dcarry["h"]), "c": like(dc * f, dcarry["c"])}
+        return dprev, dx_t, dp, dz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,31 +479,36 @@ class GRU(_Recurrent):
         return acc
 
     def _cell(self, p, carry, x_t):
+        # In bf16 only the products' operands are bfloat16; the gate math and the kept
+        # gates are float32 (as in the LSTM), the carry keeps the input's dtype.
         h_prev, hid = carry["h"], self.hidden
-        gx = like(matmul(x_t, p["w_ih"]) + p["b_ih"], x_t)
-        gh = like(matmul(h_prev, p["w_hh"]) + p["b_hh"], h_prev)
+        gx = matmul(x_t, p["w_ih"]) + upcast(p["b_ih"])
+        gh = matmul(h_prev, p["w_hh"]) + upcast(p["b_hh"])
         r, z = jnp.split(jax.nn.sigmoid(gx[:, : 2 * hid] + gh[:, : 2 * hid]), 2, axis=-1)
         ghn = gh[:, 2 * hid :]
         n = jnp.tanh(gx[:, 2 * hid :] + r * ghn)
-        return {"h": n + z * (h_prev - n)}, GRUStep(x_t, h_prev, r, z, n, ghn)
+        h = like(n + z * (upcast(h_prev) - n), h_prev)
+        return {"h": h}, GRUStep(x_t, h_prev, r, z, n, ghn)
 
     def _cell_backward(self, p, r, dcarry):
         """dn̂ = dh (1-z)(1-n²); dr̂ = dn̂ ghn r(1-r); dẑ = dh (h_prev-n) z(1-z);
 
         dgx = (dr̂, dẑ, dn̂), dgh = (dr̂, dẑ, dn̂ r);  dx_t = dgx w_ihᵀ;
         dh_prev = dh z + dgh w_hhᵀ;  dw_ih += x_tᵀ dgx;  dw_hh += h_prevᵀ dgh.
+        In bf16, float32 up to dgx and dgh, which go into the products as bfloat16.
         """
-        dh = dcarry["h"]
+        dh = upcast(dcarry["h"])
         dan = dh * (1 - r.z) * (1 - r.n * r.n)
         dar = dan * r.ghn * r.r * (1 - r.r)
-        daz = dh * (r.h_prev - r.n) * r.z * (1 - r.z)
-        dgh = jnp.concatenate([dar, daz, dan * r.r], axis=-1)
-        dgx = jnp.concatenate([dar, daz, dan], axis=-1)
+        daz = dh * (upcast(r.h_prev) - r.n) * r.z * (1 - r.z)
+        dgh32 = jnp.concatenate([dar, daz, dan * r.r], axis=-1)
+        dgx32 = jnp.concatenate([dar, daz, dan], axis=-1)
+        dgx, dgh = like(dgx32, r.x), like(dgh32, r.h_prev)
         dp = {
             "w_ih": matmul_tn(r.x, dgx),
             "w_hh": matmul_tn(r.h_prev, dgh),
-            "b_ih": jnp.sum(upcast(dgx), axis=0),
-            "b_hh": jnp.sum(upcast(dgh), axis=0),
+            "b_ih": jnp.sum(dgx32, axis=0),
+            "b_hh": jnp.sum(dgh32, axis=0),
         }
-        dprev = {"h": dh * r.z + like(matmul(dgh, p["w_hh_t"]), dh)}
-        return dprev, like(matmul(dgx, p["w_ih_t"]), dgx), dp, GRUDeltas(dgx, dgh)
+        dprev = {"h": like(dh * r.z + matmul(dgh, p["w_hh_t"]), dcarry["h"])}
+        return dprev, like(matmul(dgx, p["w_ih_t"]), r.x), dp, GRUDeltas(dgx, dgh)
