@@ -10,8 +10,9 @@ os.environ.setdefault("FBP_COMPILATION_CACHE", "0")
 # Tests compile hundreds of small programs and run each a few times, so LLVM's optimisation
 # of the machine code costs more than it saves: level 0 takes 35-40% off the CPU time of
 # the parity tests (docs/testing.md). XLA's HLO, which tests inspect, is the same, and
-# results can differ only in rounding. A level already in XLA_FLAGS wins; subprocesses
-# (CLI and multi-process tests) inherit the setting.
+# results can differ only in rounding. A level already in XLA_FLAGS wins. Subprocesses
+# inherit it, except where a test sets their XLA_FLAGS itself (multi-device workers) or
+# runs what a user runs (the docs' blocks, the README quickstart).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
     os.environ["XLA_FLAGS"] = flags.strip()
