@@ -202,28 +202,39 @@ def step_table(results: dict[str, dict]) -> str:
     return common.table(headers, rows)
 
 
+def _by_variant(test: dict) -> dict[str, dict]:
+    """A run's test metrics as {variant: {metric: value}} ("" without variants)."""
+    out: dict[str, dict] = {}
+    for key, value in test.items():
+        variant, _, metric = key.rpartition("/")
+        out.setdefault(variant, {})[metric] = float(value)
+    return out
+
+
 def accuracy(seeds: list[int], epochs: int | None, models: list[str]) -> str:
     """Test accuracy (and test loss) of experiments under f32 and bf16-mixed, per seed.
 
     Cells are "accuracy% (test loss)"; for char-lm the loss is in bits per character.
+    An experiment with variants (adding-problem: LSTM and SimpleRNN) has a row per variant.
     """
     from fbp.run import experiment, runner
 
     rows = []
+    pct = lambda a: "–" if np.isnan(a) else f"{a:.2f}%"  # noqa: E731 (no accuracy: LMs)
     for name in models:
         exp = experiment.get(name)
         per_char = 1 / np.log(2) if name == "char-lm" else 1.0  # nats -> bits per character
         for precision in ("f32", "bf16-mixed"):
-            accs, test_losses = [], []
-            for seed in seeds:
-                kw = {"epochs": epochs} if epochs else {}
-                res = runner.run(exp, seed=seed, precision=precision, print_fn=lambda s: None, **kw)
-                accs.append(100 * float(res.test.get("accuracy", np.nan)))
-                test_losses.append(per_char * float(res.test["loss"]))
-            pct = lambda a: "–" if np.isnan(a) else f"{a:.2f}%"  # noqa: E731 (no accuracy: LMs)
-            cells = [f"{pct(a)} ({t:.3f})" for a, t in zip(accs, test_losses, strict=True)]
-            mean = f"{pct(np.mean(accs))} ({np.mean(test_losses):.3f})"
-            rows.append([name, precision, *cells, mean])
+            kw = {"epochs": epochs} if epochs else {}
+            kw.update(precision=precision, print_fn=lambda s: None)
+            runs = [_by_variant(runner.run(exp, seed=seed, **kw).test) for seed in seeds]
+            for variant in runs[0]:
+                accs = [100 * r[variant].get("accuracy", np.nan) for r in runs]
+                losses = [per_char * r[variant]["loss"] for r in runs]
+                cells = [f"{pct(a)} ({t:.3f})" for a, t in zip(accs, losses, strict=True)]
+                mean = f"{pct(np.mean(accs))} ({np.mean(losses):.3f})"
+                label = f"{name} ({variant})" if variant else name
+                rows.append([label, precision, *cells, mean])
     headers = ["experiment", "precision", *(f"seed {s}" for s in seeds), "mean"]
     return common.table(headers, rows)
 
