@@ -1,6 +1,7 @@
 """Smoke tests: the core benchmark scripts run on tiny sizes (``--quick``) and print tables."""
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -250,3 +251,13 @@ def test_precision_quick_prints_bf16_against_f32_jax_grad_and_torch(capsys):
     mlp = next(r for r in rows if r[0] == "mlp")
     assert float(mlp[1].split()[0]) > 0 and float(mlp[2].split()[0]) > 0
     assert mlp[3].strip("*").endswith("x") and mlp[8].endswith("x")  # fbp and torch speedups
+
+
+def test_parity_report_rows_and_exit_status(capsys, tmp_path):
+    parity = _load("parity")
+    out_json = tmp_path / "parity.json"
+    assert parity.main(["--only", "dense", "layernorm", "--json", str(out_json)]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert [r[0] for r in rows[1:]] == ["dense", "layernorm"]
+    assert all(r[3] == "yes" and float(r[1]) <= 1e-10 for r in rows[1:])
+    assert [r["case"] for r in json.loads(out_json.read_text())["rows"]] == ["dense", "layernorm"]
