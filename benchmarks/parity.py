@@ -36,10 +36,7 @@ from fbp import testing  # noqa: E402
 def check(case) -> dict:
     """Parity of one registry case: its largest relative error and the check's seconds."""
     t0 = time.perf_counter()
-    layer = case.make()
-    x = case.make_input(0)
-    params = layer.init(jax.random.key(1), x)
-    kw = case.call_kwargs(layer, x)
+    layer, x, params, kw = case.setup()
     report = testing.check_layer(layer, x, params=params, rtol=case.rtol, frozen=case.frozen, **kw)
     return {
         "case": case.id,

@@ -43,6 +43,13 @@ class LayerCase:
         x = jax.random.normal(key, shape, dtype)
         return jnp.abs(x) + 0.1 if self.input == "positive" else x
 
+    def setup(self, seed: int = 0) -> tuple[nn.Layer, jax.Array, dict, dict]:
+        """(layer, input, params, call keywords): what the generic tests check a case on."""
+        layer = self.make()
+        x = self.make_input(seed)
+        params = layer.init(jax.random.key(seed + 1), x)
+        return layer, x, params, self.call_kwargs(layer, x)
+
     def call_kwargs(self, layer: nn.Layer, x: jax.Array) -> dict:
         """The key/state/train(/lengths) keywords forward, apply and the parity harness get."""
         kw = dict(

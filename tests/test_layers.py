@@ -11,16 +11,9 @@ from layer_cases import CASES, PARAMS
 from fbp import nn, testing
 
 
-def _setup(case, seed=0):
-    layer = case.make()
-    x = case.make_input(seed)
-    params = layer.init(jax.random.key(seed + 1), x)
-    return layer, x, params, case.call_kwargs(layer, x)
-
-
 @pytest.mark.parametrize("case", PARAMS)
 def test_parity_with_jax_grad_float64(case):
-    layer, x, params, kw = _setup(case)
+    layer, x, params, kw = case.setup()
     report = testing.check_layer(layer, x, params=params, rtol=case.rtol, frozen=case.frozen, **kw)
     testing.assert_parity(report)
     # every parameter leaf and dx (float inputs) was compared, besides the forward
@@ -33,14 +26,14 @@ def test_parity_with_jax_grad_float64(case):
 
 @pytest.mark.parametrize("case", PARAMS)
 def test_forward_output_equals_apply(case):
-    layer, x, params, kw = _setup(case)
+    layer, x, params, kw = case.setup()
     y, _ = layer.forward(params, x, **kw)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(layer.apply(params, x, **kw)))
 
 
 @pytest.mark.parametrize("case", PARAMS)
 def test_jit_equals_eager(case):
-    layer, x, params, kw = _setup(case)
+    layer, x, params, kw = case.setup()
     y, res = layer.forward(params, x, **kw)
     dy = jnp.ones_like(y)
     eager = layer.backward(params, res, dy)
@@ -57,7 +50,7 @@ def test_jit_equals_eager(case):
 
 @pytest.mark.parametrize("case", PARAMS)
 def test_dparams_tree_equals_params_tree_and_dx_shape(case):
-    layer, x, params, kw = _setup(case)
+    layer, x, params, kw = case.setup()
     y, res = layer.forward(params, x, **kw)
     dparams, dx = layer.backward(params, res, jnp.ones_like(y))
     assert jax.tree.structure(dparams) == jax.tree.structure(params)
@@ -89,7 +82,7 @@ def test_float32_stays_float32(case):
 
 @pytest.mark.parametrize("case", PARAMS)
 def test_backward_is_linear_in_dy(case):
-    layer, x, params, kw = _setup(case)
+    layer, x, params, kw = case.setup()
     y, res = layer.forward(params, x, **kw)
     a = jax.random.normal(jax.random.key(3), y.shape, y.dtype)
     b = jax.random.normal(jax.random.key(4), y.shape, y.dtype)
